@@ -1,0 +1,544 @@
+/*
+ * device.c - the emulated device: its state directory, the MBK sealed at
+ * rest under a device key file kept outside that directory, and sessions.
+ *
+ * State directory:   <path>/device.mbk   blob type 0x10: the MBK, sealed
+ *                                         under the device key
+ * Device key file:   <keyfile>           'K' 01 11 00 | KCV(8) | key(32),
+ *                                         owner-only (checked on every open)
+ * A copy of the state directory alone reveals nothing.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define STATE_FILE "device.mbk"
+#define KEYFILE_LEN (4 + SCX_KCV_LEN + 32)
+#define STATE_MAX 4096
+
+/* ---- small file helpers ------------------------------------------------ */
+
+static int mkdirs(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof tmp)
+        return -1;
+    memcpy(tmp, path, n + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static int fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Read a whole small file; returns bytes read or -1 (errno set). */
+static ssize_t read_small(int fd, uint8_t *buf, size_t cap)
+{
+    size_t n = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            return (ssize_t)n;
+        n += (size_t)r;
+        if (n == cap) {
+            errno = EFBIG;
+            return -1;
+        }
+    }
+}
+
+static char *joinpath(const char *a, const char *b)
+{
+    size_t n = strlen(a) + strlen(b) + 2;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s/%s", a, b);
+    return p;
+}
+
+static char *default_keyfile(const char *id)
+{
+    char dir[PATH_MAX];
+    const char *c = getenv("SOFTCXI_CONFIG_DIR");
+    const char *x = getenv("XDG_CONFIG_HOME");
+    const char *h = getenv("HOME");
+    if (c && *c)
+        snprintf(dir, sizeof dir, "%s/devices", c);
+    else if (x && *x)
+        snprintf(dir, sizeof dir, "%s/softcxi/devices", x);
+    else if (h && *h)
+        snprintf(dir, sizeof dir, "%s/.config/softcxi/devices", h);
+    else
+        return NULL;
+    char name[64];
+    snprintf(name, sizeof name, "%s.key", id);
+    return joinpath(dir, name);
+}
+
+/* Is file (which may not exist yet) inside dir? */
+static int inside(const char *file, const char *dir)
+{
+    char rd[PATH_MAX], rf[PATH_MAX], parent[PATH_MAX];
+    if (!realpath(dir, rd))
+        return 0;
+    snprintf(parent, sizeof parent, "%s", file);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        parent[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(parent, sizeof parent, ".");
+    if (!realpath(parent, rf))
+        return 0;
+    size_t n = strlen(rd);
+    return strncmp(rf, rd, n) == 0 && (rf[n] == '\0' || rf[n] == '/');
+}
+
+/* ---- the device key file ----------------------------------------------- */
+
+static int load_keyfile(uint8_t key[32], uint8_t kcv[SCX_KCV_LEN], const char *path,
+                        softcxi_error *err)
+{
+    uint8_t buf[KEYFILE_LEN + 1];
+    struct stat st;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return scx_fail(err, errno == ENOENT ? SOFTCXI_ENOTFOUND : SOFTCXI_EIO,
+                        "device key file %s: %s", path, strerror(errno));
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return scx_fail(err, SOFTCXI_EPERM, "device key file %s is not a regular file", path);
+    }
+    if (st.st_uid != geteuid() || (st.st_mode & 077)) {
+        close(fd);
+        return scx_fail(err, SOFTCXI_EPERM,
+                        "device key file %s must be owned by uid %u and not readable by group "
+                        "or others (mode 0%03o, uid %u): chmod 600 it",
+                        path, (unsigned)geteuid(), (unsigned)(st.st_mode & 0777),
+                        (unsigned)st.st_uid);
+    }
+    ssize_t n = read_small(fd, buf, sizeof buf);
+    close(fd);
+    int rc = 0;
+    if (n != KEYFILE_LEN || buf[0] != SCX_MAGIC || buf[1] != SCX_VERSION ||
+        buf[2] != SCX_TYPE_DEVICE_KEY || buf[3] != 0) {
+        rc = scx_fail(err, SOFTCXI_EFORMAT, "device key file %s is not a softcxi v1 key file",
+                      path);
+    } else {
+        uint8_t check[SCX_KCV_LEN];
+        memcpy(key, buf + 4 + SCX_KCV_LEN, 32);
+        memcpy(kcv, buf + 4, SCX_KCV_LEN);
+        if (scx_kcv(check, key) != 0 || CRYPTO_memcmp(check, kcv, SCX_KCV_LEN) != 0)
+            rc = scx_fail(err, SOFTCXI_EFORMAT, "device key file %s is corrupt (check value)",
+                          path);
+    }
+    OPENSSL_cleanse(buf, sizeof buf);
+    if (rc)
+        OPENSSL_cleanse(key, 32);
+    return rc;
+}
+
+static int create_keyfile(const char *path, const uint8_t key[32], softcxi_error *err)
+{
+    uint8_t buf[KEYFILE_LEN];
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = '\0';
+        if (mkdirs(dir, 0700) != 0)
+            return scx_fail(err, SOFTCXI_EIO, "cannot create %s: %s", dir, strerror(errno));
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        return scx_fail(err, errno == EEXIST ? SOFTCXI_EEXIST : SOFTCXI_EIO,
+                        "device key file %s: %s", path, strerror(errno));
+    buf[0] = SCX_MAGIC, buf[1] = SCX_VERSION, buf[2] = SCX_TYPE_DEVICE_KEY, buf[3] = 0;
+    int rc = scx_kcv(buf + 4, key);
+    memcpy(buf + 4 + SCX_KCV_LEN, key, 32);
+    if (rc == 0 && (write_all(fd, buf, sizeof buf) != 0 || fsync(fd) != 0))
+        rc = scx_fail(err, SOFTCXI_EIO, "writing device key file %s: %s", path, strerror(errno));
+    OPENSSL_cleanse(buf, sizeof buf);
+    close(fd);
+    if (rc == 0 && slash && slash != dir)
+        (void)fsync_dir(dir);
+    if (rc)
+        unlink(path);
+    return rc;
+}
+
+/* ---- the sealed MBK ---------------------------------------------------- */
+
+static int mbk_xaes(scx_xaes *x, const uint8_t devkey[32])
+{
+    uint8_t k[32];
+    int rc = scx_label_key(k, devkey, SCX_LABEL_DEVICE_MBK);
+    if (rc == 0)
+        rc = scx_xaes_init(x, k);
+    OPENSSL_cleanse(k, sizeof k);
+    return rc;
+}
+
+static int valid_id(const char *s, size_t n)
+{
+    if (n != 32)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+/* Read device.mbk; returns 0 with dev->id set and the frame in state. */
+static int read_state(softcxi_device *dev, uint8_t *state, size_t *state_len, const char *file,
+                      softcxi_error *err)
+{
+    int fd = open(file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? SOFTCXI_ENOTFOUND
+                               : scx_fail(err, SOFTCXI_EIO, "%s: %s", file, strerror(errno));
+    ssize_t n = read_small(fd, state, STATE_MAX);
+    close(fd);
+    if (n < 0)
+        return scx_fail(err, SOFTCXI_EIO, "%s: %s", file, strerror(errno));
+    scx_frame f;
+    softcxi_key_info info;
+    softcxi_error why;
+    if (scx_frame_parse(&f, &info, state, (size_t)n, &why) != 0)
+        return scx_fail(err, SOFTCXI_EFORMAT, "%s is corrupt: %s", file, why.msg);
+    if (f.type != SCX_TYPE_DEVICE_MBK || f.ct_len != 32 || !valid_id(info.name, info.name_len))
+        return scx_fail(err, SOFTCXI_EFORMAT, "%s is not a softcxi device state file", file);
+    memcpy(dev->id, info.name, 32);
+    dev->id[32] = '\0';
+    *state_len = (size_t)n;
+    return 0;
+}
+
+static int unseal_state(softcxi_device *dev, const uint8_t *state, size_t len,
+                        const uint8_t devkey[32], const uint8_t devkcv[SCX_KCV_LEN],
+                        softcxi_error *err)
+{
+    scx_frame f;
+    softcxi_key_info info;
+    int rc = scx_frame_parse(&f, &info, state, len, err);
+    if (rc)
+        return rc;
+    if (CRYPTO_memcmp(f.kcv, devkcv, SCX_KCV_LEN) != 0) {
+        char want[17], have[17];
+        scx_hex(want, f.kcv, SCX_KCV_LEN);
+        scx_hex(have, devkcv, SCX_KCV_LEN);
+        return scx_fail(err, SOFTCXI_EMBK,
+                        "device %s was sealed under device key %s, but key file %s holds %s",
+                        dev->id, want, dev->keyfile, have);
+    }
+    scx_xaes x;
+    if (mbk_xaes(&x, devkey) != 0)
+        return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "device key setup failed");
+    rc = scx_xaes_open(&x, dev->gcm, dev->sec->mbk, f.ct, f.ct_len, f.tag, f.salt, state,
+                       f.aad_len);
+    scx_xaes_clear(&x);
+    if (rc == SOFTCXI_ETAMPER)
+        return scx_fail(err, SOFTCXI_ETAMPER, "device %s: %s/" STATE_FILE " fails authentication",
+                        dev->id, dev->path);
+    if (rc)
+        return scx_fail_ssl(err, rc, "device %s: unsealing the MBK failed", dev->id);
+    return 0;
+}
+
+static int create_state(softcxi_device *dev, const char *file, softcxi_error *err)
+{
+    uint8_t devkey[32], idraw[16], salt[SCX_SALT_LEN], kcv[SCX_KCV_LEN];
+    uint8_t attrs[128], out[SCX_HDR_LEN + 128 + 32 + SCX_TAG_LEN];
+    char tmp[PATH_MAX];
+    int rc = 0, fd = -1;
+    scx_xaes x;
+    int have_x = 0, wrote_key = 0;
+
+    if (RAND_bytes(idraw, sizeof idraw) != 1 || RAND_priv_bytes(devkey, sizeof devkey) != 1 ||
+        RAND_priv_bytes(dev->sec->mbk, 32) != 1 || RAND_bytes(salt, sizeof salt) != 1) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "random generator failed");
+        goto done;
+    }
+    scx_hex(dev->id, idraw, sizeof idraw);
+    if (!dev->keyfile && !(dev->keyfile = default_keyfile(dev->id))) {
+        rc = scx_fail(err, SOFTCXI_EINVAL,
+                      "no device key file given and neither SOFTCXI_CONFIG_DIR, "
+                      "XDG_CONFIG_HOME nor HOME is set");
+        goto done;
+    }
+    if (inside(dev->keyfile, dev->path)) {
+        rc = scx_fail(err, SOFTCXI_EINVAL,
+                      "device key file %s must live outside the state directory %s",
+                      dev->keyfile, dev->path);
+        goto done;
+    }
+    if ((rc = create_keyfile(dev->keyfile, devkey, err)) != 0)
+        goto done;
+    wrote_key = 1;
+
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_AES;
+    t.size = 256;
+    t.usage = SOFTCXI_USAGE_WRAP | SOFTCXI_USAGE_UNWRAP;
+    t.name = dev->id;
+    t.group = "device";
+    size_t alen = scx_attrs_encode(attrs, sizeof attrs, &t, (int64_t)time(NULL), NULL, 0);
+    if (!alen || scx_kcv(kcv, devkey) != 0 || mbk_xaes(&x, devkey) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "sealing the new MBK failed");
+        goto done;
+    }
+    have_x = 1;
+    if (scx_frame_seal(out, SCX_TYPE_DEVICE_MBK, kcv, salt, attrs, alen, dev->sec->mbk, 32, &x,
+                       dev->gcm) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "sealing the new MBK failed");
+        goto done;
+    }
+    size_t total = SCX_HDR_LEN + alen + 32 + SCX_TAG_LEN;
+    snprintf(tmp, sizeof tmp, "%s/.%s.%ld.tmp", dev->path, STATE_FILE, (long)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || write_all(fd, out, total) != 0 || fsync(fd) != 0) {
+        rc = scx_fail(err, SOFTCXI_EIO, "writing %s: %s", tmp, strerror(errno));
+        unlink(tmp);
+        goto done;
+    }
+    /* link() fails if another process created the device first: then its
+     * MBK wins and ours is thrown away. */
+    if (link(tmp, file) != 0) {
+        int e = errno;
+        unlink(tmp);
+        rc = e == EEXIST ? SOFTCXI_EEXIST
+                         : scx_fail(err, SOFTCXI_EIO, "creating %s: %s", file, strerror(e));
+        goto done;
+    }
+    unlink(tmp);
+    (void)fsync_dir(dev->path);
+    wrote_key = 0; /* the device now depends on it */
+done:
+    if (fd >= 0)
+        close(fd);
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (wrote_key)
+        unlink(dev->keyfile);
+    OPENSSL_cleanse(devkey, sizeof devkey);
+    if (rc)
+        OPENSSL_cleanse(dev->sec->mbk, 32);
+    return rc;
+}
+
+/* ---- open / free ------------------------------------------------------- */
+
+static int derive_working_keys(softcxi_device *dev, softcxi_error *err)
+{
+    if (scx_kcv(dev->kcv, dev->sec->mbk) != 0 ||
+        scx_label_key(dev->sec->blob_key, dev->sec->mbk, SCX_LABEL_BLOB_KEY) != 0 ||
+        scx_xaes_init(&dev->xblob, dev->sec->blob_key) != 0)
+        return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "deriving the MBK's working keys failed");
+    return 0;
+}
+
+int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softcxi_error *err)
+{
+    uint8_t state[STATE_MAX], devkey[32], devkcv[SCX_KCV_LEN];
+    size_t state_len = 0;
+    char *file = NULL;
+    int rc;
+
+    *out = NULL;
+    if (!req || !req->path || !*req->path)
+        return scx_fail(err, SOFTCXI_EINVAL, "open: path (the device state directory) is required");
+    scx_secure_heap_init();
+
+    softcxi_device *dev = OPENSSL_zalloc(sizeof *dev);
+    if (!dev)
+        return scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
+    dev->refs = 1;
+    dev->sec = scx_locked_alloc(sizeof *dev->sec);
+    dev->path = strdup(req->path);
+    dev->keyfile = req->keyfile ? strdup(req->keyfile) : NULL;
+    dev->gcm = EVP_CIPHER_CTX_new();
+    dev->data_gcm = EVP_CIPHER_CTX_new();
+    file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
+    if (!dev->sec || !dev->path || !file || !dev->gcm || !dev->data_gcm ||
+        (req->keyfile && !dev->keyfile)) {
+        rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
+        goto fail;
+    }
+    if (mkdirs(dev->path, 0700) != 0) {
+        rc = scx_fail(err, SOFTCXI_EIO, "open: cannot create %s: %s", dev->path, strerror(errno));
+        goto fail;
+    }
+
+    for (int attempt = 0;; attempt++) {
+        rc = read_state(dev, state, &state_len, file, err);
+        if (rc != SOFTCXI_ENOTFOUND)
+            break;
+        rc = create_state(dev, file, err);
+        if (rc != SOFTCXI_EEXIST || attempt > 0)
+            break;
+        /* Lost a creation race: reopen what the winner wrote. */
+        if (!req->keyfile) {
+            free(dev->keyfile);
+            dev->keyfile = NULL;
+        }
+    }
+    if (rc)
+        goto fail;
+
+    if (state_len) {
+        if (!dev->keyfile && !(dev->keyfile = default_keyfile(dev->id))) {
+            rc = scx_fail(err, SOFTCXI_EINVAL, "open: no device key file given and no HOME");
+            goto fail;
+        }
+        rc = load_keyfile(devkey, devkcv, dev->keyfile, err);
+        if (rc == 0)
+            rc = unseal_state(dev, state, state_len, devkey, devkcv, err);
+        OPENSSL_cleanse(devkey, sizeof devkey);
+        if (rc)
+            goto fail;
+    }
+    if ((rc = derive_working_keys(dev, err)) != 0)
+        goto fail;
+    scx_cache_init(&dev->cache, req->cache_entries < 0 ? 1024 : (size_t)req->cache_entries);
+    if (dev->cache.capacity && !dev->cache.slot) {
+        rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory for the key cache");
+        goto fail;
+    }
+    free(file);
+    scx_ok(err);
+    *out = dev;
+    return 0;
+fail:
+    free(file);
+    softcxi_device_free(dev);
+    return rc;
+}
+
+static void device_destroy(softcxi_device *dev)
+{
+    scx_cache_clear(&dev->cache);
+    scx_xaes_clear(&dev->xblob);
+    EVP_CIPHER_CTX_free(dev->gcm);
+    EVP_CIPHER_CTX_free(dev->data_gcm);
+    for (size_t i = 0; i < 3; i++)
+        EVP_CIPHER_free(dev->aes_gcm[i]);
+    EVP_MAC_free(dev->hmac);
+    for (size_t i = 0; i < SCX_MD_COUNT; i++)
+        EVP_MD_free(dev->md[i]);
+    for (size_t i = 0; i < 5; i++)
+        EVP_PKEY_CTX_free(dev->gen_ec[i]);
+    EVP_PKEY_CTX_free(dev->gen_ed25519);
+    EVP_PKEY_CTX_free(dev->gen_x25519);
+    for (size_t i = 0; i < 4; i++)
+        EVP_PKEY_CTX_free(dev->from[i]);
+    OPENSSL_cleanse(&dev->pool, sizeof dev->pool);
+    scx_locked_free(dev->sec, sizeof *dev->sec);
+    free(dev->path);
+    free(dev->keyfile);
+    OPENSSL_clear_free(dev, sizeof *dev);
+}
+
+void softcxi_device_free(softcxi_device *dev)
+{
+    if (dev && --dev->refs == 0)
+        device_destroy(dev);
+}
+
+void softcxi_device_kcv(const softcxi_device *dev, uint8_t kcv[8])
+{
+    memcpy(kcv, dev->kcv, SCX_KCV_LEN);
+}
+
+const char *softcxi_device_id(const softcxi_device *dev) { return dev->id; }
+const char *softcxi_device_keyfile(const softcxi_device *dev) { return dev->keyfile; }
+
+softcxi_session *softcxi_session_new(softcxi_device *dev)
+{
+    if (!dev)
+        return NULL;
+    softcxi_session *s = OPENSSL_zalloc(sizeof *s);
+    if (!s)
+        return NULL;
+    s->dev = dev;
+    dev->refs++;
+    return s;
+}
+
+void softcxi_session_free(softcxi_session *s)
+{
+    if (!s)
+        return;
+    softcxi_device_free(s->dev);
+    OPENSSL_free(s);
+}
+
+const softcxi_error *softcxi_session_error(const softcxi_session *s) { return &s->err; }
+softcxi_device *softcxi_session_device(const softcxi_session *s) { return s->dev; }
+
+void softcxi_cache_stats_get(const softcxi_session *s, softcxi_cache_stats *st)
+{
+    const scx_cache *c = &s->dev->cache;
+    st->hits = c->hits;
+    st->misses = c->misses;
+    st->evictions = c->evictions;
+    st->entries = c->entries;
+    st->capacity = c->capacity;
+}
+
+const EVP_MD *scx_md(softcxi_device *dev, int which)
+{
+    static const char *const names[SCX_MD_COUNT] = {
+        "SHA1", "SHA224", "SHA256", "SHA384", "SHA512", "SHA3-256", "SHA3-384", "SHA3-512"};
+    if (which < 0 || which >= SCX_MD_COUNT)
+        return NULL;
+    if (!dev->md[which])
+        dev->md[which] = EVP_MD_fetch(NULL, names[which], NULL);
+    return dev->md[which];
+}

@@ -1,0 +1,249 @@
+/*
+ * internal.h - what the core's files share and nothing outside may use.
+ */
+#ifndef SOFTCXI_INTERNAL_H
+#define SOFTCXI_INTERNAL_H
+
+#include "softcxi.h"
+
+#include <openssl/evp.h>
+#include <stdarg.h>
+#include <sys/types.h>
+
+/* ---- blob framing (docs/blob-format.md) -------------------------------- */
+
+#define SCX_MAGIC 0x4Bu /* 'K' */
+#define SCX_VERSION 1u
+#define SCX_TYPE_KEY 0x01u        /* external key */
+#define SCX_TYPE_KEY_BACKUP 0x02u /* reserved for key_backup */
+#define SCX_TYPE_DB_BACKUP 0x03u  /* reserved for BackupDatabase */
+#define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
+#define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
+
+#define SCX_KCV_LEN 8
+#define SCX_SALT_LEN 24
+#define SCX_TAG_LEN 16
+#define SCX_HDR_LEN 40 /* magic..secret_len, before the attributes */
+#define SCX_MIN_BLOB (SCX_HDR_LEN + SCX_TAG_LEN)
+#define SCX_MAX_ATTRS 0xFFFFu
+#define SCX_MAX_SECRET 0xFFFFu
+
+/* Attribute tags; 0x80 marks a critical attribute (an unknown critical
+ * attribute makes the blob unusable, an unknown plain one is kept). */
+#define SCX_ATTR_CRITICAL 0x80u
+#define SCX_A_ALGO 0x81u
+#define SCX_A_CURVE 0x82u
+#define SCX_A_SIZE 0x83u
+#define SCX_A_USAGE 0x84u
+#define SCX_A_EXPORT 0x85u
+#define SCX_A_EXPIRY 0x86u
+#define SCX_A_GROUP 0x87u
+#define SCX_A_NAME 0x08u
+#define SCX_A_SPECIFIER 0x09u
+#define SCX_A_LABEL 0x0Au
+#define SCX_A_GEN_DATE 0x0Bu
+#define SCX_A_PUB 0x0Cu
+
+/* Labels for everything derived from the MBK: one key, many purposes. */
+#define SCX_LABEL_KCV "softcxi/v1/kcv"
+#define SCX_LABEL_BLOB_KEY "softcxi/v1/blob/key"
+#define SCX_LABEL_DEVICE_MBK "softcxi/v1/blob/device-mbk"
+#define SCX_LABEL_AUDIT "softcxi/v1/audit"
+#define SCX_LABEL_STORAGE "softcxi/v1/storage"
+
+/* ---- errors ------------------------------------------------------------ */
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SCX_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define SCX_PRINTF(a, b)
+#endif
+
+/* Set err (if not NULL) and return code.  scx_fail_ssl appends the drained
+ * OpenSSL error queue.  Both leave the OpenSSL queue empty. */
+int scx_fail(softcxi_error *err, int code, const char *fmt, ...) SCX_PRINTF(3, 4);
+int scx_fail_ssl(softcxi_error *err, int code, const char *fmt, ...) SCX_PRINTF(3, 4);
+void scx_ok(softcxi_error *err);
+
+/* ---- memory ------------------------------------------------------------ */
+
+/* Page-backed memory that is mlock()ed and excluded from core dumps. */
+void *scx_locked_alloc(size_t len);
+void scx_locked_free(void *p, size_t len);
+/* OpenSSL's secure heap, initialised once per process. */
+void scx_secure_heap_init(void);
+
+void scx_hex(char *out, const uint8_t *in, size_t len); /* out: 2*len+1 */
+
+/* ---- primitives -------------------------------------------------------- */
+
+/* XAES-256-GCM (C2SP): AES-256-GCM under a per-nonce subkey derived with two
+ * AES blocks, safe for any number of messages under one key with random
+ * 192-bit nonces. */
+typedef struct scx_xaes {
+    EVP_CIPHER_CTX *ecb; /* AES-256-ECB under the long-term key */
+    EVP_CIPHER *gcm;     /* fetched once: implicit fetches cost a lock each */
+    uint8_t k1[16];      /* CMAC subkey K1 = dbl(AES_K(0^128)) */
+} scx_xaes;
+
+int scx_xaes_init(scx_xaes *x, const uint8_t key[32]);
+void scx_xaes_clear(scx_xaes *x);
+/* 0 ok, SOFTCXI_ECRYPTO on failure. */
+int scx_xaes_seal(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *ct, uint8_t tag[SCX_TAG_LEN],
+                  const uint8_t nonce[SCX_SALT_LEN], const uint8_t *aad, size_t aad_len,
+                  const uint8_t *pt, size_t pt_len);
+/* 0 ok, SOFTCXI_ETAMPER on a bad tag (pt wiped), SOFTCXI_ECRYPTO otherwise. */
+int scx_xaes_open(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *pt, const uint8_t *ct,
+                  size_t ct_len, const uint8_t tag[SCX_TAG_LEN], const uint8_t nonce[SCX_SALT_LEN],
+                  const uint8_t *aad, size_t aad_len);
+
+/* HMAC-SHA256(key, label): the derivation behind every labelled key. */
+int scx_label_key(uint8_t out[32], const uint8_t key[32], const char *label);
+int scx_kcv(uint8_t kcv[SCX_KCV_LEN], const uint8_t key[32]);
+
+/* Batched randomness for public values (salts, IVs): one RAND_bytes per
+ * 4 KiB, thrown away when the process forks. */
+typedef struct scx_rndpool {
+    uint8_t buf[4096];
+    size_t pos;
+    pid_t pid;
+} scx_rndpool;
+int scx_rnd_public(scx_rndpool *p, uint8_t *out, size_t len);
+
+/* ---- attributes and framing -------------------------------------------- */
+
+/* Encode a template's attributes (plus generation date and public key).
+ * Returns the length, or 0 when cap is too small. */
+size_t scx_attrs_encode(uint8_t *out, size_t cap, const softcxi_template *t, int64_t gen_date,
+                        const uint8_t *pub, size_t pub_len);
+
+/* Where the parts of a framed blob are. */
+typedef struct scx_frame {
+    unsigned type;
+    const uint8_t *kcv, *salt, *attrs, *ct, *tag;
+    size_t attrs_len, ct_len, aad_len, total;
+} scx_frame;
+
+/* Parse the frame and (for key-shaped types) the attributes into info. */
+int scx_frame_parse(scx_frame *f, softcxi_key_info *info, const uint8_t *blob, size_t len,
+                    softcxi_error *err);
+/* Write a frame: header, attrs, sealed secret, tag.  out must hold
+ * SCX_HDR_LEN + attrs_len + secret_len + SCX_TAG_LEN bytes. */
+int scx_frame_seal(uint8_t *out, unsigned type, const uint8_t kcv[SCX_KCV_LEN],
+                   const uint8_t salt[SCX_SALT_LEN], const uint8_t *attrs, size_t attrs_len,
+                   const uint8_t *secret, size_t secret_len, scx_xaes *x, EVP_CIPHER_CTX *gcm);
+
+/* "'group/name[/specifier]'" for messages; never key bytes. */
+const char *scx_keyref(char *buf, size_t cap, const softcxi_key_info *info);
+
+/* ---- algorithms -------------------------------------------------------- */
+
+/* Curve facts: OpenSSL group name, field size in bytes, SPKI OID body. */
+typedef struct scx_curve_def {
+    const char *ossl_name;
+    size_t flen;
+    const uint8_t *oid;
+    size_t oid_len;
+    const char *jwk_crv;
+} scx_curve_def;
+const scx_curve_def *scx_curve(int curve);
+
+/* Expected secret payload length for a key, 0 when variable (RSA). */
+size_t scx_secret_len(int algo, int curve, unsigned size);
+/* Bits of a key's HMAC hash or 0. */
+const char *scx_hmac_digest(int algo);
+
+/* ---- device, keys, cache ----------------------------------------------- */
+
+enum { SCX_MD_SHA1, SCX_MD_SHA224, SCX_MD_SHA256, SCX_MD_SHA384, SCX_MD_SHA512,
+       SCX_MD_SHA3_256, SCX_MD_SHA3_384, SCX_MD_SHA3_512, SCX_MD_COUNT };
+
+/* An opened key: the verified attributes, the blob they point into, and the
+ * key material (an EVP_PKEY, or raw bytes in OpenSSL's secure heap). */
+typedef struct scx_key {
+    softcxi_key_info info;
+    uint8_t *blob;
+    size_t blob_len;
+    EVP_PKEY *pkey;
+    uint8_t *sym;
+    size_t sym_len;
+    uint64_t stamp;
+    int cached;
+} scx_key;
+
+typedef struct scx_cache {
+    scx_key **slot; /* capacity entries in sets of SCX_CACHE_WAYS */
+    size_t capacity, entries;
+    uint64_t clock, hits, misses, evictions;
+} scx_cache;
+#define SCX_CACHE_WAYS 4
+
+typedef struct scx_secrets {
+    uint8_t mbk[32];
+    uint8_t blob_key[32];
+} scx_secrets;
+
+struct softcxi_device {
+    int refs;
+    char *path, *keyfile;
+    char id[33];
+    scx_secrets *sec; /* locked, non-dumpable */
+    uint8_t kcv[SCX_KCV_LEN];
+    scx_xaes xblob;
+    EVP_CIPHER_CTX *gcm;     /* blob sealing */
+    EVP_CIPHER_CTX *data_gcm; /* AES-GCM operations */
+    EVP_CIPHER *aes_gcm[3]; /* 128, 192, 256 */
+    EVP_MAC *hmac;
+    EVP_MD *md[SCX_MD_COUNT];
+    EVP_PKEY_CTX *gen_ec[5], *gen_ed25519, *gen_x25519;
+    EVP_PKEY_CTX *from[4]; /* EVP_PKEY_fromdata: EC, Ed25519, X25519, RSA */
+    scx_rndpool pool;
+    scx_cache cache;
+};
+
+struct softcxi_session {
+    softcxi_device *dev;
+    softcxi_error err;
+};
+
+/* Open a key blob (through the cache when it is on).  *tmp receives a key
+ * that the caller must release with scx_key_release. */
+int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len);
+void scx_key_release(softcxi_session *s, scx_key *k);
+void scx_key_free(scx_key *k);
+void scx_cache_init(scx_cache *c, size_t capacity);
+void scx_cache_clear(scx_cache *c);
+
+/* Build an EVP_PKEY from raw parts (as stored in blobs). */
+int scx_pkey_from_parts(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
+                        const uint8_t *pub, size_t pub_len, const uint8_t *secret,
+                        size_t secret_len);
+/* Public key from the raw form (no secret). */
+int scx_pkey_public(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
+                    const uint8_t *pub, size_t pub_len);
+
+/* Seal a key of template t (secret bytes and raw public key) into a blob. */
+int scx_seal_key(softcxi_session *s, softcxi_buf *blob, const softcxi_template *t,
+                 const uint8_t *pub, size_t pub_len, const uint8_t *secret, size_t secret_len);
+/* Check and default a template; messages name the field. */
+int scx_template_check(softcxi_template *t, softcxi_error *err);
+
+const EVP_MD *scx_md(softcxi_device *dev, int which);
+
+/* Public key encodings (pubkey.c). */
+int scx_pub_encode(softcxi_buf *out, const softcxi_key_info *info, int fmt, softcxi_error *err);
+/* Minimal DER: RSAPublicKey { n, e } */
+int scx_rsa_pub_parse(const uint8_t *der, size_t len, const uint8_t **n, size_t *n_len,
+                      const uint8_t **e, size_t *e_len);
+size_t scx_der_rsa_pub(uint8_t *out, size_t cap, const uint8_t *n, size_t n_len,
+                       const uint8_t *e, size_t e_len);
+
+/* Big-endian helpers. */
+static inline void scx_put16(uint8_t *p, unsigned v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+static inline unsigned scx_get16(const uint8_t *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+#endif /* SOFTCXI_INTERNAL_H */

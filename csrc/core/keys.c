@@ -1,0 +1,622 @@
+/*
+ * keys.c - key generation, sealing keys into blobs, opening blobs into
+ * usable keys, and the bounded cache of opened keys.
+ *
+ * Keys are opened from raw parameters on stack-built OSSL_PARAM arrays
+ * (EVP_PKEY_fromdata), never through OpenSSL's decoder framework, which
+ * costs an order of magnitude more than the signature itself.
+ */
+#include "internal.h"
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/param_build.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#define PUB_MAX 1100 /* RSA-4096 RSAPublicKey DER with a large exponent */
+#define RSA_PARTS 6  /* d, p, q, dp, dq, qinv */
+
+static const char *const rsa_part_names[RSA_PARTS] = {
+    OSSL_PKEY_PARAM_RSA_D,         OSSL_PKEY_PARAM_RSA_FACTOR1,
+    OSSL_PKEY_PARAM_RSA_FACTOR2,   OSSL_PKEY_PARAM_RSA_EXPONENT1,
+    OSSL_PKEY_PARAM_RSA_EXPONENT2, OSSL_PKEY_PARAM_RSA_COEFFICIENT1,
+};
+
+/* Big-endian <-> native (OSSL_PARAM BIGNUMs are native-endian). */
+static void to_native(uint8_t *dst, const uint8_t *be, size_t n)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (size_t i = 0; i < n; i++)
+        dst[i] = be[n - 1 - i];
+#else
+    memcpy(dst, be, n);
+#endif
+}
+
+static const char *keytype(int algo)
+{
+    switch (algo) {
+    case SOFTCXI_ALGO_EC:
+        return "EC";
+    case SOFTCXI_ALGO_ED25519:
+        return "ED25519";
+    case SOFTCXI_ALGO_X25519:
+        return "X25519";
+    case SOFTCXI_ALGO_RSA:
+        return "RSA";
+    default:
+        return NULL;
+    }
+}
+
+static int from_index(int algo)
+{
+    return algo == SOFTCXI_ALGO_EC ? 0 : algo == SOFTCXI_ALGO_ED25519 ? 1
+                                     : algo == SOFTCXI_ALGO_X25519    ? 2
+                                                                      : 3;
+}
+
+static EVP_PKEY_CTX *from_ctx(softcxi_device *dev, int algo)
+{
+    int i = from_index(algo);
+    if (!dev->from[i]) {
+        EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, keytype(algo), NULL);
+        if (!c || EVP_PKEY_fromdata_init(c) <= 0) {
+            EVP_PKEY_CTX_free(c);
+            return NULL;
+        }
+        dev->from[i] = c;
+    }
+    return dev->from[i];
+}
+
+/* ---- opening keys from raw parts --------------------------------------- */
+
+static int rsa_from_parts(softcxi_device *dev, EVP_PKEY **out, const uint8_t *pub, size_t pub_len,
+                          const uint8_t *sec, size_t sec_len)
+{
+    const uint8_t *n, *e;
+    size_t n_len, e_len;
+    OSSL_PARAM params[3 + RSA_PARTS];
+    size_t k = 0, off = 0, scratch_len = 0;
+    int rc = SOFTCXI_EFORMAT;
+
+    if (scx_rsa_pub_parse(pub, pub_len, &n, &n_len, &e, &e_len) != 0 || n_len > 1024 ||
+        e_len > 8)
+        return SOFTCXI_EFORMAT;
+    /* One scratch area for every native-endian number, wiped at the end. */
+    scratch_len = n_len + e_len + sec_len;
+    uint8_t *scratch = OPENSSL_secure_malloc(scratch_len);
+    if (!scratch)
+        return SOFTCXI_ENOMEM;
+    uint8_t *w = scratch;
+    to_native(w, n, n_len);
+    params[k++] = OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_N, w, n_len);
+    w += n_len;
+    to_native(w, e, e_len);
+    params[k++] = OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_E, w, e_len);
+    w += e_len;
+    for (size_t i = 0; i < RSA_PARTS; i++) {
+        if (sec_len - off < 2)
+            goto done;
+        size_t len = scx_get16(sec + off);
+        off += 2;
+        if (len == 0 || len > sec_len - off)
+            goto done;
+        to_native(w, sec + off, len);
+        params[k++] = OSSL_PARAM_construct_BN(rsa_part_names[i], w, len);
+        w += len;
+        off += len;
+    }
+    if (off != sec_len)
+        goto done;
+    params[k] = OSSL_PARAM_construct_end();
+    EVP_PKEY_CTX *c = from_ctx(dev, SOFTCXI_ALGO_RSA);
+    rc = c && EVP_PKEY_fromdata(c, out, EVP_PKEY_KEYPAIR, params) == 1 ? 0 : SOFTCXI_ECRYPTO;
+done:
+    OPENSSL_secure_clear_free(scratch, scratch_len);
+    return rc;
+}
+
+int scx_pkey_from_parts(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
+                        const uint8_t *pub, size_t pub_len, const uint8_t *sec, size_t sec_len)
+{
+    OSSL_PARAM params[4];
+    uint8_t le[66];
+    int rc;
+
+    *out = NULL;
+    if (algo == SOFTCXI_ALGO_RSA)
+        return rsa_from_parts(dev, out, pub, pub_len, sec, sec_len);
+    if (algo == SOFTCXI_ALGO_EC) {
+        const scx_curve_def *cd = scx_curve(curve);
+        if (!cd || sec_len != cd->flen || pub_len != 2 * cd->flen + 1)
+            return SOFTCXI_EFORMAT;
+        to_native(le, sec, sec_len);
+        params[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
+                                                     (char *)(uintptr_t)cd->ossl_name, 0);
+        params[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                                      (void *)(uintptr_t)pub, pub_len);
+        params[2] = OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_PRIV_KEY, le, sec_len);
+        params[3] = OSSL_PARAM_construct_end();
+    } else if (algo == SOFTCXI_ALGO_ED25519 || algo == SOFTCXI_ALGO_X25519) {
+        if (sec_len != 32 || pub_len != 32)
+            return SOFTCXI_EFORMAT;
+        /* With the public half given, OpenSSL skips recomputing it. */
+        params[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                                      (void *)(uintptr_t)pub, pub_len);
+        params[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PRIV_KEY,
+                                                      (void *)(uintptr_t)sec, sec_len);
+        params[2] = OSSL_PARAM_construct_end();
+    } else {
+        return SOFTCXI_EINVAL;
+    }
+    EVP_PKEY_CTX *c = from_ctx(dev, algo);
+    rc = c && EVP_PKEY_fromdata(c, out, EVP_PKEY_KEYPAIR, params) == 1 ? 0 : SOFTCXI_ECRYPTO;
+    OPENSSL_cleanse(le, sizeof le);
+    return rc;
+}
+
+int scx_pkey_public(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
+                    const uint8_t *pub, size_t pub_len)
+{
+    OSSL_PARAM params[4];
+    uint8_t ne[1024 + 8];
+    *out = NULL;
+    if (algo == SOFTCXI_ALGO_EC) {
+        const scx_curve_def *cd = scx_curve(curve);
+        if (!cd)
+            return SOFTCXI_EFORMAT;
+        params[0] = OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
+                                                     (char *)(uintptr_t)cd->ossl_name, 0);
+        params[1] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                                      (void *)(uintptr_t)pub, pub_len);
+        params[2] = OSSL_PARAM_construct_end();
+    } else if (algo == SOFTCXI_ALGO_ED25519 || algo == SOFTCXI_ALGO_X25519) {
+        if (pub_len != 32)
+            return SOFTCXI_EFORMAT;
+        params[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                                      (void *)(uintptr_t)pub, pub_len);
+        params[1] = OSSL_PARAM_construct_end();
+    } else if (algo == SOFTCXI_ALGO_RSA) {
+        const uint8_t *n, *e;
+        size_t n_len, e_len;
+        if (scx_rsa_pub_parse(pub, pub_len, &n, &n_len, &e, &e_len) != 0 || n_len > 1024 ||
+            e_len > 8)
+            return SOFTCXI_EFORMAT;
+        to_native(ne, n, n_len);
+        to_native(ne + n_len, e, e_len);
+        params[0] = OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_N, ne, n_len);
+        params[1] = OSSL_PARAM_construct_BN(OSSL_PKEY_PARAM_RSA_E, ne + n_len, e_len);
+        params[2] = OSSL_PARAM_construct_end();
+    } else {
+        return SOFTCXI_EINVAL;
+    }
+    EVP_PKEY_CTX *c = from_ctx(dev, algo);
+    return c && EVP_PKEY_fromdata(c, out, EVP_PKEY_PUBLIC_KEY, params) == 1 ? 0
+                                                                           : SOFTCXI_EFORMAT;
+}
+
+/* ---- sealing ----------------------------------------------------------- */
+
+int scx_seal_key(softcxi_session *s, softcxi_buf *blob, const softcxi_template *t,
+                 const uint8_t *pub, size_t pub_len, const uint8_t *secret, size_t secret_len)
+{
+    softcxi_device *dev = s->dev;
+    uint8_t attrs[3 * 300 + 64 + PUB_MAX], salt[SCX_SALT_LEN];
+    size_t alen = scx_attrs_encode(attrs, sizeof attrs, t, (int64_t)time(NULL), pub, pub_len);
+    if (!alen)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "key_generate: attributes too large");
+    if (scx_rnd_public(&dev->pool, salt, sizeof salt) != 0)
+        return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: random generator failed");
+    size_t total = SCX_HDR_LEN + alen + secret_len + SCX_TAG_LEN;
+    uint8_t *out = OPENSSL_malloc(total);
+    if (!out)
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_generate: out of memory");
+    if (scx_frame_seal(out, SCX_TYPE_KEY, dev->kcv, salt, attrs, alen, secret, secret_len,
+                       &dev->xblob, dev->gcm) != 0) {
+        OPENSSL_free(out);
+        return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: sealing failed");
+    }
+    blob->data = out;
+    blob->len = total;
+    blob->secret = 0;
+    return 0;
+}
+
+/* ---- generation -------------------------------------------------------- */
+
+static EVP_PKEY_CTX *gen_ctx(softcxi_device *dev, const softcxi_template *t)
+{
+    EVP_PKEY_CTX **slot;
+    if (t->algo == SOFTCXI_ALGO_EC)
+        slot = &dev->gen_ec[t->curve];
+    else if (t->algo == SOFTCXI_ALGO_ED25519)
+        slot = &dev->gen_ed25519;
+    else
+        slot = &dev->gen_x25519;
+    if (!*slot) {
+        EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, keytype(t->algo), NULL);
+        if (!c || EVP_PKEY_keygen_init(c) <= 0 ||
+            (t->algo == SOFTCXI_ALGO_EC &&
+             EVP_PKEY_CTX_set_group_name(c, scx_curve(t->curve)->ossl_name) <= 0)) {
+            EVP_PKEY_CTX_free(c);
+            return NULL;
+        }
+        *slot = c;
+    }
+    return *slot;
+}
+
+/* Copy a private BIGNUM out as fixed-length big-endian, without a BIGNUM
+ * allocation outside the secure heap. */
+static int get_priv_be(EVP_PKEY *pk, const char *name, uint8_t *out, size_t len)
+{
+    uint8_t le[66];
+    OSSL_PARAM p[2];
+    if (len > sizeof le)
+        return 0;
+    p[0] = OSSL_PARAM_construct_BN(name, le, len);
+    p[1] = OSSL_PARAM_construct_end();
+    int ok = EVP_PKEY_get_params(pk, p) == 1 && p[0].return_size == len;
+    if (ok)
+        to_native(out, le, len); /* the reversal is its own inverse */
+    OPENSSL_cleanse(le, sizeof le);
+    return ok;
+}
+
+static int rsa_parts(EVP_PKEY *pk, uint8_t *pub, size_t *pub_len, uint8_t *sec, size_t *sec_len,
+                     size_t sec_cap)
+{
+    BIGNUM *bn = BN_secure_new(), *n = NULL, *e = NULL;
+    uint8_t nb[512], eb[8];
+    size_t off = 0;
+    int ok = bn && EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_N, &n) == 1 &&
+             EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_E, &e) == 1 &&
+             BN_num_bytes(n) <= (int)sizeof nb && BN_num_bytes(e) <= (int)sizeof eb;
+    if (ok) {
+        int nl = BN_bn2bin(n, nb), el = BN_bn2bin(e, eb);
+        *pub_len = scx_der_rsa_pub(pub, PUB_MAX, nb, (size_t)nl, eb, (size_t)el);
+        ok = *pub_len > 0;
+    }
+    for (size_t i = 0; ok && i < RSA_PARTS; i++) {
+        ok = EVP_PKEY_get_bn_param(pk, rsa_part_names[i], &bn) == 1;
+        size_t len = ok ? (size_t)BN_num_bytes(bn) : 0;
+        ok = ok && len > 0 && off + 2 + len <= sec_cap;
+        if (ok) {
+            scx_put16(sec + off, (unsigned)len);
+            BN_bn2bin(bn, sec + off + 2);
+            off += 2 + len;
+        }
+    }
+    *sec_len = off;
+    BN_clear_free(bn);
+    BN_free(n);
+    BN_free(e);
+    return ok;
+}
+
+int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                         const softcxi_template *tin)
+{
+    softcxi_device *dev = s->dev;
+    softcxi_template t = *tin;
+    uint8_t pub[PUB_MAX];
+    size_t pub_len = 0, sec_len = 0, sec_cap = 0;
+    uint8_t *sec = NULL;
+    EVP_PKEY *pk = NULL;
+    int rc;
+
+    blob->data = NULL;
+    blob->len = 0;
+    if (!(flags & SOFTCXI_FLAG_EXTERNAL))
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "key_generate: flags must include FLAG_EXTERNAL (internal keys need "
+                        "the device key database)");
+    if ((rc = scx_template_check(&t, &s->err)) != 0)
+        return rc;
+
+    sec_cap = t.algo == SOFTCXI_ALGO_RSA ? 2048 : 256;
+    sec = OPENSSL_secure_malloc(sec_cap);
+    if (!sec)
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_generate: out of secure memory");
+
+    switch (t.algo) {
+    case SOFTCXI_ALGO_EC:
+    case SOFTCXI_ALGO_ED25519:
+    case SOFTCXI_ALGO_X25519: {
+        EVP_PKEY_CTX *c = gen_ctx(dev, &t);
+        if (!c || EVP_PKEY_keygen(c, &pk) != 1)
+            goto crypto;
+        if (t.algo == SOFTCXI_ALGO_EC) {
+            sec_len = scx_curve(t.curve)->flen;
+            if (!EVP_PKEY_get_octet_string_param(pk, OSSL_PKEY_PARAM_PUB_KEY, pub, sizeof pub,
+                                                 &pub_len) ||
+                !get_priv_be(pk, OSSL_PKEY_PARAM_PRIV_KEY, sec, sec_len))
+                goto crypto;
+        } else {
+            sec_len = 32;
+            pub_len = 32;
+            if (EVP_PKEY_get_raw_public_key(pk, pub, &pub_len) != 1 ||
+                EVP_PKEY_get_raw_private_key(pk, sec, &sec_len) != 1)
+                goto crypto;
+        }
+        break;
+    }
+    case SOFTCXI_ALGO_RSA: {
+        EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
+        int ok = c && EVP_PKEY_keygen_init(c) == 1 &&
+                 EVP_PKEY_CTX_set_rsa_keygen_bits(c, (int)t.size) == 1 &&
+                 EVP_PKEY_keygen(c, &pk) == 1;
+        EVP_PKEY_CTX_free(c);
+        if (!ok || !rsa_parts(pk, pub, &pub_len, sec, &sec_len, sec_cap))
+            goto crypto;
+        break;
+    }
+    default: /* AES and HMAC: the key is random bytes */
+        sec_len = t.size / 8;
+        if (RAND_priv_bytes(sec, (int)sec_len) != 1)
+            goto crypto;
+        break;
+    }
+    rc = scx_seal_key(s, blob, &t, pub, pub_len, sec, sec_len);
+    goto done;
+crypto:
+    rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: %s key generation failed",
+                      softcxi_algo_name(t.algo));
+done:
+    EVP_PKEY_free(pk);
+    OPENSSL_secure_clear_free(sec, sec_cap);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+/* ---- opening blobs ----------------------------------------------------- */
+
+void scx_key_free(scx_key *k)
+{
+    if (!k)
+        return;
+    EVP_PKEY_free(k->pkey);
+    OPENSSL_secure_clear_free(k->sym, k->sym_len);
+    OPENSSL_free(k->blob);
+    OPENSSL_free(k);
+}
+
+static int check_shape(const softcxi_key_info *i, size_t sec_len)
+{
+    switch (i->algo) {
+    case SOFTCXI_ALGO_EC: {
+        const scx_curve_def *c = scx_curve(i->curve);
+        return c && sec_len == c->flen && i->pub_len == 2 * c->flen + 1;
+    }
+    case SOFTCXI_ALGO_ED25519:
+    case SOFTCXI_ALGO_X25519:
+        return sec_len == 32 && i->pub_len == 32;
+    case SOFTCXI_ALGO_RSA:
+        return i->pub_len > 0 && (i->size == 2048 || i->size == 3072 || i->size == 4096);
+    case SOFTCXI_ALGO_AES:
+        return (i->size == 128 || i->size == 192 || i->size == 256) && sec_len == i->size / 8;
+    default:
+        return i->size >= 128 && sec_len == i->size / 8;
+    }
+}
+
+static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len)
+{
+    softcxi_device *dev = s->dev;
+    scx_frame f;
+    char ref[200];
+    uint8_t *sec = NULL;
+    int rc;
+
+    *out = NULL;
+    scx_key *k = OPENSSL_zalloc(sizeof *k);
+    if (!k || !(k->blob = OPENSSL_malloc(len ? len : 1))) {
+        OPENSSL_free(k);
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "out of memory opening a blob");
+    }
+    memcpy(k->blob, blob, len);
+    k->blob_len = len;
+    if ((rc = scx_frame_parse(&f, &k->info, k->blob, len, &s->err)) != 0)
+        goto fail;
+    scx_keyref(ref, sizeof ref, &k->info);
+    if (f.type != SCX_TYPE_KEY) {
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "not a key blob (blob type 0x%02x)", f.type);
+        goto fail;
+    }
+    if (CRYPTO_memcmp(f.kcv, dev->kcv, SCX_KCV_LEN) != 0) {
+        char want[17], have[17];
+        scx_hex(want, f.kcv, SCX_KCV_LEN);
+        scx_hex(have, dev->kcv, SCX_KCV_LEN);
+        rc = scx_fail(&s->err, SOFTCXI_EMBK,
+                      "blob of key %s was sealed under MBK %s; this device holds MBK %s", ref,
+                      want, have);
+        goto fail;
+    }
+    if (f.ct_len == 0 || !(sec = OPENSSL_secure_malloc(f.ct_len))) {
+        rc = f.ct_len ? scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", ref)
+                      : scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s holds no key", ref);
+        goto fail;
+    }
+    rc = scx_xaes_open(&dev->xblob, dev->gcm, sec, f.ct, f.ct_len, f.tag, f.salt, k->blob,
+                       f.aad_len);
+    if (rc == SOFTCXI_ETAMPER) {
+        rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
+                      "blob of key %s fails authentication: tampered or corrupt", ref);
+        goto fail;
+    }
+    if (rc) {
+        rc = scx_fail_ssl(&s->err, rc, "opening blob of key %s failed", ref);
+        goto fail;
+    }
+    /* Authentic, so a bad shape means a bug or an unknown algorithm. */
+    if (!check_shape(&k->info, f.ct_len)) {
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s has an inconsistent key shape",
+                      ref);
+        goto fail;
+    }
+    if (keytype(k->info.algo)) {
+        rc = scx_pkey_from_parts(dev, &k->pkey, k->info.algo, k->info.curve, k->info.pub,
+                                 k->info.pub_len, sec, f.ct_len);
+        if (rc) {
+            rc = scx_fail_ssl(&s->err, rc, "blob of key %s: the key does not load", ref);
+            goto fail;
+        }
+        OPENSSL_secure_clear_free(sec, f.ct_len);
+    } else {
+        k->sym = sec;
+        k->sym_len = f.ct_len;
+    }
+    k->info.verified = 1;
+    *out = k;
+    return 0;
+fail:
+    OPENSSL_secure_clear_free(sec, f.ct_len);
+    scx_key_free(k);
+    return rc;
+}
+
+/* ---- the cache --------------------------------------------------------- */
+
+void scx_cache_init(scx_cache *c, size_t capacity)
+{
+    memset(c, 0, sizeof *c);
+    if (!capacity)
+        return;
+    capacity = (capacity + SCX_CACHE_WAYS - 1) / SCX_CACHE_WAYS * SCX_CACHE_WAYS;
+    c->slot = OPENSSL_zalloc(capacity * sizeof *c->slot);
+    if (c->slot)
+        c->capacity = capacity;
+}
+
+void scx_cache_clear(scx_cache *c)
+{
+    for (size_t i = 0; i < c->capacity; i++)
+        scx_key_free(c->slot[i]);
+    OPENSSL_free(c->slot);
+    memset(c, 0, sizeof *c);
+}
+
+static size_t cache_set(const scx_cache *c, const uint8_t *blob, size_t len)
+{
+    /* The tag closes every blob and is pseudo-random: a fine hash.  A match
+     * is decided by comparing whole blobs, never by the hash. */
+    uint64_t h = 0;
+    for (size_t i = 0; i < 8 && i < len; i++)
+        h = h << 8 | blob[len - 1 - i];
+    return (size_t)(h % (c->capacity / SCX_CACHE_WAYS)) * SCX_CACHE_WAYS;
+}
+
+static void cache_evict(scx_cache *c, size_t i)
+{
+    scx_key_free(c->slot[i]);
+    c->slot[i] = NULL;
+    c->entries--;
+    c->evictions++;
+}
+
+/* Keep OpenSSL's secure heap from filling up with cached private keys: a
+ * full secure heap makes every later key load fail. */
+static void cache_trim(scx_cache *c)
+{
+    static size_t sweep;
+    size_t limit = (3u << 20);
+    for (size_t n = 0; n < c->capacity && c->entries && CRYPTO_secure_used() > limit; n++) {
+        sweep = (sweep + 1) % c->capacity;
+        if (c->slot[sweep])
+            cache_evict(c, sweep);
+    }
+}
+
+int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len)
+{
+    scx_cache *c = &s->dev->cache;
+    size_t base = 0;
+    if (c->capacity) {
+        base = cache_set(c, blob, len);
+        for (size_t i = base; i < base + SCX_CACHE_WAYS; i++) {
+            scx_key *k = c->slot[i];
+            if (k && k->blob_len == len && memcmp(k->blob, blob, len) == 0) {
+                k->stamp = ++c->clock;
+                c->hits++;
+                *out = k;
+                return 0;
+            }
+        }
+        c->misses++;
+    }
+    int rc = open_key(s, out, blob, len);
+    if (rc || !c->capacity)
+        return rc;
+    size_t victim = base;
+    for (size_t i = base; i < base + SCX_CACHE_WAYS; i++) {
+        if (!c->slot[i]) {
+            victim = i;
+            break;
+        }
+        if (c->slot[i]->stamp < c->slot[victim]->stamp)
+            victim = i;
+    }
+    if (c->slot[victim])
+        cache_evict(c, victim);
+    (*out)->stamp = ++c->clock;
+    (*out)->cached = 1;
+    c->slot[victim] = *out;
+    c->entries++;
+    cache_trim(c);
+    if (!c->slot[victim]) { /* trimmed away at once: hand it over uncached */
+        return open_key(s, out, blob, len);
+    }
+    return 0;
+}
+
+void scx_key_release(softcxi_session *s, scx_key *k)
+{
+    (void)s;
+    if (k && !k->cached)
+        scx_key_free(k);
+}
+
+/* ---- verified info and public keys ------------------------------------- */
+
+int softcxi_key_info_check(softcxi_session *s, softcxi_key_info *info, const uint8_t *blob,
+                     size_t blob_len)
+{
+    scx_key *k;
+    int rc = scx_key_get(s, &k, blob, blob_len);
+    if (rc)
+        return rc;
+    scx_key_release(s, k);
+    /* Point into the caller's blob, not the cache's copy. */
+    rc = softcxi_key_info_read(info, blob, blob_len, &s->err);
+    if (rc == 0)
+        info->verified = 1;
+    return rc;
+}
+
+int softcxi_public_key_read(softcxi_buf *out, const uint8_t *blob, size_t blob_len, int fmt,
+                            softcxi_error *err)
+{
+    softcxi_key_info info;
+    int rc = softcxi_key_info_read(&info, blob, blob_len, err);
+    if (rc)
+        return rc;
+    return scx_pub_encode(out, &info, fmt, err);
+}
+
+int softcxi_public_key(softcxi_session *s, softcxi_buf *out, const uint8_t *blob,
+                       size_t blob_len, int fmt)
+{
+    softcxi_key_info info;
+    int rc = softcxi_key_info_check(s, &info, blob, blob_len);
+    if (rc)
+        return rc;
+    return scx_pub_encode(out, &info, fmt, &s->err);
+}

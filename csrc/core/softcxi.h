@@ -1,0 +1,367 @@
+/*
+ * softcxi.h - the public interface of the softcxi core: an emulated HSM for
+ * unmanaged (external) keys.
+ *
+ * The device holds one secret, the Master Backup Key (MBK).  Every key it
+ * generates with SOFTCXI_FLAG_EXTERNAL comes back as a sealed key blob (a byte
+ * string starting with 'K'), which the caller stores and hands back for each
+ * operation.  See docs/blob-format.md for the bytes and docs/api.md for the
+ * calls.
+ *
+ * Conventions (after hiredis and libsodium):
+ *  - every exported name starts with softcxi_ / SOFTCXI_;
+ *  - outputs first, each pointer beside its size;
+ *  - functions return 0 (or 1/0 for verify) on success and a negative
+ *    softcxi_code on failure; the session keeps the code and a message that
+ *    names the key but never contains key bytes;
+ *  - calls are message-shaped, (session, request) -> result, so that a device
+ *    daemon can later serve the same requests over a socket;
+ *  - every *_free / *_close accepts NULL.
+ *
+ * A session (and its device) is not thread-safe: use one per thread.
+ */
+#ifndef SOFTCXI_H
+#define SOFTCXI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SOFTCXI_VERSION_MAJOR 0
+#define SOFTCXI_VERSION_MINOR 1
+#define SOFTCXI_VERSION_PATCH 0
+#define SOFTCXI_VERSION_STRING "0.1.0"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SOFTCXI_MUST_CHECK __attribute__((warn_unused_result))
+#else
+#define SOFTCXI_MUST_CHECK
+#endif
+
+/* ---- errors ------------------------------------------------------------ */
+
+typedef enum softcxi_code {
+    SOFTCXI_OK = 0,
+    SOFTCXI_EINVAL = -1,    /* bad argument, template or mechanism */
+    SOFTCXI_EFORMAT = -2,   /* malformed or truncated blob / file */
+    SOFTCXI_ETAMPER = -3,   /* authentication tag does not verify */
+    SOFTCXI_EMBK = -4,      /* blob sealed under an MBK this device lacks */
+    SOFTCXI_EPOLICY = -5,   /* usage, expiry or export policy refuses */
+    SOFTCXI_EAUTH = -6,     /* not logged on / wrong credentials */
+    SOFTCXI_ENOTFOUND = -7, /* device, key file or key missing */
+    SOFTCXI_EFULL = -8,     /* key database or buffer full */
+    SOFTCXI_EEXIST = -9,    /* already exists */
+    SOFTCXI_EIO = -10,      /* file system error */
+    SOFTCXI_EPERM = -11,    /* unsafe file permissions */
+    SOFTCXI_ECRYPTO = -12,  /* OpenSSL failed */
+    SOFTCXI_ENOMEM = -13
+} softcxi_code;
+
+#define SOFTCXI_ERRSTR_MAX 256
+
+typedef struct softcxi_error {
+    int code;                      /* softcxi_code */
+    char msg[SOFTCXI_ERRSTR_MAX]; /* never contains key bytes */
+} softcxi_error;
+
+/* "EINVAL", "ETAMPER", ... ("OK" for 0, "EUNKNOWN" otherwise). */
+const char *softcxi_code_name(int code);
+
+/* ---- names ------------------------------------------------------------- */
+
+typedef enum softcxi_algo {
+    SOFTCXI_ALGO_NONE = 0,
+    SOFTCXI_ALGO_EC = 1,
+    SOFTCXI_ALGO_ED25519 = 2,
+    SOFTCXI_ALGO_X25519 = 3,
+    SOFTCXI_ALGO_RSA = 4,
+    SOFTCXI_ALGO_AES = 5,
+    SOFTCXI_ALGO_HMAC_SHA256 = 6,
+    SOFTCXI_ALGO_HMAC_SHA384 = 7,
+    SOFTCXI_ALGO_HMAC_SHA512 = 8
+} softcxi_algo;
+
+typedef enum softcxi_curve {
+    SOFTCXI_CURVE_NONE = 0,
+    SOFTCXI_CURVE_P256 = 1,
+    SOFTCXI_CURVE_P384 = 2,
+    SOFTCXI_CURVE_P521 = 3,
+    SOFTCXI_CURVE_SECP256K1 = 4
+} softcxi_curve;
+
+/* Usage bits (CXI's usage set). */
+#define SOFTCXI_USAGE_DECRYPT 0x01u
+#define SOFTCXI_USAGE_SIGN 0x02u
+#define SOFTCXI_USAGE_DERIVE 0x04u
+#define SOFTCXI_USAGE_WRAP 0x08u
+#define SOFTCXI_USAGE_ENCRYPT 0x10u
+#define SOFTCXI_USAGE_VERIFY 0x20u
+#define SOFTCXI_USAGE_UNWRAP 0x40u
+#define SOFTCXI_USAGE_ALL 0x7Fu
+
+typedef enum softcxi_export {
+    SOFTCXI_EXPORT_DENY = 0,
+    SOFTCXI_EXPORT_ALLOW = 1,       /* wrapped export only */
+    SOFTCXI_EXPORT_ALLOW_PLAIN = 2, /* plain export allowed */
+    SOFTCXI_EXPORT_DENY_BACKUP = 3  /* not even in a key backup */
+} softcxi_export;
+
+typedef enum softcxi_mech {
+    SOFTCXI_MECH_NONE = 0,
+    SOFTCXI_MECH_ECDSA_SHA256,
+    SOFTCXI_MECH_ECDSA_SHA384,
+    SOFTCXI_MECH_ECDSA_SHA512,
+    SOFTCXI_MECH_RSA_PKCS1_SHA256,
+    SOFTCXI_MECH_RSA_PKCS1_SHA384,
+    SOFTCXI_MECH_RSA_PKCS1_SHA512,
+    SOFTCXI_MECH_RSA_PSS_SHA256,
+    SOFTCXI_MECH_RSA_PSS_SHA384,
+    SOFTCXI_MECH_RSA_PSS_SHA512,
+    SOFTCXI_MECH_ED25519,
+    SOFTCXI_MECH_AES_GCM,
+    SOFTCXI_MECH_RSA_OAEP_SHA1,
+    SOFTCXI_MECH_RSA_OAEP_SHA256,
+    SOFTCXI_MECH_RSA_OAEP_SHA384,
+    SOFTCXI_MECH_RSA_OAEP_SHA512,
+    SOFTCXI_MECH_HMAC_SHA256,
+    SOFTCXI_MECH_HMAC_SHA384,
+    SOFTCXI_MECH_HMAC_SHA512,
+    SOFTCXI_MECH_ECDH,
+    SOFTCXI_MECH_X25519,
+    SOFTCXI_MECH_SHA1,
+    SOFTCXI_MECH_SHA224,
+    SOFTCXI_MECH_SHA256,
+    SOFTCXI_MECH_SHA384,
+    SOFTCXI_MECH_SHA512,
+    SOFTCXI_MECH_SHA3_256,
+    SOFTCXI_MECH_SHA3_384,
+    SOFTCXI_MECH_SHA3_512,
+    SOFTCXI_MECH_COUNT
+} softcxi_mech;
+
+typedef enum softcxi_pubfmt {
+    SOFTCXI_PUB_DER = 0, /* SubjectPublicKeyInfo */
+    SOFTCXI_PUB_PEM = 1,
+    SOFTCXI_PUB_JWK = 2,
+    SOFTCXI_PUB_RAW = 3 /* EC point, 32-byte Ed/X25519 key, RSAPublicKey DER */
+} softcxi_pubfmt;
+
+/* Name <-> value.  *_from_name returns a negative code for an unknown name;
+ * *_name returns NULL for an unknown value.  Names are the ones the Lua API
+ * uses: "ec", "P-256", "sign", "allow-plain", "ecdsa-sha256", "pem", ... */
+int softcxi_algo_from_name(const char *name);
+const char *softcxi_algo_name(int algo);
+int softcxi_curve_from_name(const char *name);
+const char *softcxi_curve_name(int curve);
+int softcxi_usage_from_name(const char *name); /* one bit */
+const char *softcxi_usage_name(unsigned bit);
+int softcxi_export_from_name(const char *name);
+const char *softcxi_export_name(int policy);
+int softcxi_mech_from_name(const char *name);
+const char *softcxi_mech_name(int mech);
+int softcxi_pubfmt_from_name(const char *name);
+
+/* ---- buffers ----------------------------------------------------------- */
+
+/* An output the core allocated.  softcxi_buf_free wipes it first when it
+ * holds a secret (a raw ECDH secret, say). */
+typedef struct softcxi_buf {
+    uint8_t *data;
+    size_t len;
+    int secret;
+} softcxi_buf;
+
+void softcxi_buf_free(softcxi_buf *buf);
+
+/* ---- device and session ------------------------------------------------ */
+
+typedef struct softcxi_device softcxi_device;
+typedef struct softcxi_session softcxi_session;
+
+typedef struct softcxi_open_req {
+    const char *path;    /* device state directory */
+    const char *keyfile; /* device key file outside path; NULL: default
+                            $SOFTCXI_CONFIG_DIR, $XDG_CONFIG_HOME/softcxi or
+                            ~/.config/softcxi, then devices/<id>.key */
+    long cache_entries;  /* opened-key cache size; < 0: default, 0: off */
+} softcxi_open_req;
+
+/* Open the device at req->path, creating it on first use (a new MBK sealed
+ * under a new device key).  On failure returns a negative code, *out is NULL
+ * and err (if not NULL) says why. */
+SOFTCXI_MUST_CHECK int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req,
+                                           softcxi_error *err);
+void softcxi_device_free(softcxi_device *dev);
+
+/* The device's MBK key check value (8 bytes) and id (hex string). */
+void softcxi_device_kcv(const softcxi_device *dev, uint8_t kcv[8]);
+const char *softcxi_device_id(const softcxi_device *dev);
+const char *softcxi_device_keyfile(const softcxi_device *dev);
+
+/* A session holds a reference to its device; the device lives until its
+ * last session closes (softcxi_device_free drops the opener's reference). */
+softcxi_session *softcxi_session_new(softcxi_device *dev);
+void softcxi_session_free(softcxi_session *s);
+const softcxi_error *softcxi_session_error(const softcxi_session *s);
+softcxi_device *softcxi_session_device(const softcxi_session *s);
+
+/* Opened-key cache statistics (hits, misses, entries). */
+typedef struct softcxi_cache_stats {
+    uint64_t hits, misses, evictions;
+    size_t entries, capacity;
+} softcxi_cache_stats;
+void softcxi_cache_stats_get(const softcxi_session *s, softcxi_cache_stats *st);
+
+/* ---- keys -------------------------------------------------------------- */
+
+#define SOFTCXI_FLAG_OVERWRITE 1u /* CXI_FLAG_KEY_OVERWRITE */
+#define SOFTCXI_FLAG_EXTERNAL 2u  /* CXI_FLAG_KEY_EXTERNAL */
+
+#define SOFTCXI_NAME_MAX 255
+
+/* The template (CXI property list) for key generation.  Zero means
+ * "default" for size, usage and curve (P-256). */
+typedef struct softcxi_template {
+    int algo;         /* softcxi_algo */
+    unsigned size;    /* bits: RSA 2048/3072/4096, AES 128/192/256, HMAC */
+    int curve;        /* softcxi_curve, for SOFTCXI_ALGO_EC */
+    const char *name; /* may be NULL */
+    const char *group;
+    const char *label;
+    uint32_t specifier;
+    int has_specifier;
+    unsigned usage;    /* SOFTCXI_USAGE_* bits */
+    int export_policy; /* softcxi_export */
+    int64_t expiry;    /* Unix seconds; 0 = never */
+} softcxi_template;
+
+/* What a blob says about its key.  Strings and pub point into the blob the
+ * info was read from and live as long as it does (they are not NUL-ended). */
+typedef struct softcxi_key_info {
+    int version, type;
+    uint8_t kcv[8];
+    int algo, curve;
+    unsigned size;
+    const char *name, *group, *label;
+    size_t name_len, group_len, label_len;
+    uint32_t specifier;
+    int has_specifier;
+    unsigned usage;
+    int export_policy;
+    int64_t gen_date, expiry;
+    const uint8_t *pub;
+    size_t pub_len;
+    size_t blob_len;
+    int verified; /* 1 only when the device checked the tag */
+} softcxi_key_info;
+
+/* Read a blob's clear attributes without the MBK: unverified. */
+SOFTCXI_MUST_CHECK int softcxi_key_info_read(softcxi_key_info *info, const uint8_t *blob,
+                                             size_t blob_len, softcxi_error *err);
+/* Same, after the device checked the blob's tag (info->verified = 1). */
+SOFTCXI_MUST_CHECK int softcxi_key_info_check(softcxi_session *s, softcxi_key_info *info,
+                                        const uint8_t *blob, size_t blob_len);
+
+/* The public key of a blob.  softcxi_public_key_read reads the clear
+ * attributes (unverified); softcxi_public_key checks the tag first. */
+SOFTCXI_MUST_CHECK int softcxi_public_key_read(softcxi_buf *out, const uint8_t *blob,
+                                               size_t blob_len, int fmt, softcxi_error *err);
+SOFTCXI_MUST_CHECK int softcxi_public_key(softcxi_session *s, softcxi_buf *out,
+                                          const uint8_t *blob, size_t blob_len, int fmt);
+
+/* Generate a key.  flags must hold SOFTCXI_FLAG_EXTERNAL until the internal
+ * key database exists; the blob comes back in *blob. */
+SOFTCXI_MUST_CHECK int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob,
+                                            unsigned flags, const softcxi_template *t);
+
+/* ---- operations -------------------------------------------------------- */
+
+#define SOFTCXI_SIG_RAW 1u /* ECDSA: r||s instead of DER */
+
+typedef struct softcxi_sign_req {
+    const uint8_t *blob;
+    size_t blob_len;
+    int mech;       /* softcxi_mech */
+    unsigned flags; /* SOFTCXI_SIG_RAW */
+    const uint8_t *msg;
+    size_t msg_len;
+} softcxi_sign_req;
+
+SOFTCXI_MUST_CHECK int softcxi_sign(softcxi_session *s, softcxi_buf *sig,
+                                    const softcxi_sign_req *req);
+/* 1: good signature, 0: bad signature, < 0: error. */
+SOFTCXI_MUST_CHECK int softcxi_verify(softcxi_session *s, const softcxi_sign_req *req,
+                                      const uint8_t *sig, size_t sig_len);
+/* Sign n messages with one key: sigs[0..n) are filled (free each). */
+SOFTCXI_MUST_CHECK int softcxi_bulk_sign(softcxi_session *s, softcxi_buf *sigs,
+                                         const softcxi_sign_req *req,
+                                         const uint8_t *const *msgs, const size_t *lens,
+                                         size_t n);
+
+/* MAC with an HMAC key (mech must match the key's hash). */
+SOFTCXI_MUST_CHECK int softcxi_mac(softcxi_session *s, softcxi_buf *mac,
+                                   const softcxi_sign_req *req);
+SOFTCXI_MUST_CHECK int softcxi_mac_verify(softcxi_session *s, const softcxi_sign_req *req,
+                                          const uint8_t *mac, size_t mac_len);
+
+#define SOFTCXI_GCM_IV_LEN 12
+#define SOFTCXI_GCM_TAG_LEN 16
+
+typedef struct softcxi_crypt_req {
+    const uint8_t *blob;
+    size_t blob_len;
+    int mech; /* SOFTCXI_MECH_AES_GCM or SOFTCXI_MECH_RSA_OAEP_* */
+    const uint8_t *in;
+    size_t in_len;
+    const uint8_t *aad; /* AES-GCM only */
+    size_t aad_len;
+    const uint8_t *iv; /* AES-GCM: NULL lets the device draw one */
+    size_t iv_len;
+    const uint8_t *tag; /* AES-GCM decrypt */
+    size_t tag_len;
+} softcxi_crypt_req;
+
+/* AES-GCM fills iv (the one used) and tag; RSA-OAEP leaves them alone. */
+SOFTCXI_MUST_CHECK int softcxi_encrypt(softcxi_session *s, softcxi_buf *out,
+                                       uint8_t iv[SOFTCXI_GCM_IV_LEN],
+                                       uint8_t tag[SOFTCXI_GCM_TAG_LEN],
+                                       const softcxi_crypt_req *req);
+/* The plaintext is released only after the tag (or OAEP padding) checks. */
+SOFTCXI_MUST_CHECK int softcxi_decrypt(softcxi_session *s, softcxi_buf *out,
+                                       const softcxi_crypt_req *req);
+
+#define SOFTCXI_AGREE_RAW 1u /* return the raw shared secret (a secret buf) */
+
+typedef struct softcxi_agree_req {
+    const uint8_t *blob;
+    size_t blob_len;
+    int mech;                 /* SOFTCXI_MECH_ECDH or SOFTCXI_MECH_X25519 */
+    const uint8_t *peer;      /* raw point / key, SPKI DER or PEM */
+    size_t peer_len;
+    unsigned flags;           /* SOFTCXI_AGREE_RAW */
+    const softcxi_template *derived; /* NULL: AES-256 encrypt/decrypt */
+    const uint8_t *salt;      /* HKDF-SHA256 salt and info */
+    size_t salt_len;
+    const uint8_t *info;
+    size_t info_len;
+} softcxi_agree_req;
+
+/* By default the secret goes through HKDF-SHA256 into a new key of the
+ * derived template, returned as a blob of the base key's group. */
+SOFTCXI_MUST_CHECK int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out,
+                                            const softcxi_agree_req *req);
+
+SOFTCXI_MUST_CHECK int softcxi_rnd_gen(softcxi_session *s, uint8_t *out, size_t len);
+
+/* Stateless: digest into out (up to 64 bytes); *out_len gets the size. */
+SOFTCXI_MUST_CHECK int softcxi_hash_compute(uint8_t *out, size_t *out_len, int mech,
+                                            const uint8_t *in, size_t in_len,
+                                            softcxi_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SOFTCXI_H */

@@ -1,0 +1,712 @@
+/*
+ * lsoftcxi.c - softcxi.core, the thin Lua binding of the softcxi core.
+ *
+ * One source for Lua 5.4 and LuaJIT (5.1 API through compat-5.3).  It only
+ * converts arguments and results; names, defaults and conveniences live in
+ * lua/softcxi/init.lua.  Misuse (wrong types, a closed session) raises;
+ * runtime failures return nil, message, code.
+ *
+ * The module never links liblua, so the same .so loads into nginx.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <lauxlib.h>
+#include <lua.h>
+#if LUA_VERSION_NUM < 502
+#include "compat-5.3.h"
+#endif
+
+#include <stdio.h>
+#include <string.h>
+
+#include "softcxi.h"
+
+#define SESSION_MT "softcxi.session"
+
+#if defined(__GNUC__)
+#define EXPORT __attribute__((visibility("default")))
+#else
+#define EXPORT
+#endif
+
+typedef struct lsession {
+    softcxi_session *s;
+} lsession;
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static int push_error(lua_State *L, const softcxi_error *e)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, e->msg[0] ? e->msg : softcxi_code_name(e->code));
+    lua_pushstring(L, softcxi_code_name(e->code));
+    return 3;
+}
+
+static int push_einval(lua_State *L, const char *msg)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    lua_pushstring(L, "EINVAL");
+    return 3;
+}
+
+static int session_error(lua_State *L, lsession *ls)
+{
+    return push_error(L, softcxi_session_error(ls->s));
+}
+
+static void push_buf(lua_State *L, softcxi_buf *b)
+{
+    lua_pushlstring(L, b->data ? (const char *)b->data : "", b->len);
+    softcxi_buf_free(b);
+}
+
+static lsession *check_session(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    if (!ls->s)
+        luaL_error(L, "softcxi: the session is closed");
+    return ls;
+}
+
+static const uint8_t *check_bytes(lua_State *L, int idx, size_t *len)
+{
+    return (const uint8_t *)luaL_checklstring(L, idx, len);
+}
+
+static const uint8_t *opt_bytes(lua_State *L, int idx, size_t *len)
+{
+    *len = 0;
+    if (lua_isnoneornil(L, idx))
+        return NULL;
+    return (const uint8_t *)luaL_checklstring(L, idx, len);
+}
+
+/* Mechanism by name; returns -1 and pushes nil, msg, code when unknown. */
+static int check_mech(lua_State *L, int idx, int *mech)
+{
+    const char *name = luaL_checkstring(L, idx);
+    *mech = softcxi_mech_from_name(name);
+    if (*mech < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "unknown mechanism '%s'", name);
+        lua_pushstring(L, "EINVAL");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- templates --------------------------------------------------------- */
+
+/* Fill t from the table at idx.  Strings stay owned by the table.  On a bad
+ * field writes a message naming it into msg and returns -1. */
+static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, size_t cap)
+{
+    memset(t, 0, sizeof *t);
+    idx = lua_absindex(L, idx);
+    const char *hash = NULL;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        int vt = lua_type(L, -1);
+        int bad = 0;
+        if (!k) {
+            snprintf(msg, cap, "template: field names must be strings");
+            lua_pop(L, 2);
+            return -1;
+        }
+#define WANT(type) \
+    if (vt != (type)) { \
+        bad = 1; \
+    } else
+        if (!strcmp(k, "algo")) {
+            WANT(LUA_TSTRING)
+            {
+                t->algo = softcxi_algo_from_name(lua_tostring(L, -1));
+                if (t->algo < 0) {
+                    snprintf(msg, cap,
+                             "template.algo: unknown algorithm '%s' (ec, ed25519, x25519, rsa, "
+                             "aes, hmac-sha256, hmac-sha384, hmac-sha512)",
+                             lua_tostring(L, -1));
+                    lua_pop(L, 2);
+                    return -1;
+                }
+            }
+        } else if (!strcmp(k, "curve")) {
+            WANT(LUA_TSTRING)
+            {
+                t->curve = softcxi_curve_from_name(lua_tostring(L, -1));
+                if (t->curve < 0) {
+                    snprintf(msg, cap,
+                             "template.curve: unknown curve '%s' (P-256, P-384, P-521, "
+                             "secp256k1)",
+                             lua_tostring(L, -1));
+                    lua_pop(L, 2);
+                    return -1;
+                }
+            }
+        } else if (!strcmp(k, "hash")) {
+            WANT(LUA_TSTRING) hash = lua_tostring(L, -1);
+        } else if (!strcmp(k, "size")) {
+            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0 ||
+                lua_tointeger(L, -1) > 65535)
+                bad = 1;
+            else
+                t->size = (unsigned)lua_tointeger(L, -1);
+        } else if (!strcmp(k, "name")) {
+            WANT(LUA_TSTRING) t->name = lua_tostring(L, -1);
+        } else if (!strcmp(k, "group")) {
+            WANT(LUA_TSTRING) t->group = lua_tostring(L, -1);
+        } else if (!strcmp(k, "label")) {
+            WANT(LUA_TSTRING) t->label = lua_tostring(L, -1);
+        } else if (!strcmp(k, "specifier")) {
+            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 0 ||
+                lua_tointeger(L, -1) > 0xFFFFFFFF)
+                bad = 1;
+            else {
+                t->specifier = (uint32_t)lua_tointeger(L, -1);
+                t->has_specifier = 1;
+            }
+        } else if (!strcmp(k, "expiry")) {
+            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 0)
+                bad = 1;
+            else
+                t->expiry = (int64_t)lua_tointeger(L, -1);
+        } else if (!strcmp(k, "export")) {
+            WANT(LUA_TSTRING)
+            {
+                t->export_policy = softcxi_export_from_name(lua_tostring(L, -1));
+                if (t->export_policy < 0) {
+                    snprintf(msg, cap,
+                             "template.export: unknown policy '%s' (deny, allow, allow-plain, "
+                             "deny-backup)",
+                             lua_tostring(L, -1));
+                    lua_pop(L, 2);
+                    return -1;
+                }
+            }
+        } else if (!strcmp(k, "usage")) {
+            WANT(LUA_TTABLE)
+            {
+                size_t n = lua_rawlen(L, -1);
+                for (size_t i = 1; i <= n; i++) {
+                    lua_rawgeti(L, -1, (int)i);
+                    const char *u = lua_tostring(L, -1);
+                    int bit = u ? softcxi_usage_from_name(u) : -1;
+                    if (bit < 0) {
+                        snprintf(msg, cap,
+                                 "template.usage: unknown usage '%s' (sign, verify, encrypt, "
+                                 "decrypt, wrap, unwrap, derive)",
+                                 u ? u : "?");
+                        lua_pop(L, 3);
+                        return -1;
+                    }
+                    t->usage |= (unsigned)bit;
+                    lua_pop(L, 1);
+                }
+            }
+        } else {
+            snprintf(msg, cap, "template: unknown field '%s'", k);
+            lua_pop(L, 2);
+            return -1;
+        }
+#undef WANT
+        if (bad) {
+            snprintf(msg, cap, "template.%s: wrong type or range (%s)", k, lua_typename(L, vt));
+            lua_pop(L, 2);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    if (hash) { /* algo = "hmac", hash = "sha384" */
+        if (t->algo != SOFTCXI_ALGO_HMAC_SHA256) {
+            snprintf(msg, cap, "template.hash: only hmac keys take a hash");
+            return -1;
+        }
+        if (!strcmp(hash, "sha384"))
+            t->algo = SOFTCXI_ALGO_HMAC_SHA384;
+        else if (!strcmp(hash, "sha512"))
+            t->algo = SOFTCXI_ALGO_HMAC_SHA512;
+        else if (strcmp(hash, "sha256") != 0) {
+            snprintf(msg, cap, "template.hash: unknown hash '%s' (sha256, sha384, sha512)", hash);
+            return -1;
+        }
+    }
+    if (t->algo == SOFTCXI_ALGO_NONE) {
+        snprintf(msg, cap, "template.algo: required");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- key info ---------------------------------------------------------- */
+
+static void set_str(lua_State *L, const char *k, const char *v, size_t n)
+{
+    if (v) {
+        lua_pushlstring(L, v, n);
+        lua_setfield(L, -2, k);
+    }
+}
+
+static void push_info(lua_State *L, const softcxi_key_info *i)
+{
+    static const char hex[] = "0123456789abcdef";
+    char kcv[17];
+    lua_createtable(L, 0, 16);
+    if (softcxi_algo_name(i->algo)) {
+        lua_pushstring(L, softcxi_algo_name(i->algo));
+        lua_setfield(L, -2, "algo");
+    }
+    if (i->curve && softcxi_curve_name(i->curve)) {
+        lua_pushstring(L, softcxi_curve_name(i->curve));
+        lua_setfield(L, -2, "curve");
+    }
+    if (i->size) {
+        lua_pushinteger(L, (lua_Integer)i->size);
+        lua_setfield(L, -2, "size");
+    }
+    set_str(L, "name", i->name, i->name_len);
+    set_str(L, "group", i->group, i->group_len);
+    set_str(L, "label", i->label, i->label_len);
+    if (i->has_specifier) {
+        lua_pushinteger(L, (lua_Integer)i->specifier);
+        lua_setfield(L, -2, "specifier");
+    }
+    lua_createtable(L, 7, 0);
+    int n = 0;
+    for (unsigned bit = 1; bit <= SOFTCXI_USAGE_UNWRAP; bit <<= 1)
+        if (i->usage & bit) {
+            lua_pushstring(L, softcxi_usage_name(bit));
+            lua_rawseti(L, -2, ++n);
+        }
+    lua_setfield(L, -2, "usage");
+    if (softcxi_export_name(i->export_policy)) {
+        lua_pushstring(L, softcxi_export_name(i->export_policy));
+        lua_setfield(L, -2, "export");
+    }
+    if (i->gen_date) {
+        lua_pushinteger(L, (lua_Integer)i->gen_date);
+        lua_setfield(L, -2, "gen_date");
+    }
+    if (i->expiry) {
+        lua_pushinteger(L, (lua_Integer)i->expiry);
+        lua_setfield(L, -2, "expiry");
+    }
+    if (i->pub_len) {
+        lua_pushlstring(L, (const char *)i->pub, i->pub_len);
+        lua_setfield(L, -2, "public_key");
+    }
+    for (int k = 0; k < 8; k++) {
+        kcv[2 * k] = hex[i->kcv[k] >> 4];
+        kcv[2 * k + 1] = hex[i->kcv[k] & 15];
+    }
+    kcv[16] = '\0';
+    lua_pushstring(L, kcv);
+    lua_setfield(L, -2, "kcv");
+    lua_pushinteger(L, i->version);
+    lua_setfield(L, -2, "version");
+    lua_pushinteger(L, (lua_Integer)i->blob_len);
+    lua_setfield(L, -2, "blob_size");
+    lua_pushboolean(L, i->verified);
+    lua_setfield(L, -2, "verified");
+}
+
+static int check_pubfmt(lua_State *L, int idx)
+{
+    const char *f = luaL_optstring(L, idx, "pem");
+    int fmt = softcxi_pubfmt_from_name(f);
+    if (fmt < 0)
+        luaL_argerror(L, idx, "format must be der, pem, jwk or raw");
+    return fmt;
+}
+
+/* ---- module functions -------------------------------------------------- */
+
+static int l_open(lua_State *L)
+{
+    softcxi_open_req req = {0};
+    softcxi_error err = {0, ""};
+    softcxi_device *dev = NULL;
+    req.path = luaL_checkstring(L, 1);
+    req.keyfile = luaL_optstring(L, 2, NULL);
+    req.cache_entries = (long)luaL_optinteger(L, 3, -1);
+    /* The userdata first, so a raised error cannot strand the device. */
+    lsession *ls = lua_newuserdata(L, sizeof *ls);
+    ls->s = NULL;
+    luaL_setmetatable(L, SESSION_MT);
+    if (softcxi_device_open(&dev, &req, &err) != 0)
+        return push_error(L, &err);
+    ls->s = softcxi_session_new(dev);
+    softcxi_device_free(dev); /* the session holds the reference now */
+    if (!ls->s)
+        return luaL_error(L, "softcxi.open: out of memory");
+    return 1;
+}
+
+static int l_key_info(lua_State *L)
+{
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 1, &len);
+    softcxi_key_info info;
+    softcxi_error err;
+    if (softcxi_key_info_read(&info, blob, len, &err) != 0)
+        return push_error(L, &err);
+    push_info(L, &info);
+    return 1;
+}
+
+static int l_public_key(lua_State *L)
+{
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 1, &len);
+    int fmt = check_pubfmt(L, 2);
+    softcxi_buf out = {0};
+    softcxi_error err;
+    if (softcxi_public_key_read(&out, blob, len, fmt, &err) != 0)
+        return push_error(L, &err);
+    push_buf(L, &out);
+    return 1;
+}
+
+static int l_hash_compute(lua_State *L)
+{
+    int mech;
+    size_t len, dlen = 0;
+    uint8_t d[64];
+    softcxi_error err;
+    if (check_mech(L, 1, &mech) != 0)
+        return 3;
+    const uint8_t *in = check_bytes(L, 2, &len);
+    if (softcxi_hash_compute(d, &dlen, mech, in, len, &err) != 0)
+        return push_error(L, &err);
+    lua_pushlstring(L, (const char *)d, dlen);
+    return 1;
+}
+
+/* ---- session methods --------------------------------------------------- */
+
+static int m_close(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    softcxi_session_free(ls->s);
+    ls->s = NULL;
+    return 0;
+}
+
+static int m_tostring(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    if (ls->s)
+        lua_pushfstring(L, "softcxi.session (%p)", (void *)ls);
+    else
+        lua_pushliteral(L, "softcxi.session (closed)");
+    return 1;
+}
+
+static int m_device_info(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_device *dev = softcxi_session_device(ls->s);
+    softcxi_cache_stats st;
+    uint8_t kcv[8];
+    char hex[17];
+    softcxi_cache_stats_get(ls->s, &st);
+    softcxi_device_kcv(dev, kcv);
+    for (int i = 0; i < 8; i++)
+        snprintf(hex + 2 * i, 3, "%02x", kcv[i]);
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, softcxi_device_id(dev));
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, hex);
+    lua_setfield(L, -2, "kcv");
+    lua_pushstring(L, softcxi_device_keyfile(dev));
+    lua_setfield(L, -2, "keyfile");
+    lua_pushinteger(L, (lua_Integer)st.hits);
+    lua_setfield(L, -2, "cache_hits");
+    lua_pushinteger(L, (lua_Integer)st.misses);
+    lua_setfield(L, -2, "cache_misses");
+    lua_pushinteger(L, (lua_Integer)st.evictions);
+    lua_setfield(L, -2, "cache_evictions");
+    lua_pushinteger(L, (lua_Integer)st.entries);
+    lua_setfield(L, -2, "cache_entries");
+    lua_pushinteger(L, (lua_Integer)st.capacity);
+    lua_setfield(L, -2, "cache_capacity");
+    return 1;
+}
+
+static int m_key_generate(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_Integer flags = luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    softcxi_template t;
+    char msg[200];
+    if (read_template(L, 3, &t, msg, sizeof msg) != 0)
+        return push_einval(L, msg);
+    softcxi_buf blob = {0};
+    if (softcxi_key_generate(ls->s, &blob, (unsigned)flags, &t) != 0)
+        return session_error(L, ls);
+    push_buf(L, &blob);
+    return 1;
+}
+
+static int m_sign(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_sign_req req = {0};
+    softcxi_buf sig = {0};
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.msg = check_bytes(L, 4, &req.msg_len);
+    req.flags = lua_toboolean(L, 5) ? SOFTCXI_SIG_RAW : 0;
+    if (softcxi_sign(ls->s, &sig, &req) != 0)
+        return session_error(L, ls);
+    push_buf(L, &sig);
+    return 1;
+}
+
+static int m_verify(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_sign_req req = {0};
+    size_t sig_len;
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.msg = check_bytes(L, 4, &req.msg_len);
+    const uint8_t *sig = check_bytes(L, 5, &sig_len);
+    req.flags = lua_toboolean(L, 6) ? SOFTCXI_SIG_RAW : 0;
+    int rc = softcxi_verify(ls->s, &req, sig, sig_len);
+    if (rc < 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, rc == 1);
+    return 1;
+}
+
+static int m_bulk_sign(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_sign_req req = {0};
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    luaL_checktype(L, 4, LUA_TTABLE);
+    req.flags = lua_toboolean(L, 5) ? SOFTCXI_SIG_RAW : 0;
+    size_t n = lua_rawlen(L, 4);
+    /* Scratch arrays as userdata: collected even if a later call raises. */
+    const uint8_t **msgs = lua_newuserdata(L, (n ? n : 1) * sizeof *msgs);
+    size_t *lens = lua_newuserdata(L, (n ? n : 1) * sizeof *lens);
+    softcxi_buf *sigs = lua_newuserdata(L, (n ? n : 1) * sizeof *sigs);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 4, (int)(i + 1));
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "bulk_sign: message %d is not a string", (int)(i + 1));
+        msgs[i] = (const uint8_t *)lua_tolstring(L, -1, &lens[i]);
+        lua_pop(L, 1); /* the table keeps the string alive */
+    }
+    if (softcxi_bulk_sign(ls->s, sigs, &req, msgs, lens, n) != 0)
+        return session_error(L, ls);
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        push_buf(L, &sigs[i]);
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+    return 1;
+}
+
+static int m_mac(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_sign_req req = {0};
+    softcxi_buf mac = {0};
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.msg = check_bytes(L, 4, &req.msg_len);
+    if (softcxi_mac(ls->s, &mac, &req) != 0)
+        return session_error(L, ls);
+    push_buf(L, &mac);
+    return 1;
+}
+
+static int m_mac_verify(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_sign_req req = {0};
+    size_t tag_len;
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.msg = check_bytes(L, 4, &req.msg_len);
+    const uint8_t *tag = check_bytes(L, 5, &tag_len);
+    int rc = softcxi_mac_verify(ls->s, &req, tag, tag_len);
+    if (rc < 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, rc == 1);
+    return 1;
+}
+
+/* encrypt(blob, mech, data [, aad [, iv]]) -> ciphertext, iv, tag */
+static int m_encrypt(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_crypt_req req = {0};
+    softcxi_buf out = {0};
+    uint8_t iv[SOFTCXI_GCM_IV_LEN], tag[SOFTCXI_GCM_TAG_LEN];
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.in = check_bytes(L, 4, &req.in_len);
+    req.aad = opt_bytes(L, 5, &req.aad_len);
+    req.iv = opt_bytes(L, 6, &req.iv_len);
+    if (softcxi_encrypt(ls->s, &out, iv, tag, &req) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out);
+    if (req.mech != SOFTCXI_MECH_AES_GCM)
+        return 1;
+    lua_pushlstring(L, (const char *)iv, sizeof iv);
+    lua_pushlstring(L, (const char *)tag, sizeof tag);
+    return 3;
+}
+
+/* decrypt(blob, mech, data [, aad [, iv [, tag]]]) -> plaintext */
+static int m_decrypt(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_crypt_req req = {0};
+    softcxi_buf out = {0};
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.in = check_bytes(L, 4, &req.in_len);
+    req.aad = opt_bytes(L, 5, &req.aad_len);
+    req.iv = opt_bytes(L, 6, &req.iv_len);
+    req.tag = opt_bytes(L, 7, &req.tag_len);
+    if (softcxi_decrypt(ls->s, &out, &req) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out);
+    return 1;
+}
+
+/* secret_agree(blob, mech, peer, raw, template|nil, salt|nil, info|nil) */
+static int m_secret_agree(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_agree_req req = {0};
+    softcxi_template t;
+    softcxi_buf out = {0};
+    char msg[200];
+    req.blob = check_bytes(L, 2, &req.blob_len);
+    if (check_mech(L, 3, &req.mech) != 0)
+        return 3;
+    req.peer = check_bytes(L, 4, &req.peer_len);
+    req.flags = lua_toboolean(L, 5) ? SOFTCXI_AGREE_RAW : 0;
+    if (!lua_isnoneornil(L, 6)) {
+        luaL_checktype(L, 6, LUA_TTABLE);
+        if (read_template(L, 6, &t, msg, sizeof msg) != 0)
+            return push_einval(L, msg);
+        req.derived = &t;
+    }
+    req.salt = opt_bytes(L, 7, &req.salt_len);
+    req.info = opt_bytes(L, 8, &req.info_len);
+    if (softcxi_secret_agree(ls->s, &out, &req) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out); /* a raw secret is wiped once Lua has its copy */
+    return 1;
+}
+
+static int m_rnd_gen(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, n >= 0 && n <= (1 << 24), 2, "0 to 16 MiB");
+    luaL_Buffer b;
+    uint8_t *p = (uint8_t *)luaL_buffinitsize(L, &b, (size_t)n);
+    if (softcxi_rnd_gen(ls->s, p, (size_t)n) != 0)
+        return session_error(L, ls);
+    luaL_pushresultsize(&b, (size_t)n);
+    return 1;
+}
+
+static int m_key_info(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    softcxi_key_info info;
+    if (softcxi_key_info_check(ls->s, &info, blob, len) != 0)
+        return session_error(L, ls);
+    push_info(L, &info);
+    return 1;
+}
+
+static int m_public_key(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    int fmt = check_pubfmt(L, 3);
+    softcxi_buf out = {0};
+    if (softcxi_public_key(ls->s, &out, blob, len, fmt) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out);
+    return 1;
+}
+
+static const luaL_Reg session_methods[] = {
+    {"close", m_close},
+    {"device_info", m_device_info},
+    {"key_generate", m_key_generate},
+    {"sign", m_sign},
+    {"verify", m_verify},
+    {"bulk_sign", m_bulk_sign},
+    {"mac", m_mac},
+    {"mac_verify", m_mac_verify},
+    {"encrypt", m_encrypt},
+    {"decrypt", m_decrypt},
+    {"secret_agree", m_secret_agree},
+    {"rnd_gen", m_rnd_gen},
+    {"key_info", m_key_info},
+    {"public_key", m_public_key},
+    {NULL, NULL},
+};
+
+static const luaL_Reg module_functions[] = {
+    {"open", l_open},
+    {"key_info", l_key_info},
+    {"public_key", l_public_key},
+    {"hash_compute", l_hash_compute},
+    {NULL, NULL},
+};
+
+EXPORT int luaopen_softcxi_core(lua_State *L);
+
+EXPORT int luaopen_softcxi_core(lua_State *L)
+{
+    if (luaL_newmetatable(L, SESSION_MT)) {
+        lua_pushcfunction(L, m_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, m_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, m_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_pushliteral(L, SESSION_MT);
+        lua_setfield(L, -2, "__name");
+        luaL_newlib(L, session_methods);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_getfield(L, -1, "__index");
+    luaL_newlib(L, module_functions);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "methods"); /* the facade adds Lua methods here */
+    lua_remove(L, -2);
+    lua_pushliteral(L, SOFTCXI_VERSION_STRING);
+    lua_setfield(L, -2, "_VERSION");
+    lua_pushinteger(L, SOFTCXI_FLAG_OVERWRITE);
+    lua_setfield(L, -2, "FLAG_OVERWRITE");
+    lua_pushinteger(L, SOFTCXI_FLAG_EXTERNAL);
+    lua_setfield(L, -2, "FLAG_EXTERNAL");
+    return 1;
+}

@@ -1,0 +1,157 @@
+-- softcxi: a software HSM for unmanaged (external) keys.
+--
+-- The facade over softcxi.core (C).  It adds what is convenience rather
+-- than cryptography: option tables, the packed AES-GCM form, CXI-style names.
+-- Runtime failures return nil, message, code; misuse raises.
+--
+--   local softcxi = require "softcxi"
+--   local hsm = assert(softcxi.open{ path = "./hsm" })
+--   local blob = assert(hsm:key_generate(softcxi.FLAG_EXTERNAL,
+--       { algo = "ec", curve = "P-256", name = "dev-1", group = "iot" }))
+--   local sig = assert(hsm:sign(blob, "ecdsa-sha256", "hello"))
+
+local core = require "softcxi.core"
+
+local type, error, pairs, tostring = type, error, pairs, tostring
+local string_sub = string.sub
+
+local _M = {
+    _VERSION = core._VERSION,
+    FLAG_OVERWRITE = core.FLAG_OVERWRITE, -- CXI_FLAG_KEY_OVERWRITE
+    FLAG_EXTERNAL = core.FLAG_EXTERNAL,   -- CXI_FLAG_KEY_EXTERNAL
+}
+
+local GCM_IV, GCM_TAG = 12, 16
+
+local methods = core.methods
+
+local function opt_table(opts, fn)
+    if opts == nil then return {} end
+    if type(opts) ~= "table" then
+        error(fn .. ": options must be a table", 3)
+    end
+    return opts
+end
+
+local function check_fields(opts, allowed, fn)
+    for k in pairs(opts) do
+        if not allowed[k] then
+            error(fn .. ": unknown option '" .. tostring(k) .. "'", 3)
+        end
+    end
+end
+
+--- Open (on first use: create) the device whose state lives in opts.path.
+-- opts.keyfile: the device key file (outside path); default in the user's
+-- config directory.  opts.cache: size of the opened-key cache (0 = off).
+function _M.open(opts)
+    if type(opts) ~= "table" or type(opts.path) ~= "string" then
+        error("softcxi.open: expects { path = DIR [, keyfile = FILE] [, cache = N] }", 2)
+    end
+    check_fields(opts, { path = true, keyfile = true, cache = true }, "softcxi.open")
+    return core.open(opts.path, opts.keyfile, opts.cache)
+end
+
+--- A blob's attributes read without the MBK: info.verified is false.
+_M.key_info = core.key_info
+
+--- A blob's public key (fmt "pem" by default, "der", "jwk", "raw") read
+-- without the MBK: unverified, for display and indexing only.
+_M.public_key = core.public_key
+
+--- Digest of data: mech "sha256", "sha384", "sha512", "sha3-256", ...
+_M.hash_compute = core.hash_compute
+
+-- ---- session methods -----------------------------------------------------
+
+local c_sign, c_verify, c_bulk_sign = methods.sign, methods.verify, methods.bulk_sign
+local c_encrypt, c_decrypt, c_agree = methods.encrypt, methods.decrypt, methods.secret_agree
+
+local SIGN_OPTS = { format = true }
+
+local function raw_format(opts, fn)
+    opts = opt_table(opts, fn)
+    check_fields(opts, SIGN_OPTS, fn)
+    local f = opts.format
+    if f ~= nil and f ~= "der" and f ~= "raw" then
+        error(fn .. ": format must be 'der' or 'raw'", 3)
+    end
+    return f == "raw"
+end
+
+--- sign(blob, mech, msg [, { format = "raw" }]) -> signature
+-- ECDSA signatures are DER (as openssl expects) unless format = "raw" (r||s).
+function methods:sign(blob, mech, msg, opts)
+    if opts == nil then return c_sign(self, blob, mech, msg) end
+    return c_sign(self, blob, mech, msg, raw_format(opts, "sign"))
+end
+
+--- verify(blob, mech, msg, sig [, opts]) -> true / false / nil, err, code
+function methods:verify(blob, mech, msg, sig, opts)
+    if opts == nil then return c_verify(self, blob, mech, msg, sig) end
+    return c_verify(self, blob, mech, msg, sig, raw_format(opts, "verify"))
+end
+
+--- bulk_sign(blob, mech, { msg1, msg2, ... } [, opts]) -> { sig1, sig2, ... }
+function methods:bulk_sign(blob, mech, msgs, opts)
+    return c_bulk_sign(self, blob, mech, msgs, raw_format(opts, "bulk_sign"))
+end
+
+local CRYPT_OPTS = { aad = true, iv = true, tag = true, detached = true }
+
+--- encrypt(blob, mech, data [, opts]) -> ciphertext
+-- aes-gcm: returns iv .. ciphertext .. tag (12 + n + 16 bytes); the device
+-- draws the IV unless opts.iv gives one; opts.aad is authenticated too.
+-- With opts.detached = true returns ciphertext, iv, tag instead.
+function methods:encrypt(blob, mech, data, opts)
+    opts = opt_table(opts, "encrypt")
+    check_fields(opts, CRYPT_OPTS, "encrypt")
+    local ct, iv, tag = c_encrypt(self, blob, mech, data, opts.aad, opts.iv)
+    if not ct or mech ~= "aes-gcm" then return ct, iv, tag end
+    if opts.detached then return ct, iv, tag end
+    return iv .. ct .. tag
+end
+
+--- decrypt(blob, mech, data [, opts]) -> plaintext
+-- aes-gcm: data is iv .. ciphertext .. tag unless opts.iv and opts.tag are
+-- given.  The plaintext is released only after the tag checks.
+function methods:decrypt(blob, mech, data, opts)
+    opts = opt_table(opts, "decrypt")
+    check_fields(opts, CRYPT_OPTS, "decrypt")
+    if mech ~= "aes-gcm" then
+        return c_decrypt(self, blob, mech, data)
+    end
+    local iv, tag = opts.iv, opts.tag
+    if iv == nil and tag == nil then
+        if type(data) ~= "string" then error("decrypt: data must be a string", 2) end
+        if #data < GCM_IV + GCM_TAG then
+            return nil, "decrypt: aes-gcm input is shorter than IV + tag ("
+                .. (GCM_IV + GCM_TAG) .. " bytes)", "EINVAL"
+        end
+        iv = string_sub(data, 1, GCM_IV)
+        tag = string_sub(data, -GCM_TAG)
+        data = string_sub(data, GCM_IV + 1, -GCM_TAG - 1)
+    end
+    return c_decrypt(self, blob, mech, data, opts.aad, iv, tag)
+end
+
+local AGREE_OPTS = { raw = true, template = true, salt = true, info = true }
+
+--- secret_agree(blob, mech, peer [, opts]) -> blob of a derived key
+-- mech "ecdh" or "x25519"; peer as raw point/key, SPKI DER or PEM.  The
+-- shared secret goes through HKDF-SHA256 (opts.salt, opts.info) into a new
+-- key (opts.template, default AES-256 encrypt/decrypt) sealed as a blob of
+-- the base key's group.  opts.raw = true returns the raw secret instead.
+function methods:secret_agree(blob, mech, peer, opts)
+    opts = opt_table(opts, "secret_agree")
+    check_fields(opts, AGREE_OPTS, "secret_agree")
+    return c_agree(self, blob, mech, peer, opts.raw and true or false, opts.template,
+        opts.salt, opts.info)
+end
+
+--- hash_compute(mech, data): as softcxi.hash_compute, for CXI habits.
+function methods:hash_compute(...)
+    return core.hash_compute(...)
+end
+
+return _M
