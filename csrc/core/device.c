@@ -461,6 +461,33 @@ fail:
     return rc;
 }
 
+int scx_device_new_mem(softcxi_device **out, const uint8_t mbk[32], long cache_entries,
+                       softcxi_error *err)
+{
+    int rc;
+    *out = NULL;
+    scx_secure_heap_init();
+    softcxi_device *dev = OPENSSL_zalloc(sizeof *dev);
+    if (!dev)
+        return scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
+    dev->refs = 1;
+    dev->sec = scx_locked_alloc(sizeof *dev->sec);
+    dev->gcm = EVP_CIPHER_CTX_new();
+    dev->data_gcm = EVP_CIPHER_CTX_new();
+    if (!dev->sec || !dev->gcm || !dev->data_gcm) {
+        softcxi_device_free(dev);
+        return scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
+    }
+    memcpy(dev->sec->mbk, mbk, 32);
+    if ((rc = derive_working_keys(dev, err)) != 0) {
+        softcxi_device_free(dev);
+        return rc;
+    }
+    scx_cache_init(&dev->cache, cache_entries < 0 ? 1024 : (size_t)cache_entries);
+    *out = dev;
+    return 0;
+}
+
 static void device_destroy(softcxi_device *dev)
 {
     scx_cache_clear(&dev->cache);

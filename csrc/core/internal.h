@@ -206,6 +206,11 @@ struct softcxi_session {
     softcxi_error err;
 };
 
+/* A device that lives in memory only, with the given MBK (tests; MBK
+ * import builds on it). */
+int scx_device_new_mem(softcxi_device **out, const uint8_t mbk[32], long cache_entries,
+                       softcxi_error *err);
+
 /* Open a key blob (through the cache when it is on).  *tmp receives a key
  * that the caller must release with scx_key_release. */
 int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len);
