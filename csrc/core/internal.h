@@ -70,7 +70,9 @@ void scx_ok(softcxi_error *err);
 /* Page-backed memory that is mlock()ed and excluded from core dumps. */
 void *scx_locked_alloc(size_t len);
 void scx_locked_free(void *p, size_t len);
-/* OpenSSL's secure heap, initialised once per process. */
+/* OpenSSL's secure heap, initialised once per process.  The key cache keeps
+ * its use under three quarters of it. */
+#define SCX_SECURE_HEAP (4u << 20)
 void scx_secure_heap_init(void);
 
 void scx_hex(char *out, const uint8_t *in, size_t len); /* out: 2*len+1 */
@@ -173,7 +175,7 @@ typedef struct scx_key {
 
 typedef struct scx_cache {
     scx_key **slot; /* capacity entries in sets of SCX_CACHE_WAYS */
-    size_t capacity, entries;
+    size_t capacity, entries, sweep;
     uint64_t clock, hits, misses, evictions;
 } scx_cache;
 #define SCX_CACHE_WAYS 4

@@ -526,12 +526,11 @@ static void cache_evict(scx_cache *c, size_t i)
  * full secure heap makes every later key load fail. */
 static void cache_trim(scx_cache *c)
 {
-    static size_t sweep;
-    size_t limit = (3u << 20);
+    size_t limit = SCX_SECURE_HEAP / 4 * 3;
     for (size_t n = 0; n < c->capacity && c->entries && CRYPTO_secure_used() > limit; n++) {
-        sweep = (sweep + 1) % c->capacity;
-        if (c->slot[sweep])
-            cache_evict(c, sweep);
+        c->sweep = (c->sweep + 1) % c->capacity;
+        if (c->slot[c->sweep])
+            cache_evict(c, c->sweep);
     }
 }
 

@@ -305,7 +305,7 @@ void scx_secure_heap_init(void)
     /* OpenSSL keeps private-key BIGNUMs here once initialised.  The opened-
      * key cache is sized so that it fits (see cache.c). */
     if (!CRYPTO_secure_malloc_initialized())
-        (void)CRYPTO_secure_malloc_init(4u << 20, 16);
+        (void)CRYPTO_secure_malloc_init(SCX_SECURE_HEAP, 16);
 }
 
 void scx_hex(char *out, const uint8_t *in, size_t len)

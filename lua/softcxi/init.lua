@@ -150,8 +150,8 @@ function methods:secret_agree(blob, mech, peer, opts)
 end
 
 --- hash_compute(mech, data): as softcxi.hash_compute, for CXI habits.
-function methods:hash_compute(...)
-    return core.hash_compute(...)
+function methods.hash_compute(_, mech, data)
+    return core.hash_compute(mech, data)
 end
 
 return _M

@@ -1,0 +1,6 @@
+-- luacheck configuration: lua/ runs under Lua 5.4 and LuaJIT (5.1 API).
+std = "max"
+max_line_length = 110
+files["spec/"] = { std = "+busted" }
+files["bench/"] = { max_line_length = 120 }
+exclude_files = { "build*/**" }
