@@ -23,6 +23,7 @@ build = {
       CMAKE_C_FLAGS = "$(CFLAGS)",
       SOFTCXI_TESTS = "OFF",
       SOFTCXI_LUAJIT = "OFF",
+      SOFTCXI_INSTALL_LIB = "OFF", -- a rock carries the Lua module only
       LUA_INCDIR = "$(LUA_INCDIR)",
       INSTALL_CMOD = "$(LIBDIR)",
       INSTALL_LMOD = "$(LUADIR)",
