@@ -149,6 +149,9 @@ static int load_keyfile(uint8_t key[32], uint8_t kcv[SCX_KCV_LEN], const char *p
     uint8_t buf[KEYFILE_LEN + 1];
     struct stat st;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 && errno == ELOOP)
+        return scx_fail(err, SOFTCXI_EPERM,
+                        "device key file %s is a symbolic link: give the real path", path);
     if (fd < 0)
         return scx_fail(err, errno == ENOENT ? SOFTCXI_ENOTFOUND : SOFTCXI_EIO,
                         "device key file %s: %s", path, strerror(errno));
