@@ -607,6 +607,13 @@ static void test_device_files(void)
     CHECK_RC(softcxi_device_open(&dev, &req, &err), SOFTCXI_EPERM);
     CHECK(strstr(err.msg, key) != NULL);
     chmod(key, 0600);
+    char link_path[600];
+    tmp_path(link_path, sizeof link_path, "keys/link.key");
+    CHECK(symlink(key, link_path) == 0);
+    req.keyfile = link_path;
+    CHECK_RC(softcxi_device_open(&dev, &req, &err), SOFTCXI_EPERM);
+    CHECK(strstr(err.msg, "symbolic link") != NULL);
+    req.keyfile = key;
 
     /* Another device's key file: named KCVs. */
     tmp_path(dir2, sizeof dir2, "dev2");
