@@ -121,22 +121,67 @@ static char *default_keyfile(const char *id)
     return joinpath(dir, name);
 }
 
+/* Resolve path as far as it exists: realpath() of the longest existing
+ * prefix, then the rest with "." and ".." applied by hand.  The key file and
+ * its folders may not exist yet when we ask where they will be. */
+static int resolve(char out[PATH_MAX], const char *path)
+{
+    char abs[PATH_MAX], cwd[PATH_MAX];
+    int w;
+    if (path[0] == '/')
+        w = snprintf(abs, sizeof abs, "%s", path);
+    else if (getcwd(cwd, sizeof cwd))
+        w = snprintf(abs, sizeof abs, "%s/%s", cwd, path);
+    else
+        return -1;
+    if (w < 0 || (size_t)w >= sizeof abs)
+        return -1;
+    /* Lexical normalisation first, so "dir/sub/../x" cannot hide. */
+    char norm[PATH_MAX] = "";
+    size_t n = 0;
+    for (char *save = NULL, *c = strtok_r(abs, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
+        if (!strcmp(c, "."))
+            continue;
+        if (!strcmp(c, "..")) {
+            char *slash = strrchr(norm, '/');
+            n = slash ? (size_t)(slash - norm) : 0;
+            norm[n] = '\0';
+            continue;
+        }
+        w = snprintf(norm + n, sizeof norm - n, "/%s", c);
+        if (w < 0 || (size_t)w >= sizeof norm - n)
+            return -1;
+        n += (size_t)w;
+    }
+    if (!n)
+        snprintf(norm, sizeof norm, "/");
+    /* Longest existing prefix through realpath(), the rest appended. */
+    char head[PATH_MAX];
+    snprintf(head, sizeof head, "%s", norm);
+    for (;;) {
+        char real[PATH_MAX];
+        if (realpath(head, real)) {
+            const char *rest = norm + strlen(head);
+            w = snprintf(out, PATH_MAX, "%s%s", strcmp(real, "/") ? real : "", rest);
+            return w < 0 || w >= PATH_MAX ? -1 : 0;
+        }
+        char *slash = strrchr(head, '/');
+        if (!slash)
+            return -1;
+        if (slash == head) {
+            head[1] = '\0';
+        } else {
+            *slash = '\0';
+        }
+    }
+}
+
 /* Is file (which may not exist yet) inside dir? */
 static int inside(const char *file, const char *dir)
 {
-    char rd[PATH_MAX], rf[PATH_MAX], parent[PATH_MAX];
-    if (!realpath(dir, rd))
-        return 0;
-    snprintf(parent, sizeof parent, "%s", file);
-    char *slash = strrchr(parent, '/');
-    if (slash == parent)
-        parent[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(parent, sizeof parent, ".");
-    if (!realpath(parent, rf))
-        return 0;
+    char rd[PATH_MAX], rf[PATH_MAX];
+    if (resolve(rd, dir) != 0 || resolve(rf, file) != 0)
+        return 1; /* cannot tell: refuse rather than risk it */
     size_t n = strlen(rd);
     return strncmp(rf, rd, n) == 0 && (rf[n] == '\0' || rf[n] == '/');
 }

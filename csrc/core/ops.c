@@ -611,10 +611,17 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
         goto done;
     }
     c = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
-    if (!c || EVP_PKEY_derive_init(c) != 1 || EVP_PKEY_derive_set_peer(c, peer) != 1 ||
-        EVP_PKEY_derive(c, NULL, &z_len) != 1 || !(z = OPENSSL_secure_malloc(z_len)) ||
-        EVP_PKEY_derive(c, z, &z_len) != 1) {
+    if (!c || EVP_PKEY_derive_init(c) != 1) {
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "secret_agree: agreement with key %s failed",
+                          ref);
+        goto done;
+    }
+    /* A peer that parses but yields no secret (a small-order X25519 point,
+     * say) is the caller's bad input, not a device failure. */
+    if (EVP_PKEY_derive_set_peer(c, peer) != 1 || EVP_PKEY_derive(c, NULL, &z_len) != 1 ||
+        !(z = OPENSSL_secure_malloc(z_len)) || EVP_PKEY_derive(c, z, &z_len) != 1) {
+        rc = scx_fail_ssl(&s->err, z_len && !z ? SOFTCXI_ENOMEM : SOFTCXI_EINVAL,
+                          "secret_agree: the peer key gives no valid shared secret with key %s",
                           ref);
         goto done;
     }

@@ -98,13 +98,35 @@ static int check_mech(lua_State *L, int idx, int *mech)
 
 /* ---- templates --------------------------------------------------------- */
 
+/* An integral number in [lo, hi]: 2^8 and 3.0 count, 2.5 does not. */
+static int get_int(lua_State *L, int idx, lua_Integer lo, lua_Integer hi, lua_Integer *out)
+{
+    int isnum = 0;
+    lua_Integer v = lua_tointegerx(L, idx, &isnum);
+    if (!isnum || lua_type(L, idx) != LUA_TNUMBER || v < lo || v > hi)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+/* A string with no NUL inside (names end up as C strings and in blobs). */
+static const char *get_name(lua_State *L, int idx)
+{
+    size_t len;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return NULL;
+    const char *s = lua_tolstring(L, idx, &len);
+    return strlen(s) == len ? s : NULL;
+}
+
 /* Fill t from the table at idx.  Strings stay owned by the table.  On a bad
  * field writes a message naming it into msg and returns -1. */
 static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, size_t cap)
 {
     memset(t, 0, sizeof *t);
     idx = lua_absindex(L, idx);
-    const char *hash = NULL;
+    const char *hash = NULL, *algo_name = NULL;
+    lua_Integer iv;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
@@ -122,7 +144,8 @@ static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, 
         if (!strcmp(k, "algo")) {
             WANT(LUA_TSTRING)
             {
-                t->algo = softcxi_algo_from_name(lua_tostring(L, -1));
+                algo_name = lua_tostring(L, -1);
+                t->algo = softcxi_algo_from_name(algo_name);
                 if (t->algo < 0) {
                     snprintf(msg, cap,
                              "template.algo: unknown algorithm '%s' (ec, ed25519, x25519, rsa, "
@@ -148,30 +171,28 @@ static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, 
         } else if (!strcmp(k, "hash")) {
             WANT(LUA_TSTRING) hash = lua_tostring(L, -1);
         } else if (!strcmp(k, "size")) {
-            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0 ||
-                lua_tointeger(L, -1) > 65535)
+            if (!get_int(L, -1, 1, 65535, &iv))
                 bad = 1;
             else
-                t->size = (unsigned)lua_tointeger(L, -1);
+                t->size = (unsigned)iv;
         } else if (!strcmp(k, "name")) {
-            WANT(LUA_TSTRING) t->name = lua_tostring(L, -1);
+            bad = !(t->name = get_name(L, -1));
         } else if (!strcmp(k, "group")) {
-            WANT(LUA_TSTRING) t->group = lua_tostring(L, -1);
+            bad = !(t->group = get_name(L, -1));
         } else if (!strcmp(k, "label")) {
-            WANT(LUA_TSTRING) t->label = lua_tostring(L, -1);
+            bad = !(t->label = get_name(L, -1));
         } else if (!strcmp(k, "specifier")) {
-            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 0 ||
-                lua_tointeger(L, -1) > 0xFFFFFFFF)
+            if (!get_int(L, -1, 0, 0xFFFFFFFF, &iv))
                 bad = 1;
             else {
-                t->specifier = (uint32_t)lua_tointeger(L, -1);
+                t->specifier = (uint32_t)iv;
                 t->has_specifier = 1;
             }
         } else if (!strcmp(k, "expiry")) {
-            if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 0)
+            if (!get_int(L, -1, 0, INT64_MAX, &iv))
                 bad = 1;
             else
-                t->expiry = (int64_t)lua_tointeger(L, -1);
+                t->expiry = (int64_t)iv;
         } else if (!strcmp(k, "export")) {
             WANT(LUA_TSTRING)
             {
@@ -212,23 +233,27 @@ static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, 
         }
 #undef WANT
         if (bad) {
-            snprintf(msg, cap, "template.%s: wrong type or range (%s)", k, lua_typename(L, vt));
+            snprintf(msg, cap, "template.%s: wrong type or range (%s%s)", k, lua_typename(L, vt),
+                     vt == LUA_TSTRING ? " with an embedded NUL" : "");
             lua_pop(L, 2);
             return -1;
         }
         lua_pop(L, 1);
     }
     if (hash) { /* algo = "hmac", hash = "sha384" */
-        if (t->algo != SOFTCXI_ALGO_HMAC_SHA256) {
-            snprintf(msg, cap, "template.hash: only hmac keys take a hash");
+        int want = !strcmp(hash, "sha256")   ? SOFTCXI_ALGO_HMAC_SHA256
+                   : !strcmp(hash, "sha384") ? SOFTCXI_ALGO_HMAC_SHA384
+                   : !strcmp(hash, "sha512") ? SOFTCXI_ALGO_HMAC_SHA512
+                                             : -1;
+        if (want < 0) {
+            snprintf(msg, cap, "template.hash: unknown hash '%s' (sha256, sha384, sha512)", hash);
             return -1;
         }
-        if (!strcmp(hash, "sha384"))
-            t->algo = SOFTCXI_ALGO_HMAC_SHA384;
-        else if (!strcmp(hash, "sha512"))
-            t->algo = SOFTCXI_ALGO_HMAC_SHA512;
-        else if (strcmp(hash, "sha256") != 0) {
-            snprintf(msg, cap, "template.hash: unknown hash '%s' (sha256, sha384, sha512)", hash);
+        if (algo_name && !strcmp(algo_name, "hmac")) {
+            t->algo = want;
+        } else if (t->algo != want) {
+            snprintf(msg, cap, "template.hash: '%s' does not go with algo '%s'", hash,
+                     algo_name ? algo_name : "(none)");
             return -1;
         }
     }
@@ -655,7 +680,23 @@ static int m_public_key(lua_State *L)
     return 1;
 }
 
+static int m_hash_compute(lua_State *L)
+{
+    check_session(L);
+    lua_remove(L, 1);
+    return l_hash_compute(L);
+}
+
+/* Raises if the session is closed; the facade calls it on its own paths. */
+static int m_check(lua_State *L)
+{
+    check_session(L);
+    return 0;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"hash_compute", m_hash_compute},
+    {"_check", m_check},
     {"close", m_close},
     {"device_info", m_device_info},
     {"key_generate", m_key_generate},
@@ -685,18 +726,21 @@ EXPORT int luaopen_softcxi_core(lua_State *L);
 
 EXPORT int luaopen_softcxi_core(lua_State *L)
 {
-    if (luaL_newmetatable(L, SESSION_MT)) {
-        lua_pushcfunction(L, m_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, m_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, m_tostring);
-        lua_setfield(L, -2, "__tostring");
-        lua_pushliteral(L, SESSION_MT);
-        lua_setfield(L, -2, "__name");
-        luaL_newlib(L, session_methods);
-        lua_setfield(L, -2, "__index");
-    }
+    /* Every load installs a fresh method table of C functions, so loading
+     * the module again (a hot reload, lua_code_cache off) never sees the
+     * facade's wrappers from the last load.  Live sessions share the
+     * metatable and pick up the new table. */
+    luaL_newmetatable(L, SESSION_MT);
+    lua_pushcfunction(L, m_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, m_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, m_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushliteral(L, SESSION_MT);
+    lua_setfield(L, -2, "__name");
+    luaL_newlib(L, session_methods);
+    lua_setfield(L, -2, "__index");
     lua_getfield(L, -1, "__index");
     luaL_newlib(L, module_functions);
     lua_insert(L, -2);

@@ -66,6 +66,7 @@ _M.hash_compute = core.hash_compute
 
 local c_sign, c_verify, c_bulk_sign = methods.sign, methods.verify, methods.bulk_sign
 local c_encrypt, c_decrypt, c_agree = methods.encrypt, methods.decrypt, methods.secret_agree
+local c_check = methods._check
 
 local SIGN_OPTS = { format = true }
 
@@ -125,6 +126,7 @@ function methods:decrypt(blob, mech, data, opts)
     if iv == nil and tag == nil then
         if type(data) ~= "string" then error("decrypt: data must be a string", 2) end
         if #data < GCM_IV + GCM_TAG then
+            c_check(self) -- a closed session raises before any runtime error
             return nil, "decrypt: aes-gcm input is shorter than IV + tag ("
                 .. (GCM_IV + GCM_TAG) .. " bytes)", "EINVAL"
         end
@@ -147,11 +149,6 @@ function methods:secret_agree(blob, mech, peer, opts)
     check_fields(opts, AGREE_OPTS, "secret_agree")
     return c_agree(self, blob, mech, peer, opts.raw and true or false, opts.template,
         opts.salt, opts.info)
-end
-
---- hash_compute(mech, data): as softcxi.hash_compute, for CXI habits.
-function methods.hash_compute(_, mech, data)
-    return core.hash_compute(mech, data)
 end
 
 return _M

@@ -1,0 +1,172 @@
+-- Shared helpers for the softcxi busted specs.
+--
+-- Valid under Lua 5.4 and LuaJIT: no integer division, no bitwise
+-- operators, no <close>.  Load it from a spec with
+--
+--   local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+--
+-- The specs never touch ~/.config: every device gets an explicit key file
+-- in a sibling directory of its state directory, both under one temp root.
+
+local softcxi = require "softcxi"
+
+local H = {}
+
+H.softcxi = softcxi
+
+-- ---- shell -------------------------------------------------------------
+
+--- Quote s for /bin/sh.
+function H.q(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+--- Run a shell command; returns exit code (number) and combined output.
+-- Portable across Lua 5.4 and LuaJIT (whose os.execute results differ).
+function H.run(cmd)
+    local p = assert(io.popen("( " .. cmd .. " ) 2>&1; echo \"__rc=$?\""))
+    local out = p:read("*a")
+    p:close()
+    local body, rc = out:match("^(.-)__rc=(%d+)%s*$")
+    if not body then return -1, out end
+    return tonumber(rc), body
+end
+
+function H.rm_rf(path)
+    if path and path ~= "" and path ~= "/" then
+        os.execute("rm -rf " .. H.q(path))
+    end
+end
+
+function H.mkdir_p(path)
+    os.execute("mkdir -p " .. H.q(path))
+end
+
+--- A fresh empty directory under the system temp dir.
+function H.tmpdir()
+    local name = os.tmpname()
+    os.remove(name)
+    H.mkdir_p(name)
+    return name
+end
+
+function H.writefile(path, data)
+    local f = assert(io.open(path, "wb"))
+    f:write(data)
+    f:close()
+end
+
+function H.readfile(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local d = f:read("*a")
+    f:close()
+    return d
+end
+
+function H.exists(path)
+    local f = io.open(path, "rb")
+    if f then f:close() return true end
+    return false
+end
+
+--- The interpreter running this process (lua5.4 / luajit binary path).
+function H.interpreter()
+    local rc, out = H.run("readlink /proc/$PPID/exe")
+    local exe = rc == 0 and out:match("^%s*(.-)%s*$") or ""
+    if exe ~= "" and exe:find("lua") then return exe end
+    return type(jit) == "table" and "luajit" or "lua5.4"
+end
+
+-- ---- bytes -------------------------------------------------------------
+
+function H.hex(s)
+    return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+function H.unhex(h)
+    return (h:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+--- s with bit `bit` (0..7) of byte `pos` (1-based) flipped; no bitwise ops.
+function H.bitflip(s, pos, bit)
+    local b = s:byte(pos)
+    local p = 2 ^ bit
+    local set = math.floor(b / p) % 2 == 1
+    local nb = set and (b - p) or (b + p)
+    return s:sub(1, pos - 1) .. string.char(nb) .. s:sub(pos + 1)
+end
+
+--- Decode base64 or base64url (padding optional, whitespace ignored).
+-- Arithmetic only, no bitwise operators.  Returns nil on a bad character.
+function H.b64decode(s)
+    local alpha = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    local val = {}
+    for i = 1, #alpha do val[alpha:sub(i, i)] = i - 1 end
+    val["+"], val["/"], val["-"], val["_"] = 62, 63, 62, 63
+    s = s:gsub("%s", ""):gsub("=+$", "")
+    local out, acc, nbits = {}, 0, 0
+    for i = 1, #s do
+        local v = val[s:sub(i, i)]
+        if not v then return nil end
+        acc = acc * 64 + v
+        nbits = nbits + 6
+        if nbits >= 8 then
+            nbits = nbits - 8
+            local p = 2 ^ nbits
+            local byte = math.floor(acc / p)
+            out[#out + 1] = string.char(byte)
+            acc = acc - byte * p
+        end
+    end
+    return table.concat(out)
+end
+
+--- s with byte `pos` (1-based) replaced by (byte + delta) mod 256.
+function H.bytebump(s, pos, delta)
+    local b = (s:byte(pos) + (delta or 1)) % 256
+    return s:sub(1, pos - 1) .. string.char(b) .. s:sub(pos + 1)
+end
+
+-- ---- devices -----------------------------------------------------------
+
+--- A fresh device: { root, path, keyfile, hsm }.  The key file lives in a
+-- sibling directory of the state directory, never in ~/.config.
+-- opts.cache is passed through; opts.open = false makes no session.
+function H.new_device(opts)
+    opts = opts or {}
+    local root = H.tmpdir()
+    local dev = {
+        root = root,
+        path = root .. "/state",
+        keyfile = root .. "/keys/device.key",
+    }
+    if opts.open ~= false then
+        local hsm, msg, code = softcxi.open { path = dev.path, keyfile = dev.keyfile,
+                                              cache = opts.cache }
+        assert(hsm, "softcxi.open failed: " .. tostring(msg) .. " " .. tostring(code))
+        dev.hsm = hsm
+    end
+    return dev
+end
+
+--- Close the device's session (if any) and remove its files.
+function H.destroy(dev)
+    if not dev then return end
+    if dev.hsm then pcall(dev.hsm.close, dev.hsm) end
+    H.rm_rf(dev.root)
+end
+
+--- Generate a key on hsm, asserting success.
+function H.gen(hsm, template)
+    local blob, msg, code = hsm:key_generate(softcxi.FLAG_EXTERNAL, template)
+    assert(blob, "key_generate failed: " .. tostring(msg) .. " " .. tostring(code))
+    return blob
+end
+
+--- Pack (nil/value, msg, code) results into a table with n.
+function H.pack(...)
+    return { n = select("#", ...), ... }
+end
+
+return H
