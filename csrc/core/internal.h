@@ -108,9 +108,11 @@ int scx_kcv(uint8_t kcv[SCX_KCV_LEN], const uint8_t key[32]);
 typedef struct scx_rndpool {
     uint8_t buf[4096];
     size_t pos;
-    pid_t pid;
+    unsigned long generation; /* fork generation it was filled in; 0 = never */
 } scx_rndpool;
 int scx_rnd_public(scx_rndpool *p, uint8_t *out, size_t len);
+/* cipher, or NULL when ctx already runs it (re-key without a rebuild). */
+const EVP_CIPHER *scx_cipher_once(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher);
 
 /* ---- attributes and framing -------------------------------------------- */
 
@@ -135,8 +137,11 @@ int scx_frame_seal(uint8_t *out, unsigned type, const uint8_t kcv[SCX_KCV_LEN],
                    const uint8_t salt[SCX_SALT_LEN], const uint8_t *attrs, size_t attrs_len,
                    const uint8_t *secret, size_t secret_len, scx_xaes *x, EVP_CIPHER_CTX *gcm);
 
-/* "'group/name[/specifier]'" for messages; never key bytes. */
+/* "'group/name[/specifier]'" for messages; never key bytes.  REF() formats
+ * into a temporary, so the cost is paid on error paths only. */
 const char *scx_keyref(char *buf, size_t cap, const softcxi_key_info *info);
+#define SCX_REF_MAX 200
+#define REF(info) scx_keyref((char[SCX_REF_MAX]){0}, SCX_REF_MAX, (info))
 
 /* ---- algorithms -------------------------------------------------------- */
 

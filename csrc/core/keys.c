@@ -321,8 +321,11 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
     if ((rc = scx_template_check(&t, &s->err)) != 0)
         return rc;
 
-    sec_cap = t.algo == SOFTCXI_ALGO_RSA ? 2048 : 256;
-    sec = OPENSSL_secure_malloc(sec_cap);
+    /* Small secrets live on the stack (wiped below); RSA's CRT parts go to
+     * the secure heap. */
+    uint8_t small[256];
+    sec_cap = t.algo == SOFTCXI_ALGO_RSA ? 2048 : sizeof small;
+    sec = t.algo == SOFTCXI_ALGO_RSA ? OPENSSL_secure_malloc(sec_cap) : small;
     if (!sec)
         return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_generate: out of secure memory");
 
@@ -371,7 +374,10 @@ crypto:
                       softcxi_algo_name(t.algo));
 done:
     EVP_PKEY_free(pk);
-    OPENSSL_secure_clear_free(sec, sec_cap);
+    if (sec == small)
+        OPENSSL_cleanse(small, sizeof small);
+    else
+        OPENSSL_secure_clear_free(sec, sec_cap);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -412,7 +418,6 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
 {
     softcxi_device *dev = s->dev;
     scx_frame f;
-    char ref[200];
     uint8_t *sec = NULL;
     int rc;
 
@@ -426,7 +431,6 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
     k->blob_len = len;
     if ((rc = scx_frame_parse(&f, &k->info, k->blob, len, &s->err)) != 0)
         goto fail;
-    scx_keyref(ref, sizeof ref, &k->info);
     if (f.type != SCX_TYPE_KEY) {
         rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "not a key blob (blob type 0x%02x)", f.type);
         goto fail;
@@ -436,37 +440,37 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
         scx_hex(want, f.kcv, SCX_KCV_LEN);
         scx_hex(have, dev->kcv, SCX_KCV_LEN);
         rc = scx_fail(&s->err, SOFTCXI_EMBK,
-                      "blob of key %s was sealed under MBK %s; this device holds MBK %s", ref,
+                      "blob of key %s was sealed under MBK %s; this device holds MBK %s", REF(&k->info),
                       want, have);
         goto fail;
     }
     if (f.ct_len == 0 || !(sec = OPENSSL_secure_malloc(f.ct_len))) {
-        rc = f.ct_len ? scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", ref)
-                      : scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s holds no key", ref);
+        rc = f.ct_len ? scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", REF(&k->info))
+                      : scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s holds no key", REF(&k->info));
         goto fail;
     }
     rc = scx_xaes_open(&dev->xblob, dev->gcm, sec, f.ct, f.ct_len, f.tag, f.salt, k->blob,
                        f.aad_len);
     if (rc == SOFTCXI_ETAMPER) {
         rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
-                      "blob of key %s fails authentication: tampered or corrupt", ref);
+                      "blob of key %s fails authentication: tampered or corrupt", REF(&k->info));
         goto fail;
     }
     if (rc) {
-        rc = scx_fail_ssl(&s->err, rc, "opening blob of key %s failed", ref);
+        rc = scx_fail_ssl(&s->err, rc, "opening blob of key %s failed", REF(&k->info));
         goto fail;
     }
     /* Authentic, so a bad shape means a bug or an unknown algorithm. */
     if (!check_shape(&k->info, f.ct_len)) {
         rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s has an inconsistent key shape",
-                      ref);
+                      REF(&k->info));
         goto fail;
     }
     if (keytype(k->info.algo)) {
         rc = scx_pkey_from_parts(dev, &k->pkey, k->info.algo, k->info.curve, k->info.pub,
                                  k->info.pub_len, sec, f.ct_len);
         if (rc) {
-            rc = scx_fail_ssl(&s->err, rc, "blob of key %s: the key does not load", ref);
+            rc = scx_fail_ssl(&s->err, rc, "blob of key %s: the key does not load", REF(&k->info));
             goto fail;
         }
         OPENSSL_secure_clear_free(sec, f.ct_len);

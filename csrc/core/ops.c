@@ -96,7 +96,6 @@ static int fits(int family, int algo, int m)
 static int use_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len, int m,
                    unsigned usage, const char *op, mech_info *mi)
 {
-    char ref[200];
     *mi = mech(m);
     if (!softcxi_mech_name(m))
         return scx_fail(&s->err, SOFTCXI_EINVAL, "%s: unknown mechanism %d", op, m);
@@ -104,14 +103,13 @@ static int use_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_
     if (rc)
         return rc;
     scx_key *k = *out;
-    scx_keyref(ref, sizeof ref, &k->info);
     if (!fits(mi->family, k->info.algo, m))
         rc = scx_fail(&s->err, SOFTCXI_EINVAL, "%s: mechanism '%s' does not fit key %s (%s%s%s)",
-                      op, softcxi_mech_name(m), ref, softcxi_algo_name(k->info.algo),
+                      op, softcxi_mech_name(m), REF(&k->info), softcxi_algo_name(k->info.algo),
                       k->info.curve ? " " : "",
                       k->info.curve ? softcxi_curve_name(k->info.curve) : "");
     else if (!(k->info.usage & usage))
-        rc = scx_fail(&s->err, SOFTCXI_EPOLICY, "%s: key %s may not be used to %s", op, ref,
+        rc = scx_fail(&s->err, SOFTCXI_EPOLICY, "%s: key %s may not be used to %s", op, REF(&k->info),
                       softcxi_usage_name(usage));
     else if (k->info.expiry && (int64_t)time(NULL) >= k->info.expiry) {
         char when[32];
@@ -119,7 +117,7 @@ static int use_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_
         time_t t = (time_t)k->info.expiry;
         gmtime_r(&t, &tm);
         strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-        rc = scx_fail(&s->err, SOFTCXI_EPOLICY, "%s: key %s expired at %s", op, ref, when);
+        rc = scx_fail(&s->err, SOFTCXI_EPOLICY, "%s: key %s expired at %s", op, REF(&k->info), when);
     }
     if (rc) {
         scx_key_release(s, k);
@@ -186,7 +184,6 @@ static int sign_one(softcxi_session *s, softcxi_buf *out, scx_key *k, const mech
     EVP_MD_CTX *mctx = NULL;
     size_t cap = (size_t)EVP_PKEY_get_size(k->pkey), len = cap;
     uint8_t *sig = OPENSSL_malloc(cap ? cap : 1);
-    char ref[200];
     int ok = sig && sign_init(s, &mctx, k, mi, 0) &&
              EVP_DigestSign(mctx, sig, &len, msg, msg_len) == 1;
     EVP_MD_CTX_free(mctx);
@@ -201,7 +198,7 @@ static int sign_one(softcxi_session *s, softcxi_buf *out, scx_key *k, const mech
     if (!ok) {
         OPENSSL_free(sig);
         return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "sign: signing with key %s failed",
-                            scx_keyref(ref, sizeof ref, &k->info));
+                            REF(&k->info));
     }
     out->data = sig;
     out->len = len;
@@ -258,7 +255,6 @@ int softcxi_verify(softcxi_session *s, const softcxi_sign_req *req, const uint8_
     mech_info mi;
     EVP_MD_CTX *mctx = NULL;
     uint8_t der[160];
-    char ref[200];
     int rc = use_key(s, &k, req->blob, req->blob_len, req->mech, SOFTCXI_USAGE_VERIFY, "verify",
                      &mi);
     if (rc)
@@ -282,7 +278,7 @@ int softcxi_verify(softcxi_session *s, const softcxi_sign_req *req, const uint8_
     if (!sign_init(s, &mctx, k, &mi, 1)) {
         EVP_MD_CTX_free(mctx);
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "verify: setting up key %s failed",
-                          scx_keyref(ref, sizeof ref, &k->info));
+                          REF(&k->info));
         scx_key_release(s, k);
         return rc;
     }
@@ -319,7 +315,6 @@ int softcxi_mac(softcxi_session *s, softcxi_buf *out, const softcxi_sign_req *re
     mech_info mi;
     uint8_t mac[64];
     size_t len = 0;
-    char ref[200];
     out->data = NULL, out->len = 0, out->secret = 0;
     int rc = use_key(s, &k, req->blob, req->blob_len, req->mech, SOFTCXI_USAGE_SIGN, "mac", &mi);
     if (rc)
@@ -329,7 +324,7 @@ int softcxi_mac(softcxi_session *s, softcxi_buf *out, const softcxi_sign_req *re
                       softcxi_mech_name(req->mech));
     else if (!hmac_compute(s, mac, &len, k, &mi, req->msg, req->msg_len))
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "mac: HMAC with key %s failed",
-                          scx_keyref(ref, sizeof ref, &k->info));
+                          REF(&k->info));
     else if (!(out->data = OPENSSL_malloc(len)))
         rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "mac: out of memory");
     else {
@@ -348,7 +343,6 @@ int softcxi_mac_verify(softcxi_session *s, const softcxi_sign_req *req, const ui
     mech_info mi;
     uint8_t mac[64];
     size_t len = 0;
-    char ref[200];
     int rc = use_key(s, &k, req->blob, req->blob_len, req->mech, SOFTCXI_USAGE_VERIFY,
                      "mac_verify", &mi);
     if (rc)
@@ -358,7 +352,7 @@ int softcxi_mac_verify(softcxi_session *s, const softcxi_sign_req *req, const ui
                       softcxi_mech_name(req->mech));
     else if (!hmac_compute(s, mac, &len, k, &mi, req->msg, req->msg_len))
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "mac_verify: HMAC with key %s failed",
-                          scx_keyref(ref, sizeof ref, &k->info));
+                          REF(&k->info));
     else {
         rc = tag_len == len && CRYPTO_memcmp(mac, tag, len) == 0;
         scx_ok(&s->err);
@@ -396,13 +390,11 @@ int softcxi_encrypt(softcxi_session *s, softcxi_buf *out, uint8_t iv[SOFTCXI_GCM
 {
     scx_key *k;
     mech_info mi;
-    char ref[200];
     out->data = NULL, out->len = 0, out->secret = 0;
     int rc = use_key(s, &k, req->blob, req->blob_len, req->mech, SOFTCXI_USAGE_ENCRYPT,
                      "encrypt", &mi);
     if (rc)
         return rc;
-    scx_keyref(ref, sizeof ref, &k->info);
     if (mi.family == FAM_GCM) {
         int n = 0;
         EVP_CIPHER_CTX *c = s->dev->data_gcm;
@@ -419,7 +411,7 @@ int softcxi_encrypt(softcxi_session *s, softcxi_buf *out, uint8_t iv[SOFTCXI_GCM
         }
         if (rc == 0) {
             out->data = OPENSSL_malloc(req->in_len ? req->in_len : 1);
-            int ok = out->data && ciph && EVP_EncryptInit_ex2(c, ciph, k->sym, iv, NULL) == 1 &&
+            int ok = out->data && ciph && EVP_EncryptInit_ex2(c, scx_cipher_once(c, ciph), k->sym, iv, NULL) == 1 &&
                      (!req->aad_len ||
                       EVP_EncryptUpdate(c, NULL, &n, req->aad, (int)req->aad_len) == 1) &&
                      (!req->in_len ||
@@ -430,7 +422,7 @@ int softcxi_encrypt(softcxi_session *s, softcxi_buf *out, uint8_t iv[SOFTCXI_GCM
                 out->len = req->in_len;
             else
                 rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "encrypt: aes-gcm with key %s failed",
-                                  ref);
+                                  REF(&k->info));
         }
     } else if (mi.family == FAM_OAEP) {
         EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 1);
@@ -439,7 +431,7 @@ int softcxi_encrypt(softcxi_session *s, softcxi_buf *out, uint8_t iv[SOFTCXI_GCM
             !(out->data = OPENSSL_malloc(len)) ||
             EVP_PKEY_encrypt(c, out->data, &len, req->in, req->in_len) != 1)
             rc = scx_fail_ssl(&s->err, SOFTCXI_EINVAL,
-                              "encrypt: rsa-oaep with key %s failed (message too long?)", ref);
+                              "encrypt: rsa-oaep with key %s failed (message too long?)", REF(&k->info));
         else
             out->len = len;
         EVP_PKEY_CTX_free(c);
@@ -459,13 +451,11 @@ int softcxi_decrypt(softcxi_session *s, softcxi_buf *out, const softcxi_crypt_re
 {
     scx_key *k;
     mech_info mi;
-    char ref[200];
     out->data = NULL, out->len = 0, out->secret = 1;
     int rc = use_key(s, &k, req->blob, req->blob_len, req->mech, SOFTCXI_USAGE_DECRYPT,
                      "decrypt", &mi);
     if (rc)
         return rc;
-    scx_keyref(ref, sizeof ref, &k->info);
     if (mi.family == FAM_GCM) {
         int n = 0;
         EVP_CIPHER_CTX *c = s->dev->data_gcm;
@@ -479,7 +469,7 @@ int softcxi_decrypt(softcxi_session *s, softcxi_buf *out, const softcxi_crypt_re
             rc = scx_fail(&s->err, SOFTCXI_EINVAL, "decrypt: input too large");
         } else {
             out->data = OPENSSL_malloc(req->in_len ? req->in_len : 1);
-            int ok = out->data && ciph && EVP_DecryptInit_ex2(c, ciph, k->sym, req->iv, NULL) == 1 &&
+            int ok = out->data && ciph && EVP_DecryptInit_ex2(c, scx_cipher_once(c, ciph), k->sym, req->iv, NULL) == 1 &&
                      (!req->aad_len ||
                       EVP_DecryptUpdate(c, NULL, &n, req->aad, (int)req->aad_len) == 1) &&
                      (!req->in_len ||
@@ -489,12 +479,12 @@ int softcxi_decrypt(softcxi_session *s, softcxi_buf *out, const softcxi_crypt_re
             out->len = req->in_len;
             if (!ok)
                 rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "decrypt: aes-gcm with key %s failed",
-                                  ref);
+                                  REF(&k->info));
             else if (EVP_DecryptFinal_ex(c, out->data + req->in_len, &n) != 1)
                 rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
                               "decrypt: aes-gcm authentication failed with key %s (wrong key, "
                               "IV, AAD or tag, or tampered data)",
-                              ref);
+                              REF(&k->info));
         }
     } else if (mi.family == FAM_OAEP) {
         EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 0);
@@ -502,14 +492,14 @@ int softcxi_decrypt(softcxi_session *s, softcxi_buf *out, const softcxi_crypt_re
         if (!c || EVP_PKEY_decrypt(c, NULL, &len, req->in, req->in_len) != 1 ||
             !(out->data = OPENSSL_malloc(len ? len : 1))) {
             rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "decrypt: rsa-oaep setup with key %s failed",
-                              ref);
+                              REF(&k->info));
         } else {
             out->len = len;
             if (EVP_PKEY_decrypt(c, out->data, &len, req->in, req->in_len) != 1)
                 rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
                               "decrypt: rsa-oaep decryption with key %s failed (not a "
                               "ciphertext for this key and mechanism)",
-                              ref);
+                              REF(&k->info));
             else
                 out->len = len;
         }
@@ -586,7 +576,7 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
 {
     scx_key *k;
     mech_info mi;
-    char ref[200], group[SOFTCXI_NAME_MAX + 1];
+    char group[SOFTCXI_NAME_MAX + 1];
     EVP_PKEY *peer = NULL;
     EVP_PKEY_CTX *c = NULL;
     uint8_t *z = NULL, *dk = NULL;
@@ -597,7 +587,6 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
                      "secret_agree", &mi);
     if (rc)
         return rc;
-    scx_keyref(ref, sizeof ref, &k->info);
     if (mi.family != FAM_ECDH && mi.family != FAM_X25519) {
         rc = scx_fail(&s->err, SOFTCXI_EINVAL, "secret_agree: '%s' is not an agreement mechanism",
                       softcxi_mech_name(req->mech));
@@ -613,7 +602,7 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
     c = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
     if (!c || EVP_PKEY_derive_init(c) != 1) {
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "secret_agree: agreement with key %s failed",
-                          ref);
+                          REF(&k->info));
         goto done;
     }
     /* A peer that parses but yields no secret (a small-order X25519 point,
@@ -622,7 +611,7 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
         !(z = OPENSSL_secure_malloc(z_len)) || EVP_PKEY_derive(c, z, &z_len) != 1) {
         rc = scx_fail_ssl(&s->err, z_len && !z ? SOFTCXI_ENOMEM : SOFTCXI_EINVAL,
                           "secret_agree: the peer key gives no valid shared secret with key %s",
-                          ref);
+                          REF(&k->info));
         goto done;
     }
     if (req->flags & SOFTCXI_AGREE_RAW) {
@@ -646,7 +635,7 @@ int softcxi_secret_agree(softcxi_session *s, softcxi_buf *out, const softcxi_agr
              k->info.group ? k->info.group : "");
     if (t.group && strcmp(t.group, group) != 0) {
         rc = scx_fail(&s->err, SOFTCXI_EPOLICY,
-                      "secret_agree: a key derived from %s stays in its group '%s'", ref, group);
+                      "secret_agree: a key derived from %s stays in its group '%s'", REF(&k->info), group);
         goto done;
     }
     t.group = group;

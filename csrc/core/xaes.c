@@ -14,8 +14,8 @@
 #include <openssl/crypto.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <string.h>
-#include <unistd.h>
 
 int scx_xaes_init(scx_xaes *x, const uint8_t key[32])
 {
@@ -76,7 +76,7 @@ int scx_xaes_seal(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *ct, uint8_t tag[SCX
     if (aad_len > INT32_MAX || pt_len > INT32_MAX)
         return SOFTCXI_EINVAL;
     ok = derive(x, kx, nonce) == 0 &&
-         EVP_EncryptInit_ex2(gcm, x->gcm, kx, nonce + 12, NULL) &&
+         EVP_EncryptInit_ex2(gcm, scx_cipher_once(gcm, x->gcm), kx, nonce + 12, NULL) &&
          (aad_len == 0 || EVP_EncryptUpdate(gcm, NULL, &n, aad, (int)aad_len)) &&
          (pt_len == 0 || EVP_EncryptUpdate(gcm, ct, &n, pt, (int)pt_len)) &&
          EVP_EncryptFinal_ex(gcm, ct + pt_len, &n) &&
@@ -95,7 +95,7 @@ int scx_xaes_open(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *pt, const uint8_t *
     if (aad_len > INT32_MAX || ct_len > INT32_MAX)
         return SOFTCXI_EINVAL;
     ok = derive(x, kx, nonce) == 0 &&
-         EVP_DecryptInit_ex2(gcm, x->gcm, kx, nonce + 12, NULL) &&
+         EVP_DecryptInit_ex2(gcm, scx_cipher_once(gcm, x->gcm), kx, nonce + 12, NULL) &&
          (aad_len == 0 || EVP_DecryptUpdate(gcm, NULL, &n, aad, (int)aad_len)) &&
          (ct_len == 0 || EVP_DecryptUpdate(gcm, pt, &n, ct, (int)ct_len)) &&
          EVP_CIPHER_CTX_ctrl(gcm, EVP_CTRL_AEAD_SET_TAG, SCX_TAG_LEN, (void *)(uintptr_t)tag);
@@ -130,17 +130,33 @@ int scx_kcv(uint8_t kcv[SCX_KCV_LEN], const uint8_t key[32])
     return rc;
 }
 
+const EVP_CIPHER *scx_cipher_once(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher)
+{
+    /* Passing the cipher again makes OpenSSL 3.0 tear down and rebuild the
+     * provider context; re-keying with NULL keeps it (~0.4 us a blob). */
+    return EVP_CIPHER_CTX_get0_cipher(ctx) == cipher ? NULL : cipher;
+}
+
+/* Bumped in every forked child, so a pool filled before fork() is thrown
+ * away without a getpid() system call per draw. */
+static volatile unsigned long fork_generation = 1;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void) { fork_generation++; }
+static void register_atfork(void) { (void)pthread_atfork(NULL, NULL, on_fork_child); }
+
 int scx_rnd_public(scx_rndpool *p, uint8_t *out, size_t len)
 {
-    pid_t pid = getpid();
     if (len > sizeof p->buf)
         return RAND_bytes(out, (int)len) == 1 ? 0 : SOFTCXI_ECRYPTO;
+    if (p->generation == 0)
+        (void)pthread_once(&atfork_once, register_atfork);
     /* A forked child must never replay its parent's salts or IVs. */
-    if (p->pid != pid || p->pos + len > sizeof p->buf) {
+    if (p->generation != fork_generation || p->pos + len > sizeof p->buf) {
         if (RAND_bytes(p->buf, (int)sizeof p->buf) != 1)
             return SOFTCXI_ECRYPTO;
         p->pos = 0;
-        p->pid = pid;
+        p->generation = fork_generation;
     }
     memcpy(out, p->buf + p->pos, len);
     /* Used bytes are zeroed so the pool never hands the same value twice. */

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -654,6 +655,33 @@ static void test_device_files(void)
     softcxi_buf_free(&b);
 }
 
+static void test_fork_pool(void)
+{
+    /* Salts and IVs come from a pool: a forked child (an nginx worker) must
+     * not hand out the values its parent will. */
+    current = "random pool across fork";
+    scx_rndpool pool;
+    uint8_t first[12], parent[24], child[24];
+    int fds[2];
+    memset(&pool, 0, sizeof pool);
+    CHECK(scx_rnd_public(&pool, first, sizeof first) == 0);
+    CHECK(pipe(fds) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        uint8_t c[24];
+        int ok = scx_rnd_public(&pool, c, sizeof c) == 0 && write(fds[1], c, sizeof c) == 24;
+        _exit(ok ? 0 : 1);
+    }
+    CHECK(pid > 0);
+    CHECK(scx_rnd_public(&pool, parent, sizeof parent) == 0);
+    CHECK(read(fds[0], child, sizeof child) == 24);
+    CHECK(memcmp(parent, child, sizeof parent) != 0);
+    close(fds[0]);
+    close(fds[1]);
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 int main(int argc, char **argv)
 {
     const char *vectors = argc > 1 ? argv[1] : "csrc/tests/vectors";
@@ -674,6 +702,7 @@ int main(int argc, char **argv)
     test_spki();
     test_cache();
     test_device_files();
+    test_fork_pool();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)
