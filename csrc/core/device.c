@@ -245,9 +245,13 @@ static int create_keyfile(const char *path, const uint8_t key[32], softcxi_error
             return scx_fail(err, SOFTCXI_EIO, "cannot create %s: %s", dir, strerror(errno));
     }
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0 && errno == EEXIST)
+        return scx_fail(err, SOFTCXI_EEXIST,
+                        "device key file %s already exists: it may seal another device, so a "
+                        "new device will not overwrite it",
+                        path);
     if (fd < 0)
-        return scx_fail(err, errno == EEXIST ? SOFTCXI_EEXIST : SOFTCXI_EIO,
-                        "device key file %s: %s", path, strerror(errno));
+        return scx_fail(err, SOFTCXI_EIO, "device key file %s: %s", path, strerror(errno));
     buf[0] = SCX_MAGIC, buf[1] = SCX_VERSION, buf[2] = SCX_TYPE_DEVICE_KEY, buf[3] = 0;
     int rc = scx_kcv(buf + 4, key);
     memcpy(buf + 4 + SCX_KCV_LEN, key, 32);

@@ -381,9 +381,10 @@ static void test_algorithms(void)
     CHECK_RC(softcxi_mac_verify(s, &mr, mac.data, mac.len), 1);
     mac.data[0] ^= 1;
     CHECK_RC(softcxi_mac_verify(s, &mr, mac.data, mac.len), 0);
+    softcxi_buf_free(&mac);
     mr.mech = SOFTCXI_MECH_HMAC_SHA256;
     CHECK_RC(softcxi_mac(s, &mac, &mr), SOFTCXI_EINVAL);
-    softcxi_buf_free(&mac);
+    CHECK(mac.data == NULL);
     softcxi_buf_free(&hm);
 
     /* X25519 agreement: both sides derive the same raw secret. */
