@@ -169,4 +169,14 @@ function H.pack(...)
     return { n = select("#", ...), ... }
 end
 
+--- Assert that a call returned nil, message, want_code; returns the message.
+function H.expect_err(want_code, ...)
+    local check = require "luassert" -- helpers load outside busted's spec environment
+    local r = H.pack(...)
+    check.is_true(r[1] == nil, "expected " .. want_code .. ", got a result of type " .. type(r[1]))
+    check.is_string(r[2])
+    check.are.equal(want_code, r[3], "message: " .. tostring(r[2]))
+    return r[2]
+end
+
 return H

@@ -3,13 +3,7 @@
 local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
 local softcxi = H.softcxi
 
-local function expect_err(want_code, ...)
-    local r = H.pack(...)
-    assert.is_true(r[1] == nil, "expected " .. want_code .. ", got a result of type " .. type(r[1]))
-    assert.is_string(r[2])
-    assert.are.equal(want_code, r[3], "message: " .. tostring(r[2]))
-    return r[2]
-end
+local expect_err = H.expect_err
 
 describe("operations", function()
     local dev, hsm

@@ -436,6 +436,35 @@ static int derive_working_keys(softcxi_device *dev, softcxi_error *err)
     return 0;
 }
 
+/* What every device has: the locked secrets page and the sealing contexts. */
+static softcxi_device *device_alloc(void)
+{
+    softcxi_device *dev = OPENSSL_zalloc(sizeof *dev);
+    if (!dev)
+        return NULL;
+    dev->refs = 1;
+    dev->sec = scx_locked_alloc(sizeof *dev->sec);
+    dev->gcm = EVP_CIPHER_CTX_new();
+    dev->data_gcm = EVP_CIPHER_CTX_new();
+    if (!dev->sec || !dev->gcm || !dev->data_gcm) {
+        softcxi_device_free(dev);
+        return NULL;
+    }
+    return dev;
+}
+
+/* Once the MBK is in place: its working keys and the opened-key cache. */
+static int device_finish(softcxi_device *dev, long cache_entries, softcxi_error *err)
+{
+    int rc = derive_working_keys(dev, err);
+    if (rc)
+        return rc;
+    scx_cache_init(&dev->cache, cache_entries < 0 ? 1024 : (size_t)cache_entries);
+    if (dev->cache.capacity == 0 && cache_entries != 0)
+        return scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory for the key cache");
+    return 0;
+}
+
 int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softcxi_error *err)
 {
     uint8_t state[STATE_MAX], devkey[32], devkcv[SCX_KCV_LEN];
@@ -448,18 +477,13 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         return scx_fail(err, SOFTCXI_EINVAL, "open: path (the device state directory) is required");
     scx_secure_heap_init();
 
-    softcxi_device *dev = OPENSSL_zalloc(sizeof *dev);
+    softcxi_device *dev = device_alloc();
     if (!dev)
         return scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
-    dev->refs = 1;
-    dev->sec = scx_locked_alloc(sizeof *dev->sec);
     dev->path = strdup(req->path);
     dev->keyfile = req->keyfile ? strdup(req->keyfile) : NULL;
-    dev->gcm = EVP_CIPHER_CTX_new();
-    dev->data_gcm = EVP_CIPHER_CTX_new();
     file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
-    if (!dev->sec || !dev->path || !file || !dev->gcm || !dev->data_gcm ||
-        (req->keyfile && !dev->keyfile)) {
+    if (!dev->path || !file || (req->keyfile && !dev->keyfile)) {
         rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
         goto fail;
     }
@@ -496,13 +520,8 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         if (rc)
             goto fail;
     }
-    if ((rc = derive_working_keys(dev, err)) != 0)
+    if ((rc = device_finish(dev, req->cache_entries, err)) != 0)
         goto fail;
-    scx_cache_init(&dev->cache, req->cache_entries < 0 ? 1024 : (size_t)req->cache_entries);
-    if (dev->cache.capacity && !dev->cache.slot) {
-        rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory for the key cache");
-        goto fail;
-    }
     free(file);
     scx_ok(err);
     *out = dev;
@@ -519,23 +538,14 @@ int scx_device_new_mem(softcxi_device **out, const uint8_t mbk[32], long cache_e
     int rc;
     *out = NULL;
     scx_secure_heap_init();
-    softcxi_device *dev = OPENSSL_zalloc(sizeof *dev);
+    softcxi_device *dev = device_alloc();
     if (!dev)
         return scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
-    dev->refs = 1;
-    dev->sec = scx_locked_alloc(sizeof *dev->sec);
-    dev->gcm = EVP_CIPHER_CTX_new();
-    dev->data_gcm = EVP_CIPHER_CTX_new();
-    if (!dev->sec || !dev->gcm || !dev->data_gcm) {
-        softcxi_device_free(dev);
-        return scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
-    }
     memcpy(dev->sec->mbk, mbk, 32);
-    if ((rc = derive_working_keys(dev, err)) != 0) {
+    if ((rc = device_finish(dev, cache_entries, err)) != 0) {
         softcxi_device_free(dev);
         return rc;
     }
-    scx_cache_init(&dev->cache, cache_entries < 0 ? 1024 : (size_t)cache_entries);
     *out = dev;
     return 0;
 }
