@@ -1,0 +1,95 @@
+-- softcxi.store: where blobs live.  One interface, several backends,
+-- opened by URL:
+--
+--   local store = require "softcxi.store"
+--   local s = assert(store.open("file:./keystore"))
+--   local s = assert(store.open("redis://[user:password@]127.0.0.1:6379/0?prefix=keys:"))
+--   local s = assert(store.open("redis-cluster://127.0.0.1:7000,127.0.0.1:7001"))
+--
+-- Every backend implements (docs/stores.md has the contract in full):
+--   s:put(id, blob [, opts])   -> true            opts.overwrite, opts.if_match = old_blob
+--   s:get(id)                  -> blob
+--   s:delete(id)               -> true
+--   s:put_many(items [, opts]) -> n               items: { {id=, blob=}, ... } (id may be nil)
+--   s:get_many(ids)            -> { [id] = blob } (missing ids absent)
+--   s:find(filter [, cursor [, limit]]) -> ids, next_cursor   filter: group/name/specifier/algo
+--   s:scan([cursor [, count]]) -> ids, next_cursor (nil when done)
+--   s:count()                  -> n
+--   s:close()
+-- Failures return nil, message, code (EINVAL, EFORMAT, EEXIST, ENOTFOUND,
+-- ECONFLICT, EIO, ECONN); the message names the id.  CXI's host-side
+-- KeyStore maps onto it: insertKey -> put, getKey -> get, findKey -> find,
+-- deleteKey -> delete.
+
+local softcxi = require "softcxi"
+
+local type, tostring, tonumber, pairs, require = type, tostring, tonumber, pairs, require
+local key_info = softcxi.key_info
+
+local _M = { _VERSION = softcxi._VERSION }
+
+--- The id a blob is stored under by default: group/name[/specifier], the
+-- address the device's internal key database uses.
+function _M.id_of(blob)
+    local info, err, code = key_info(blob)
+    if not info then return nil, err, code end
+    if not info.name or info.name == "" then
+        return nil, "store: a blob without a name needs an explicit id", "EINVAL"
+    end
+    local id = (info.group or "") .. "/" .. info.name
+    if info.specifier then id = id .. "/" .. info.specifier end
+    return id, info
+end
+
+--- Check that blob is a well-formed key blob (its attributes parse) and
+-- find its id when none is given.  Returns id, info or nil, err, code.
+function _M.check(id, blob, fn)
+    if type(blob) ~= "string" then
+        error(fn .. ": blob must be a string", 3)
+    end
+    local info, err, code = key_info(blob)
+    if not info then
+        return nil, fn .. ": " .. (id and ("'" .. tostring(id) .. "': ") or "") .. err, code
+    end
+    if id == nil then
+        local derived, why, c = _M.id_of(blob)
+        if not derived then return nil, fn .. ": " .. why, c end
+        id = derived
+    end
+    if type(id) ~= "string" or id == "" then
+        error(fn .. ": id must be a non-empty string", 3)
+    end
+    return id, info
+end
+
+--- Does a blob's clear attribute set match a find filter?
+function _M.matches(info, filter)
+    for k, v in pairs(filter) do
+        local have = info[k]
+        if k == "specifier" then v = tonumber(v) end
+        if have ~= v then return false end
+    end
+    return true
+end
+
+local schemes = {
+    file = "softcxi.store.file",
+    redis = "softcxi.store.redis",
+    ["redis-cluster"] = "softcxi.store.redis_cluster",
+}
+
+--- Open a store by URL.  opts are passed to the backend.
+function _M.open(url, opts)
+    if type(url) ~= "string" then
+        error("store.open: url must be a string", 2)
+    end
+    local scheme, rest = url:match("^([%a][%w%-]*):(.*)$")
+    local mod = scheme and schemes[scheme]
+    if not mod then
+        return nil, "store.open: unknown store URL '" .. url
+            .. "' (file:DIR, redis://HOST:PORT/DB, redis-cluster://HOST:PORT,...)", "EINVAL"
+    end
+    return require(mod).open(rest, opts or {}, url)
+end
+
+return _M
