@@ -14,9 +14,11 @@
 #include <openssl/param_build.h>
 #include <openssl/rand.h>
 #include <openssl/rsa.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define PUB_MAX 1100 /* RSA-4096 RSAPublicKey DER with a large exponent */
 #define RSA_PARTS 6  /* d, p, q, dp, dq, qinv */
@@ -204,24 +206,32 @@ int scx_pkey_public(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
 
 /* ---- sealing ----------------------------------------------------------- */
 
-int scx_seal_key(softcxi_session *s, softcxi_buf *blob, const softcxi_template *t,
-                 const uint8_t *pub, size_t pub_len, const uint8_t *secret, size_t secret_len)
+/* What sealing needs: the device's own contexts, or a worker thread's
+ * copies of them (OpenSSL contexts are not shared across threads). */
+typedef struct sealer {
+    scx_xaes *x;
+    EVP_CIPHER_CTX *gcm;
+    scx_rndpool *pool;
+    const uint8_t *kcv;
+} sealer;
+
+static int seal_with(sealer *z, softcxi_buf *blob, const softcxi_template *t, const uint8_t *pub,
+                     size_t pub_len, const uint8_t *secret, size_t secret_len, softcxi_error *err)
 {
-    softcxi_device *dev = s->dev;
     uint8_t attrs[3 * 300 + 64 + PUB_MAX], salt[SCX_SALT_LEN];
     size_t alen = scx_attrs_encode(attrs, sizeof attrs, t, (int64_t)time(NULL), pub, pub_len);
     if (!alen)
-        return scx_fail(&s->err, SOFTCXI_EINVAL, "key_generate: attributes too large");
-    if (scx_rnd_public(&dev->pool, salt, sizeof salt) != 0)
-        return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: random generator failed");
+        return scx_fail(err, SOFTCXI_EINVAL, "key_generate: attributes too large");
+    if (scx_rnd_public(z->pool, salt, sizeof salt) != 0)
+        return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "key_generate: random generator failed");
     size_t total = SCX_HDR_LEN + alen + secret_len + SCX_TAG_LEN;
     uint8_t *out = OPENSSL_malloc(total);
     if (!out)
-        return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_generate: out of memory");
-    if (scx_frame_seal(out, SCX_TYPE_KEY, dev->kcv, salt, attrs, alen, secret, secret_len,
-                       &dev->xblob, dev->gcm) != 0) {
+        return scx_fail(err, SOFTCXI_ENOMEM, "key_generate: out of memory");
+    if (scx_frame_seal(out, SCX_TYPE_KEY, z->kcv, salt, attrs, alen, secret, secret_len, z->x,
+                       z->gcm) != 0) {
         OPENSSL_free(out);
-        return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: sealing failed");
+        return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "key_generate: sealing failed");
     }
     blob->data = out;
     blob->len = total;
@@ -229,7 +239,32 @@ int scx_seal_key(softcxi_session *s, softcxi_buf *blob, const softcxi_template *
     return 0;
 }
 
+int scx_seal_key(softcxi_session *s, softcxi_buf *blob, const softcxi_template *t,
+                 const uint8_t *pub, size_t pub_len, const uint8_t *secret, size_t secret_len)
+{
+    sealer z = {&s->dev->xblob, s->dev->gcm, &s->dev->pool, s->dev->kcv};
+    return seal_with(&z, blob, t, pub, pub_len, secret, secret_len, &s->err);
+}
+
 /* ---- generation -------------------------------------------------------- */
+
+/* A reusable keygen context (EC, Ed25519, X25519); NULL for the others. */
+static int uses_gen_ctx(int algo)
+{
+    return algo == SOFTCXI_ALGO_EC || algo == SOFTCXI_ALGO_ED25519 || algo == SOFTCXI_ALGO_X25519;
+}
+
+static EVP_PKEY_CTX *new_gen_ctx(const softcxi_template *t)
+{
+    EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, keytype(t->algo), NULL);
+    if (!c || EVP_PKEY_keygen_init(c) <= 0 ||
+        (t->algo == SOFTCXI_ALGO_EC &&
+         EVP_PKEY_CTX_set_group_name(c, scx_curve(t->curve)->ossl_name) <= 0)) {
+        EVP_PKEY_CTX_free(c);
+        return NULL;
+    }
+    return c;
+}
 
 static EVP_PKEY_CTX *gen_ctx(softcxi_device *dev, const softcxi_template *t)
 {
@@ -240,16 +275,8 @@ static EVP_PKEY_CTX *gen_ctx(softcxi_device *dev, const softcxi_template *t)
         slot = &dev->gen_ed25519;
     else
         slot = &dev->gen_x25519;
-    if (!*slot) {
-        EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, keytype(t->algo), NULL);
-        if (!c || EVP_PKEY_keygen_init(c) <= 0 ||
-            (t->algo == SOFTCXI_ALGO_EC &&
-             EVP_PKEY_CTX_set_group_name(c, scx_curve(t->curve)->ossl_name) <= 0)) {
-            EVP_PKEY_CTX_free(c);
-            return NULL;
-        }
-        *slot = c;
-    }
+    if (!*slot)
+        *slot = new_gen_ctx(t);
     return *slot;
 }
 
@@ -301,43 +328,34 @@ static int rsa_parts(EVP_PKEY *pk, uint8_t *pub, size_t *pub_len, uint8_t *sec, 
     return ok;
 }
 
-int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
-                         const softcxi_template *tin)
+/* Generate one key of the checked template t and seal it with z.  gen is
+ * the keygen context for EC/Ed25519/X25519 (NULL otherwise). */
+static int generate_one(EVP_PKEY_CTX *gen, sealer *z, softcxi_buf *blob,
+                        const softcxi_template *t, softcxi_error *err)
 {
-    softcxi_device *dev = s->dev;
-    softcxi_template t = *tin;
     uint8_t pub[PUB_MAX];
     size_t pub_len = 0, sec_len = 0, sec_cap = 0;
-    uint8_t *sec = NULL;
     EVP_PKEY *pk = NULL;
     int rc;
 
     blob->data = NULL;
     blob->len = 0;
-    if (!(flags & SOFTCXI_FLAG_EXTERNAL))
-        return scx_fail(&s->err, SOFTCXI_EINVAL,
-                        "key_generate: flags must include FLAG_EXTERNAL (internal keys need "
-                        "the device key database)");
-    if ((rc = scx_template_check(&t, &s->err)) != 0)
-        return rc;
-
     /* Small secrets live on the stack (wiped below); RSA's CRT parts go to
      * the secure heap. */
     uint8_t small[256];
-    sec_cap = t.algo == SOFTCXI_ALGO_RSA ? 2048 : sizeof small;
-    sec = t.algo == SOFTCXI_ALGO_RSA ? OPENSSL_secure_malloc(sec_cap) : small;
+    sec_cap = t->algo == SOFTCXI_ALGO_RSA ? 2048 : sizeof small;
+    uint8_t *sec = t->algo == SOFTCXI_ALGO_RSA ? OPENSSL_secure_malloc(sec_cap) : small;
     if (!sec)
-        return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_generate: out of secure memory");
+        return scx_fail(err, SOFTCXI_ENOMEM, "key_generate: out of secure memory");
 
-    switch (t.algo) {
+    switch (t->algo) {
     case SOFTCXI_ALGO_EC:
     case SOFTCXI_ALGO_ED25519:
-    case SOFTCXI_ALGO_X25519: {
-        EVP_PKEY_CTX *c = gen_ctx(dev, &t);
-        if (!c || EVP_PKEY_keygen(c, &pk) != 1)
+    case SOFTCXI_ALGO_X25519:
+        if (!gen || EVP_PKEY_keygen(gen, &pk) != 1)
             goto crypto;
-        if (t.algo == SOFTCXI_ALGO_EC) {
-            sec_len = scx_curve(t.curve)->flen;
+        if (t->algo == SOFTCXI_ALGO_EC) {
+            sec_len = scx_curve(t->curve)->flen;
             if (!EVP_PKEY_get_octet_string_param(pk, OSSL_PKEY_PARAM_PUB_KEY, pub, sizeof pub,
                                                  &pub_len) ||
                 !get_priv_be(pk, OSSL_PKEY_PARAM_PRIV_KEY, sec, sec_len))
@@ -350,11 +368,10 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
                 goto crypto;
         }
         break;
-    }
     case SOFTCXI_ALGO_RSA: {
         EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
         int ok = c && EVP_PKEY_keygen_init(c) == 1 &&
-                 EVP_PKEY_CTX_set_rsa_keygen_bits(c, (int)t.size) == 1 &&
+                 EVP_PKEY_CTX_set_rsa_keygen_bits(c, (int)t->size) == 1 &&
                  EVP_PKEY_keygen(c, &pk) == 1;
         EVP_PKEY_CTX_free(c);
         if (!ok || !rsa_parts(pk, pub, &pub_len, sec, &sec_len, sec_cap))
@@ -362,25 +379,164 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
         break;
     }
     default: /* AES and HMAC: the key is random bytes */
-        sec_len = t.size / 8;
+        sec_len = t->size / 8;
         if (RAND_priv_bytes(sec, (int)sec_len) != 1)
             goto crypto;
         break;
     }
-    rc = scx_seal_key(s, blob, &t, pub, pub_len, sec, sec_len);
+    rc = seal_with(z, blob, t, pub, pub_len, sec, sec_len, err);
     goto done;
 crypto:
-    rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_generate: %s key generation failed",
-                      softcxi_algo_name(t.algo));
+    rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "key_generate: %s key generation failed",
+                      softcxi_algo_name(t->algo));
 done:
     EVP_PKEY_free(pk);
     if (sec == small)
         OPENSSL_cleanse(small, sizeof small);
     else
         OPENSSL_secure_clear_free(sec, sec_cap);
+    return rc;
+}
+
+static int check_flags(unsigned flags, softcxi_error *err)
+{
+    if (flags & SOFTCXI_FLAG_EXTERNAL)
+        return 0;
+    return scx_fail(err, SOFTCXI_EINVAL,
+                    "key_generate: flags must include FLAG_EXTERNAL (internal keys need the "
+                    "device key database)");
+}
+
+int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                         const softcxi_template *tin)
+{
+    softcxi_device *dev = s->dev;
+    softcxi_template t = *tin;
+    int rc;
+
+    blob->data = NULL;
+    blob->len = 0;
+    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0)
+        return rc;
+    sealer z = {&dev->xblob, dev->gcm, &dev->pool, dev->kcv};
+    EVP_PKEY_CTX *gen = uses_gen_ctx(t.algo) ? gen_ctx(dev, &t) : NULL;
+    rc = generate_one(gen, &z, blob, &t, &s->err);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
+}
+
+/* ---- bulk generation on worker threads --------------------------------- */
+
+typedef struct worker {
+    pthread_t thread;
+    softcxi_device *dev;
+    const softcxi_template *t; /* checked */
+    const char *const *names;
+    softcxi_buf *blobs;
+    size_t first, step, n;
+    int *stop; /* set by the first worker that fails */
+    int rc;
+    size_t failed_at;
+    softcxi_error err;
+} worker;
+
+static void *worker_run(void *arg)
+{
+    worker *w = arg;
+    scx_xaes x;
+    scx_rndpool *pool = OPENSSL_zalloc(sizeof *pool);
+    EVP_CIPHER_CTX *gcm = EVP_CIPHER_CTX_new();
+    EVP_PKEY_CTX *gen = uses_gen_ctx(w->t->algo) ? new_gen_ctx(w->t) : NULL;
+    int have_x = scx_xaes_init(&x, w->dev->sec->blob_key) == 0;
+
+    w->rc = 0;
+    if (!pool || !gcm || !have_x || (uses_gen_ctx(w->t->algo) && !gen)) {
+        w->rc = scx_fail_ssl(&w->err, SOFTCXI_ECRYPTO, "bulk_generate: worker setup failed");
+        w->failed_at = w->first;
+        __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
+    } else {
+        sealer z = {&x, gcm, pool, w->dev->kcv};
+        softcxi_template t = *w->t;
+        for (size_t i = w->first; i < w->n; i += w->step) {
+            if (__atomic_load_n(w->stop, __ATOMIC_RELAXED))
+                break;
+            if (w->names)
+                t.name = w->names[i];
+            if ((w->names && (w->rc = scx_template_check(&t, &w->err)) != 0) ||
+                (w->rc = generate_one(gen, &z, &w->blobs[i], &t, &w->err)) != 0) {
+                w->failed_at = i;
+                __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
+                break;
+            }
+        }
+    }
+    if (have_x)
+        scx_xaes_clear(&x);
+    EVP_CIPHER_CTX_free(gcm);
+    EVP_PKEY_CTX_free(gen);
+    if (pool)
+        OPENSSL_clear_free(pool, sizeof *pool);
+    return NULL;
+}
+
+int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags,
+                          const softcxi_template *tin, const char *const *names, size_t n,
+                          unsigned threads)
+{
+    softcxi_template t = *tin;
+    worker ws[SOFTCXI_BULK_MAX_THREADS];
+    int stop = 0, rc;
+
+    memset(blobs, 0, n * sizeof *blobs);
+    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0)
+        return rc;
+    if (n == 0) {
+        scx_ok(&s->err);
+        return 0;
+    }
+    if (threads == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cpus > 0 ? (unsigned)cpus : 1;
+    }
+    if (threads > SOFTCXI_BULK_MAX_THREADS)
+        threads = SOFTCXI_BULK_MAX_THREADS;
+    if (threads > n)
+        threads = (unsigned)n;
+    /* Each worker takes every threads-th key with contexts of its own.  The
+     * calling thread is worker 0, and also runs the share of any worker
+     * whose thread could not be started. */
+    int running[SOFTCXI_BULK_MAX_THREADS] = {0};
+    for (unsigned i = 0; i < threads; i++) {
+        worker *w = &ws[i];
+        memset(w, 0, sizeof *w);
+        w->dev = s->dev, w->t = &t, w->names = names, w->blobs = blobs;
+        w->first = i, w->step = threads, w->n = n, w->stop = &stop;
+    }
+    for (unsigned i = 1; i < threads; i++)
+        running[i] = pthread_create(&ws[i].thread, NULL, worker_run, &ws[i]) == 0;
+    for (unsigned i = 0; i < threads; i++)
+        if (!running[i])
+            worker_run(&ws[i]);
+    for (unsigned i = 1; i < threads; i++)
+        if (running[i])
+            pthread_join(ws[i].thread, NULL);
+    for (unsigned i = 0; i < threads; i++) {
+        if (ws[i].rc) {
+            rc = ws[i].rc;
+            scx_fail(&s->err, rc, "bulk_generate: key %zu%s%s%s: %s", ws[i].failed_at + 1,
+                     names ? " ('" : "", names ? names[ws[i].failed_at] : "", names ? "')" : "",
+                     ws[i].err.msg);
+            break;
+        }
+    }
+    if (rc) {
+        for (size_t i = 0; i < n; i++)
+            softcxi_buf_free(&blobs[i]);
+        return rc;
+    }
+    scx_ok(&s->err);
+    return 0;
 }
 
 /* ---- opening blobs ----------------------------------------------------- */

@@ -277,6 +277,16 @@ SOFTCXI_MUST_CHECK int softcxi_public_key(softcxi_session *s, softcxi_buf *out,
 SOFTCXI_MUST_CHECK int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob,
                                             unsigned flags, const softcxi_template *t);
 
+/* Generate n keys of one template on worker threads (threads = 0: one per
+ * online CPU; at most SOFTCXI_BULK_MAX_THREADS).  names[i] (or NULL: the
+ * template's name) names key i.  blobs[0..n) are filled in order (free
+ * each); on failure none is returned and the message names the key. */
+#define SOFTCXI_BULK_MAX_THREADS 16
+SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs,
+                                             unsigned flags, const softcxi_template *t,
+                                             const char *const *names, size_t n,
+                                             unsigned threads);
+
 /* ---- operations -------------------------------------------------------- */
 
 #define SOFTCXI_SIG_RAW 1u /* ECDSA: r||s instead of DER */

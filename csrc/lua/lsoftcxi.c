@@ -476,6 +476,46 @@ static int m_key_generate(lua_State *L)
     return 1;
 }
 
+/* bulk_generate(flags, template, n [, names [, threads]]) -> { blob, ... } */
+static int m_bulk_generate(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_Integer flags = luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_Integer n = luaL_checkinteger(L, 4);
+    luaL_argcheck(L, n >= 0 && n <= (1 << 24), 4, "0 to 16M keys per call");
+    int has_names = !lua_isnoneornil(L, 5);
+    if (has_names)
+        luaL_checktype(L, 5, LUA_TTABLE);
+    lua_Integer threads = luaL_optinteger(L, 6, 0);
+    luaL_argcheck(L, threads >= 0 && threads <= SOFTCXI_BULK_MAX_THREADS, 6, "0 to 16 threads");
+    softcxi_template t;
+    char msg[200];
+    if (read_template(L, 3, &t, msg, sizeof msg) != 0)
+        return push_einval(L, msg);
+    size_t count = (size_t)n;
+    /* Scratch arrays as userdata: collected even if a later call raises. */
+    const char **names = has_names ? lua_newuserdata(L, (count ? count : 1) * sizeof *names) : NULL;
+    softcxi_buf *blobs = lua_newuserdata(L, (count ? count : 1) * sizeof *blobs);
+    for (size_t i = 0; has_names && i < count; i++) {
+        lua_rawgeti(L, 5, (int)(i + 1));
+        names[i] = get_name(L, -1);
+        if (!names[i])
+            return luaL_error(L, "bulk_generate: name %d is not a string without NUL",
+                              (int)(i + 1));
+        lua_pop(L, 1); /* the table keeps the string alive */
+    }
+    if (softcxi_bulk_generate(ls->s, blobs, (unsigned)flags, &t, names, count,
+                              (unsigned)threads) != 0)
+        return session_error(L, ls);
+    lua_createtable(L, (int)count, 0);
+    for (size_t i = 0; i < count; i++) {
+        push_buf(L, &blobs[i]);
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+    return 1;
+}
+
 static int m_sign(lua_State *L)
 {
     lsession *ls = check_session(L);
@@ -700,6 +740,7 @@ static const luaL_Reg session_methods[] = {
     {"close", m_close},
     {"device_info", m_device_info},
     {"key_generate", m_key_generate},
+    {"bulk_generate", m_bulk_generate},
     {"sign", m_sign},
     {"verify", m_verify},
     {"bulk_sign", m_bulk_sign},

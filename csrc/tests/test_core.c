@@ -656,6 +656,51 @@ static void test_device_files(void)
     softcxi_buf_free(&b);
 }
 
+static void test_bulk_generate(void)
+{
+    current = "bulk_generate";
+    softcxi_session *s = random_session(16);
+    enum { N = 40 };
+    softcxi_buf blobs[N];
+    char namebuf[N][16];
+    const char *names[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(namebuf[i], sizeof namebuf[i], "dev-%04d", i);
+        names[i] = namebuf[i];
+    }
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = "iot";
+    CHECK_RC(softcxi_bulk_generate(s, blobs, SOFTCXI_FLAG_EXTERNAL, &t, names, N, 3), 0);
+    int ok = 1;
+    for (int i = 0; i < N; i++) {
+        softcxi_key_info info;
+        /* In order, each named as asked, each usable, all distinct. */
+        ok &= softcxi_key_info_check(s, &info, blobs[i].data, blobs[i].len) == 0 &&
+              info.name_len == strlen(names[i]) && !memcmp(info.name, names[i], info.name_len);
+        if (i > 0)
+            ok &= blobs[i].len != blobs[i - 1].len ||
+                  memcmp(blobs[i].data, blobs[i - 1].data, blobs[i].len) != 0;
+    }
+    CHECK(ok);
+    sign_roundtrip(s, &blobs[N - 1], SOFTCXI_MECH_ECDSA_SHA256, 0);
+    for (int i = 0; i < N; i++)
+        softcxi_buf_free(&blobs[i]);
+
+    /* A bad name fails the whole call, names the key, returns nothing. */
+    char longname[300];
+    memset(longname, 'x', sizeof longname - 1);
+    longname[sizeof longname - 1] = '\0';
+    names[7] = longname;
+    CHECK_RC(softcxi_bulk_generate(s, blobs, SOFTCXI_FLAG_EXTERNAL, &t, names, N, 2),
+             SOFTCXI_EINVAL);
+    CHECK(strstr(s->err.msg, "key 8") != NULL);
+    int none = 1;
+    for (int i = 0; i < N; i++)
+        none &= blobs[i].data == NULL;
+    CHECK(none);
+    softcxi_session_free(s);
+}
+
 static void test_fork_pool(void)
 {
     /* Salts and IVs come from a pool: a forked child (an nginx worker) must
@@ -704,6 +749,7 @@ int main(int argc, char **argv)
     test_cache();
     test_device_files();
     test_fork_pool();
+    test_bulk_generate();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)

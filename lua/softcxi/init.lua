@@ -68,6 +68,29 @@ local c_sign, c_verify, c_bulk_sign = methods.sign, methods.verify, methods.bulk
 local c_encrypt, c_decrypt, c_agree = methods.encrypt, methods.decrypt, methods.secret_agree
 local c_check = methods._check
 
+local c_bulk_generate = methods.bulk_generate
+local string_format = string.format
+
+local BULK_GEN_OPTS = { name_format = true, start = true, names = true, threads = true }
+
+--- bulk_generate(flags, template, n [, opts]) -> { blob1, ..., blobn }
+-- n keys of one template, generated and sealed on C worker threads (one per
+-- core unless opts.threads says).  Key i is named opts.names[i], or
+-- string.format(opts.name_format, opts.start + i - 1) (start defaults to 1),
+-- or template.name.
+function methods:bulk_generate(flags, template, n, opts)
+    opts = opt_table(opts, "bulk_generate")
+    check_fields(opts, BULK_GEN_OPTS, "bulk_generate")
+    local names = opts.names
+    if opts.name_format then
+        if names then error("bulk_generate: give names or name_format, not both", 2) end
+        local first = (opts.start or 1) - 1
+        names = {}
+        for i = 1, n do names[i] = string_format(opts.name_format, first + i) end
+    end
+    return c_bulk_generate(self, flags, template, n, names, opts.threads)
+end
+
 local SIGN_OPTS = { format = true }
 
 local function raw_format(opts, fn)
