@@ -19,6 +19,7 @@
 #define SCX_TYPE_DB_BACKUP 0x03u  /* reserved for BackupDatabase */
 #define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
 #define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
+#define SCX_TYPE_MBK_SHARE 0x20u  /* one MBK key share, sealed under its password */
 
 #define SCX_KCV_LEN 8
 #define SCX_SALT_LEN 24
@@ -159,6 +160,21 @@ const scx_curve_def *scx_curve(int curve);
 size_t scx_secret_len(int algo, int curve, unsigned size);
 /* Bits of a key's HMAC hash or 0. */
 const char *scx_hmac_digest(int algo);
+
+/* ---- MBK key shares (shares.c) ----------------------------------------- */
+
+/* In memory: shares[i] is the share at x = i + 1. */
+int scx_shares_split(uint8_t shares[][32], const uint8_t secret[32], unsigned m, unsigned n,
+                     int scheme);
+int scx_shares_combine(uint8_t secret[32], const uint8_t shares[][32], const uint8_t *index,
+                       size_t k, int scheme);
+/* Share files: written all or nothing, never overwritten; cost = log2 of
+ * scrypt's N (0: SOFTCXI_SHARE_COST_DEFAULT). */
+int scx_mbk_split_files(const uint8_t mbk[32], unsigned m, unsigned n, int scheme,
+                        const char *const *paths, const char *const *passwords, unsigned cost,
+                        softcxi_error *err);
+int scx_mbk_combine_files(uint8_t mbk[32], const char *const *paths,
+                          const char *const *passwords, size_t k, softcxi_error *err);
 
 /* ---- device, keys, cache ----------------------------------------------- */
 

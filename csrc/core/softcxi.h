@@ -164,6 +164,12 @@ int softcxi_mech_from_name(const char *name);
 const char *softcxi_mech_name(int mech);
 int softcxi_pubfmt_from_name(const char *name);
 
+/* MBK key share schemes (m-of-n Shamir over GF(2^8), or XOR n-of-n), and
+ * the default scrypt cost (N = 2^15, r = 8, p = 1: 32 MiB) of share files. */
+#define SOFTCXI_SHARES_SHAMIR 1
+#define SOFTCXI_SHARES_XOR 2
+#define SOFTCXI_SHARE_COST_DEFAULT 15u
+
 /* ---- buffers ----------------------------------------------------------- */
 
 /* An output the core allocated.  softcxi_buf_free wipes it first when it

@@ -701,6 +701,95 @@ static void test_bulk_generate(void)
     softcxi_session_free(s);
 }
 
+static void test_shares(void)
+{
+    current = "mbk shares in memory";
+    uint8_t secret[32], shares[5][32], back[32], idx[5];
+    CHECK(RAND_bytes(secret, 32) == 1);
+    /* Every 3-subset of a 3-of-5 split gives the secret back; 2 do not. */
+    CHECK(scx_shares_split(shares, secret, 3, 5, SOFTCXI_SHARES_SHAMIR) == 0);
+    int all = 1;
+    for (int a = 0; a < 5; a++)
+        for (int b = a + 1; b < 5; b++)
+            for (int c = b + 1; c < 5; c++) {
+                uint8_t pick[3][32];
+                memcpy(pick[0], shares[a], 32), memcpy(pick[1], shares[b], 32),
+                    memcpy(pick[2], shares[c], 32);
+                idx[0] = (uint8_t)(a + 1), idx[1] = (uint8_t)(b + 1), idx[2] = (uint8_t)(c + 1);
+                all &= scx_shares_combine(back, (const uint8_t(*)[32])pick, idx, 3,
+                                          SOFTCXI_SHARES_SHAMIR) == 0 &&
+                       memcmp(back, secret, 32) == 0;
+            }
+    CHECK(all);
+    idx[0] = 1, idx[1] = 2;
+    CHECK(scx_shares_combine(back, (const uint8_t(*)[32])shares, idx, 2, SOFTCXI_SHARES_SHAMIR) ==
+              0 &&
+          memcmp(back, secret, 32) != 0);
+    CHECK(scx_shares_split(shares, secret, 3, 3, SOFTCXI_SHARES_XOR) == 0);
+    CHECK(scx_shares_combine(back, (const uint8_t(*)[32])shares, idx, 3, SOFTCXI_SHARES_XOR) ==
+              0 &&
+          memcmp(back, secret, 32) == 0);
+    CHECK(scx_shares_split(shares, secret, 2, 3, SOFTCXI_SHARES_XOR) == SOFTCXI_EINVAL);
+    CHECK(scx_shares_split(shares, secret, 4, 3, SOFTCXI_SHARES_SHAMIR) == SOFTCXI_EINVAL);
+
+    current = "mbk share files";
+    char p[4][600];
+    const char *paths[4], *pw[4] = {"password-one", "password-two", "password-three", NULL};
+    for (int i = 0; i < 4; i++) {
+        snprintf(p[i], sizeof p[i], "%s/share-%d.key", tmproot, i + 1);
+        paths[i] = p[i];
+    }
+    softcxi_error err;
+    uint8_t mbk[32], out[32];
+    CHECK(RAND_bytes(mbk, 32) == 1);
+    CHECK_RC(scx_mbk_split_files(mbk, 2, 3, SOFTCXI_SHARES_SHAMIR, paths, pw, 10, &err), 0);
+    struct stat st;
+    CHECK(stat(paths[0], &st) == 0 && (st.st_mode & 077) == 0);
+    const char *two[2] = {paths[2], paths[0]}, *twopw[2] = {pw[2], pw[0]};
+    CHECK_RC(scx_mbk_combine_files(out, two, twopw, 2, &err), 0);
+    CHECK(memcmp(out, mbk, 32) == 0);
+    /* Too few, duplicated, wrong password. */
+    CHECK_RC(scx_mbk_combine_files(out, two, twopw, 1, &err), SOFTCXI_EINVAL);
+    CHECK(strstr(err.msg, "needs 2 of its 3") != NULL);
+    const char *dup[2] = {paths[1], paths[1]}, *duppw[2] = {pw[1], pw[1]};
+    CHECK_RC(scx_mbk_combine_files(out, dup, duppw, 2, &err), SOFTCXI_EINVAL);
+    CHECK(strstr(err.msg, "same share") != NULL);
+    const char *badpw[2] = {pw[2], "not-the-password"};
+    CHECK_RC(scx_mbk_combine_files(out, two, badpw, 2, &err), SOFTCXI_EAUTH);
+    CHECK(strstr(err.msg, paths[0]) && strstr(err.msg, "wrong password"));
+    /* A share of another MBK is named as such. */
+    uint8_t mbk2[32];
+    CHECK(RAND_bytes(mbk2, 32) == 1);
+    const char *other[1] = {p[3]}, *otherpw[1] = {"password-four"};
+    CHECK_RC(scx_mbk_split_files(mbk2, 1, 1, SOFTCXI_SHARES_SHAMIR, other, otherpw, 10, &err), 0);
+    const char *mixed[2] = {paths[0], p[3]}, *mixedpw[2] = {pw[0], "password-four"};
+    CHECK_RC(scx_mbk_combine_files(out, mixed, mixedpw, 2, &err), SOFTCXI_EMBK);
+    /* Never overwritten: splitting onto existing files fails and leaves
+     * no partial set behind. */
+    char fresh[600];
+    snprintf(fresh, sizeof fresh, "%s/share-new.key", tmproot);
+    const char *clash[2] = {fresh, paths[0]}, *clashpw[2] = {"password-new1", "password-new2"};
+    CHECK_RC(scx_mbk_split_files(mbk2, 2, 2, SOFTCXI_SHARES_XOR, clash, clashpw, 10, &err),
+             SOFTCXI_EEXIST);
+    CHECK(stat(fresh, &st) != 0);
+    /* A corrupt share file: a clear error, and the file is left alone. */
+    FILE *f = fopen(paths[1], "r+b");
+    CHECK(f != NULL);
+    if (f) {
+        fseek(f, 50, SEEK_SET);
+        int c = fgetc(f);
+        fseek(f, 50, SEEK_SET);
+        fputc(c ^ 1, f);
+        fclose(f);
+    }
+    const char *bad[2] = {paths[1], paths[0]}, *badpw2[2] = {pw[1], pw[0]};
+    int rc = scx_mbk_combine_files(out, bad, badpw2, 2, &err);
+    CHECK(rc == SOFTCXI_EAUTH || rc == SOFTCXI_EFORMAT);
+    CHECK(pw[3] == NULL); /* (the fourth path is the other MBK's share) */
+    OPENSSL_cleanse(mbk, 32);
+    OPENSSL_cleanse(mbk2, 32);
+}
+
 static void test_fork_pool(void)
 {
     /* Salts and IVs come from a pool: a forked child (an nginx worker) must
@@ -750,6 +839,7 @@ int main(int argc, char **argv)
     test_device_files();
     test_fork_pool();
     test_bulk_generate();
+    test_shares();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)
