@@ -178,6 +178,9 @@ int scx_mbk_combine_files(uint8_t mbk[32], const char *const *paths,
 
 /* ---- device, keys, cache ----------------------------------------------- */
 
+/* What a key without its private half (a verify-only blob) may do. */
+#define SCX_PUBLIC_USAGE (SOFTCXI_USAGE_VERIFY | SOFTCXI_USAGE_ENCRYPT | SOFTCXI_USAGE_WRAP)
+
 enum { SCX_MD_SHA1, SCX_MD_SHA224, SCX_MD_SHA256, SCX_MD_SHA384, SCX_MD_SHA512,
        SCX_MD_SHA3_256, SCX_MD_SHA3_384, SCX_MD_SHA3_512, SCX_MD_COUNT };
 
@@ -246,6 +249,8 @@ void scx_cache_clear(scx_cache *c);
 int scx_pkey_from_parts(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
                         const uint8_t *pub, size_t pub_len, const uint8_t *secret,
                         size_t secret_len);
+/* Is this EC key on a named curve (not explicit parameters)? */
+int scx_ec_named(EVP_PKEY *pk);
 /* Public key from the raw form (no secret). */
 int scx_pkey_public(softcxi_device *dev, EVP_PKEY **out, int algo, int curve,
                     const uint8_t *pub, size_t pub_len);

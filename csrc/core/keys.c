@@ -12,6 +12,7 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/param_build.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/rsa.h>
 #include <pthread.h>
@@ -298,7 +299,7 @@ static int get_priv_be(EVP_PKEY *pk, const char *name, uint8_t *out, size_t len)
 }
 
 static int rsa_parts(EVP_PKEY *pk, uint8_t *pub, size_t *pub_len, uint8_t *sec, size_t *sec_len,
-                     size_t sec_cap)
+                     size_t sec_cap, int public_only)
 {
     BIGNUM *bn = BN_secure_new(), *n = NULL, *e = NULL;
     uint8_t nb[512], eb[8];
@@ -311,7 +312,7 @@ static int rsa_parts(EVP_PKEY *pk, uint8_t *pub, size_t *pub_len, uint8_t *sec, 
         *pub_len = scx_der_rsa_pub(pub, PUB_MAX, nb, (size_t)nl, eb, (size_t)el);
         ok = *pub_len > 0;
     }
-    for (size_t i = 0; ok && i < RSA_PARTS; i++) {
+    for (size_t i = 0; ok && !public_only && i < RSA_PARTS; i++) {
         ok = EVP_PKEY_get_bn_param(pk, rsa_part_names[i], &bn) == 1;
         size_t len = ok ? (size_t)BN_num_bytes(bn) : 0;
         ok = ok && len > 0 && off + 2 + len <= sec_cap;
@@ -374,7 +375,7 @@ static int generate_one(EVP_PKEY_CTX *gen, sealer *z, softcxi_buf *blob,
                  EVP_PKEY_CTX_set_rsa_keygen_bits(c, (int)t->size) == 1 &&
                  EVP_PKEY_keygen(c, &pk) == 1;
         EVP_PKEY_CTX_free(c);
-        if (!ok || !rsa_parts(pk, pub, &pub_len, sec, &sec_len, sec_cap))
+        if (!ok || !rsa_parts(pk, pub, &pub_len, sec, &sec_len, sec_cap, 0))
             goto crypto;
         break;
     }
@@ -539,6 +540,217 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     return 0;
 }
 
+/* ---- import -------------------------------------------------------------- */
+
+int scx_ec_named(EVP_PKEY *pk)
+{
+    /* A key that spells out its curve parameters may carry a wrong cofactor
+     * or generator next to a familiar field: only named curves are taken. */
+    char enc[32];
+    size_t n = 0;
+    return EVP_PKEY_get_utf8_string_param(pk, OSSL_PKEY_PARAM_EC_ENCODING, enc, sizeof enc, &n) ==
+               1 &&
+           strcmp(enc, OSSL_PKEY_EC_ENCODING_GROUP) == 0;
+}
+
+/* SEC1 ECPrivateKey { version 1, privateKey, [0] curve } without the public
+ * key: OpenSSL's decoder computes the public point from the scalar. */
+static EVP_PKEY *ec_from_scalar(const scx_curve_def *c, const uint8_t *d, size_t len)
+{
+    uint8_t der[128];
+    size_t body = 3 + 2 + len + 2 + 2 + c->oid_len, k = 0;
+    if (len != c->flen || body > 127)
+        return NULL;
+    der[k++] = 0x30, der[k++] = (uint8_t)body;
+    der[k++] = 0x02, der[k++] = 0x01, der[k++] = 0x01;
+    der[k++] = 0x04, der[k++] = (uint8_t)len;
+    memcpy(der + k, d, len), k += len;
+    der[k++] = 0xA0, der[k++] = (uint8_t)(2 + c->oid_len);
+    der[k++] = 0x06, der[k++] = (uint8_t)c->oid_len;
+    memcpy(der + k, c->oid, c->oid_len), k += c->oid_len;
+    const unsigned char *p = der;
+    EVP_PKEY *pk = d2i_PrivateKey(EVP_PKEY_EC, NULL, &p, (long)k);
+    OPENSSL_cleanse(der, sizeof der);
+    return pk;
+}
+
+static EVP_PKEY *parse_key(const uint8_t *data, size_t len, int format, int *is_public)
+{
+    EVP_PKEY *pk = NULL;
+    int pem = len > 11 && memcmp(data, "-----BEGIN", 10) == 0;
+    *is_public = format == SOFTCXI_IMPORT_SPKI;
+    if (len > INT32_MAX)
+        return NULL;
+    if (pem) {
+        BIO *b = BIO_new_mem_buf(data, (int)len);
+        if (b)
+            pk = *is_public ? PEM_read_bio_PUBKEY(b, NULL, NULL, NULL)
+                            : PEM_read_bio_PrivateKey(b, NULL, NULL, NULL);
+        BIO_free(b);
+    } else {
+        const unsigned char *p = data;
+        pk = *is_public ? d2i_PUBKEY(NULL, &p, (long)len) : d2i_AutoPrivateKey(NULL, &p, (long)len);
+        if (pk && p != data + len) {
+            EVP_PKEY_free(pk);
+            pk = NULL;
+        }
+    }
+    return pk;
+}
+
+/* What kind of key pk is, in template terms. */
+static int describe(EVP_PKEY *pk, int *algo, int *curve, unsigned *size)
+{
+    *curve = SOFTCXI_CURVE_NONE;
+    *size = 0;
+    if (EVP_PKEY_is_a(pk, "ED25519"))
+        *algo = SOFTCXI_ALGO_ED25519;
+    else if (EVP_PKEY_is_a(pk, "X25519"))
+        *algo = SOFTCXI_ALGO_X25519;
+    else if (EVP_PKEY_is_a(pk, "RSA")) {
+        *algo = SOFTCXI_ALGO_RSA;
+        *size = (unsigned)EVP_PKEY_get_bits(pk);
+    } else if (EVP_PKEY_is_a(pk, "EC")) {
+        char group[64];
+        size_t gl = 0;
+        *algo = SOFTCXI_ALGO_EC;
+        if (!scx_ec_named(pk) ||
+            EVP_PKEY_get_utf8_string_param(pk, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
+                                           &gl) != 1)
+            return -1;
+        for (int c = SOFTCXI_CURVE_P256; c <= SOFTCXI_CURVE_SECP256K1; c++)
+            if (!strcmp(group, scx_curve(c)->ossl_name))
+                *curve = c;
+        if (!*curve)
+            return -1;
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
+int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                       const softcxi_template *tin, const uint8_t *data, size_t len, int format)
+{
+    softcxi_device *dev = s->dev;
+    softcxi_template t = *tin;
+    uint8_t pub[PUB_MAX], *sec = NULL;
+    size_t pub_len = 0, sec_len = 0, sec_cap = 2048;
+    EVP_PKEY *pk = NULL;
+    int rc, is_public = 0, algo = 0, curve = 0;
+    unsigned size = 0;
+
+    blob->data = NULL, blob->len = 0, blob->secret = 0;
+    if ((rc = check_flags(flags, &s->err)) != 0)
+        return rc;
+    if (format == SOFTCXI_IMPORT_RAW) {
+        /* Raw bytes: the template says what they are. */
+        algo = t.algo;
+        if (algo == SOFTCXI_ALGO_AES || scx_hmac_digest(algo)) {
+            if (len == 0 || len > 256 || (t.size && t.size != len * 8))
+                return scx_fail(&s->err, SOFTCXI_EINVAL,
+                                "key_import: %zu raw bytes do not make a %s key of %u bits", len,
+                                softcxi_algo_name(algo), t.size);
+            t.size = (unsigned)len * 8;
+        } else if (algo == SOFTCXI_ALGO_ED25519 || algo == SOFTCXI_ALGO_X25519) {
+            if (len == 32)
+                pk = EVP_PKEY_new_raw_private_key(algo == SOFTCXI_ALGO_ED25519 ? EVP_PKEY_ED25519
+                                                                              : EVP_PKEY_X25519,
+                                                  NULL, data, len);
+        } else if (algo == SOFTCXI_ALGO_EC) {
+            const scx_curve_def *c = scx_curve(t.curve ? t.curve : SOFTCXI_CURVE_P256);
+            pk = c ? ec_from_scalar(c, data, len) : NULL;
+        } else {
+            return scx_fail(&s->err, SOFTCXI_EINVAL,
+                            "key_import: raw import needs template.algo aes, hmac-*, ec, "
+                            "ed25519 or x25519");
+        }
+        if (!pk && !(algo == SOFTCXI_ALGO_AES || scx_hmac_digest(algo)))
+            return scx_fail_ssl(&s->err, SOFTCXI_EINVAL,
+                                "key_import: the raw bytes are not a valid %s private key",
+                                softcxi_algo_name(algo));
+    } else if (format == SOFTCXI_IMPORT_PKCS8 || format == SOFTCXI_IMPORT_SPKI) {
+        pk = parse_key(data, len, format, &is_public);
+        if (!pk)
+            return scx_fail_ssl(&s->err, SOFTCXI_EINVAL, "key_import: not a %s key (DER or PEM)",
+                                is_public ? "SubjectPublicKeyInfo public" : "PKCS#8 private");
+    } else {
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "key_import: unknown format %d", format);
+    }
+    if (pk) {
+        if (describe(pk, &algo, &curve, &size) != 0) {
+            rc = scx_fail(&s->err, SOFTCXI_EINVAL,
+                          "key_import: unsupported key type or curve (ec P-256/P-384/P-521/"
+                          "secp256k1, ed25519, x25519, rsa)");
+            goto done;
+        }
+        if ((t.algo && t.algo != algo) || (t.curve && t.curve != curve) ||
+            (t.size && size && t.size != size)) {
+            rc = scx_fail(&s->err, SOFTCXI_EINVAL,
+                          "key_import: the template says %s%s%s, the key is %s%s%s",
+                          t.algo ? softcxi_algo_name(t.algo) : "", t.curve ? " " : "",
+                          t.curve ? softcxi_curve_name(t.curve) : "", softcxi_algo_name(algo),
+                          curve ? " " : "", curve ? softcxi_curve_name(curve) : "");
+            goto done;
+        }
+        t.algo = algo, t.curve = curve, t.size = size;
+    }
+    if (is_public) {
+        if (!t.usage)
+            t.usage = SOFTCXI_USAGE_VERIFY;
+        if ((t.usage & ~SCX_PUBLIC_USAGE) || algo == SOFTCXI_ALGO_X25519) {
+            rc = scx_fail(&s->err, SOFTCXI_EINVAL,
+                          "template.usage: a public key can only verify, encrypt or wrap");
+            goto done;
+        }
+    }
+    if ((rc = scx_template_check(&t, &s->err)) != 0)
+        goto done;
+    if (!(sec = OPENSSL_secure_malloc(sec_cap))) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "key_import: out of secure memory");
+        goto done;
+    }
+    int ok = 1;
+    if (!pk) { /* AES, HMAC */
+        memcpy(sec, data, len);
+        sec_len = len;
+    } else if (algo == SOFTCXI_ALGO_RSA) {
+        ok = rsa_parts(pk, pub, &pub_len, sec, &sec_len, sec_cap, is_public);
+    } else if (algo == SOFTCXI_ALGO_EC) {
+        sec_len = is_public ? 0 : scx_curve(curve)->flen;
+        ok = EVP_PKEY_get_octet_string_param(pk, OSSL_PKEY_PARAM_PUB_KEY, pub, sizeof pub,
+                                             &pub_len) == 1 &&
+             (is_public || get_priv_be(pk, OSSL_PKEY_PARAM_PRIV_KEY, sec, sec_len));
+        /* Always store the uncompressed point. */
+        if (ok && pub[0] != 4) {
+            EVP_PKEY *full = NULL;
+            ok = scx_pkey_public(dev, &full, algo, curve, pub, pub_len) == 0 &&
+                 EVP_PKEY_set_utf8_string_param(full, OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT,
+                                                "uncompressed") == 1 &&
+                 EVP_PKEY_get_octet_string_param(full, OSSL_PKEY_PARAM_PUB_KEY, pub,
+                                                 sizeof pub, &pub_len) == 1;
+            EVP_PKEY_free(full);
+        }
+    } else {
+        pub_len = 32;
+        sec_len = is_public ? 0 : 32;
+        ok = EVP_PKEY_get_raw_public_key(pk, pub, &pub_len) == 1 &&
+             (is_public || EVP_PKEY_get_raw_private_key(pk, sec, &sec_len) == 1);
+    }
+    if (!ok) {
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_import: taking the %s key apart failed",
+                          softcxi_algo_name(algo));
+        goto done;
+    }
+    rc = scx_seal_key(s, blob, &t, pub, pub_len, sec, sec_len);
+done:
+    EVP_PKEY_free(pk);
+    OPENSSL_secure_clear_free(sec, sec_cap);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
 /* ---- opening blobs ----------------------------------------------------- */
 
 void scx_key_free(scx_key *k)
@@ -551,8 +763,18 @@ void scx_key_free(scx_key *k)
     OPENSSL_free(k);
 }
 
+/* A blob without a secret is a public key: it may only verify or encrypt. */
+static int public_only_ok(const softcxi_key_info *i)
+{
+    return (i->algo == SOFTCXI_ALGO_EC || i->algo == SOFTCXI_ALGO_ED25519 ||
+            i->algo == SOFTCXI_ALGO_RSA) &&
+           i->pub_len > 0 && (i->usage & ~SCX_PUBLIC_USAGE) == 0;
+}
+
 static int check_shape(const softcxi_key_info *i, size_t sec_len)
 {
+    if (sec_len == 0)
+        return public_only_ok(i);
     switch (i->algo) {
     case SOFTCXI_ALGO_EC: {
         const scx_curve_def *c = scx_curve(i->curve);
@@ -600,13 +822,18 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
                       want, have);
         goto fail;
     }
-    if (f.ct_len == 0 || !(sec = OPENSSL_secure_malloc(f.ct_len))) {
-        rc = f.ct_len ? scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", REF(&k->info))
-                      : scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s holds no key", REF(&k->info));
+    /* No secret: a verify-only key made by key_import from a public key. */
+    uint8_t none[1];
+    if (f.ct_len == 0 && !public_only_ok(&k->info)) {
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "blob of key %s holds no key", REF(&k->info));
         goto fail;
     }
-    rc = scx_xaes_open(&dev->xblob, dev->gcm, sec, f.ct, f.ct_len, f.tag, f.salt, k->blob,
-                       f.aad_len);
+    if (f.ct_len && !(sec = OPENSSL_secure_malloc(f.ct_len))) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", REF(&k->info));
+        goto fail;
+    }
+    rc = scx_xaes_open(&dev->xblob, dev->gcm, f.ct_len ? sec : none, f.ct, f.ct_len, f.tag,
+                       f.salt, k->blob, f.aad_len);
     if (rc == SOFTCXI_ETAMPER) {
         rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
                       "blob of key %s fails authentication: tampered or corrupt", REF(&k->info));
@@ -622,7 +849,15 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
                       REF(&k->info));
         goto fail;
     }
-    if (keytype(k->info.algo)) {
+    if (f.ct_len == 0) {
+        rc = scx_pkey_public(dev, &k->pkey, k->info.algo, k->info.curve, k->info.pub,
+                             k->info.pub_len);
+        if (rc) {
+            rc = scx_fail_ssl(&s->err, rc, "blob of key %s: the public key does not load",
+                              REF(&k->info));
+            goto fail;
+        }
+    } else if (keytype(k->info.algo)) {
         rc = scx_pkey_from_parts(dev, &k->pkey, k->info.algo, k->info.curve, k->info.pub,
                                  k->info.pub_len, sec, f.ct_len);
         if (rc) {

@@ -372,15 +372,28 @@ static EVP_CIPHER *gcm_cipher(softcxi_device *dev, size_t key_len)
     return dev->aes_gcm[i];
 }
 
-static EVP_PKEY_CTX *oaep_ctx(softcxi_session *s, scx_key *k, const mech_info *mi, int enc)
+/* An RSA-OAEP context; the request's AAD, if any, is the OAEP label. */
+static EVP_PKEY_CTX *oaep_ctx(softcxi_session *s, scx_key *k, const mech_info *mi, int enc,
+                              const softcxi_crypt_req *req)
 {
     const EVP_MD *md = scx_md(s->dev, mi->md);
+    if (req->aad_len > INT32_MAX)
+        return NULL;
     EVP_PKEY_CTX *c = EVP_PKEY_CTX_new_from_pkey(NULL, k->pkey, NULL);
     if (!c || !md || (enc ? EVP_PKEY_encrypt_init(c) : EVP_PKEY_decrypt_init(c)) != 1 ||
         EVP_PKEY_CTX_set_rsa_padding(c, RSA_PKCS1_OAEP_PADDING) != 1 ||
         EVP_PKEY_CTX_set_rsa_oaep_md(c, md) != 1 || EVP_PKEY_CTX_set_rsa_mgf1_md(c, md) != 1) {
         EVP_PKEY_CTX_free(c);
         return NULL;
+    }
+    if (req->aad_len) {
+        /* OpenSSL takes ownership of the label buffer. */
+        void *label = OPENSSL_memdup(req->aad, req->aad_len);
+        if (!label || EVP_PKEY_CTX_set0_rsa_oaep_label(c, label, (int)req->aad_len) != 1) {
+            OPENSSL_free(label);
+            EVP_PKEY_CTX_free(c);
+            return NULL;
+        }
     }
     return c;
 }
@@ -425,7 +438,7 @@ int softcxi_encrypt(softcxi_session *s, softcxi_buf *out, uint8_t iv[SOFTCXI_GCM
                                   REF(&k->info));
         }
     } else if (mi.family == FAM_OAEP) {
-        EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 1);
+        EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 1, req);
         size_t len = 0;
         if (!c || EVP_PKEY_encrypt(c, NULL, &len, req->in, req->in_len) != 1 ||
             !(out->data = OPENSSL_malloc(len)) ||
@@ -487,7 +500,7 @@ int softcxi_decrypt(softcxi_session *s, softcxi_buf *out, const softcxi_crypt_re
                               REF(&k->info));
         }
     } else if (mi.family == FAM_OAEP) {
-        EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 0);
+        EVP_PKEY_CTX *c = oaep_ctx(s, k, &mi, 0, req);
         size_t len = 0;
         if (!c || EVP_PKEY_decrypt(c, NULL, &len, req->in, req->in_len) != 1 ||
             !(out->data = OPENSSL_malloc(len ? len : 1))) {
@@ -544,7 +557,7 @@ static int peer_key(softcxi_session *s, EVP_PKEY **out, scx_key *k, const uint8_
         return EVP_PKEY_is_a(*out, "X25519");
     char group[64];
     size_t gl = 0;
-    return EVP_PKEY_is_a(*out, "EC") &&
+    return EVP_PKEY_is_a(*out, "EC") && scx_ec_named(*out) &&
            EVP_PKEY_get_utf8_string_param(*out, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
                                           &gl) == 1 &&
            strcmp(group, scx_curve(k->info.curve)->ossl_name) == 0;

@@ -293,6 +293,21 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
                                              const char *const *names, size_t n,
                                              unsigned threads);
 
+/* Import a key from outside into a blob.  Formats:
+ *  PKCS8  a private key, PKCS#8 (or traditional) DER, or PEM;
+ *  SPKI   a public key (SubjectPublicKeyInfo DER or PEM): the blob has no
+ *         secret and may only verify (default) or encrypt;
+ *  RAW    secret bytes, the template saying what they are: an AES or HMAC
+ *         key, a 32-byte Ed25519/X25519 private key, an EC private scalar.
+ * The template gives name, group, usage, export policy, expiry; its algo,
+ * curve and size, when set, must match the key. */
+#define SOFTCXI_IMPORT_PKCS8 1
+#define SOFTCXI_IMPORT_SPKI 2
+#define SOFTCXI_IMPORT_RAW 3
+SOFTCXI_MUST_CHECK int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                                          const softcxi_template *t, const uint8_t *data,
+                                          size_t len, int format);
+
 /* ---- operations -------------------------------------------------------- */
 
 #define SOFTCXI_SIG_RAW 1u /* ECDSA: r||s instead of DER */

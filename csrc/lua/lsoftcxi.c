@@ -121,7 +121,8 @@ static const char *get_name(lua_State *L, int idx)
 
 /* Fill t from the table at idx.  Strings stay owned by the table.  On a bad
  * field writes a message naming it into msg and returns -1. */
-static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, size_t cap)
+static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, size_t cap,
+                         int need_algo)
 {
     memset(t, 0, sizeof *t);
     idx = lua_absindex(L, idx);
@@ -257,7 +258,7 @@ static int read_template(lua_State *L, int idx, softcxi_template *t, char *msg, 
             return -1;
         }
     }
-    if (t->algo == SOFTCXI_ALGO_NONE) {
+    if (need_algo && t->algo == SOFTCXI_ALGO_NONE) {
         snprintf(msg, cap, "template.algo: required");
         return -1;
     }
@@ -467,7 +468,7 @@ static int m_key_generate(lua_State *L)
     luaL_checktype(L, 3, LUA_TTABLE);
     softcxi_template t;
     char msg[200];
-    if (read_template(L, 3, &t, msg, sizeof msg) != 0)
+    if (read_template(L, 3, &t, msg, sizeof msg, 1) != 0)
         return push_einval(L, msg);
     softcxi_buf blob = {0};
     if (softcxi_key_generate(ls->s, &blob, (unsigned)flags, &t) != 0)
@@ -491,7 +492,7 @@ static int m_bulk_generate(lua_State *L)
     luaL_argcheck(L, threads >= 0 && threads <= SOFTCXI_BULK_MAX_THREADS, 6, "0 to 16 threads");
     softcxi_template t;
     char msg[200];
-    if (read_template(L, 3, &t, msg, sizeof msg) != 0)
+    if (read_template(L, 3, &t, msg, sizeof msg, 1) != 0)
         return push_einval(L, msg);
     size_t count = (size_t)n;
     /* Scratch arrays as userdata: collected even if a later call raises. */
@@ -513,6 +514,28 @@ static int m_bulk_generate(lua_State *L)
         push_buf(L, &blobs[i]);
         lua_rawseti(L, -2, (int)(i + 1));
     }
+    return 1;
+}
+
+/* key_import(flags, template, data, format) -> blob */
+static int m_key_import(lua_State *L)
+{
+    static const char *const formats[] = {"pkcs8", "spki", "raw", NULL};
+    static const int values[] = {SOFTCXI_IMPORT_PKCS8, SOFTCXI_IMPORT_SPKI, SOFTCXI_IMPORT_RAW};
+    lsession *ls = check_session(L);
+    lua_Integer flags = luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    size_t len;
+    const uint8_t *data = check_bytes(L, 4, &len);
+    int format = values[luaL_checkoption(L, 5, NULL, formats)];
+    softcxi_template t;
+    char msg[200];
+    if (read_template(L, 3, &t, msg, sizeof msg, 0) != 0)
+        return push_einval(L, msg);
+    softcxi_buf blob = {0};
+    if (softcxi_key_import(ls->s, &blob, (unsigned)flags, &t, data, len, format) != 0)
+        return session_error(L, ls);
+    push_buf(L, &blob);
     return 1;
 }
 
@@ -670,7 +693,7 @@ static int m_secret_agree(lua_State *L)
     req.flags = lua_toboolean(L, 5) ? SOFTCXI_AGREE_RAW : 0;
     if (!lua_isnoneornil(L, 6)) {
         luaL_checktype(L, 6, LUA_TTABLE);
-        if (read_template(L, 6, &t, msg, sizeof msg) != 0)
+        if (read_template(L, 6, &t, msg, sizeof msg, 0) != 0)
             return push_einval(L, msg);
         req.derived = &t;
     }
@@ -741,6 +764,7 @@ static const luaL_Reg session_methods[] = {
     {"device_info", m_device_info},
     {"key_generate", m_key_generate},
     {"bulk_generate", m_bulk_generate},
+    {"key_import", m_key_import},
     {"sign", m_sign},
     {"verify", m_verify},
     {"bulk_sign", m_bulk_sign},

@@ -91,6 +91,25 @@ function methods:bulk_generate(flags, template, n, opts)
     return c_bulk_generate(self, flags, template, n, names, opts.threads)
 end
 
+local c_key_import = methods.key_import
+
+--- key_import(flags, template, data [, format]) -> blob
+-- format "pkcs8" (a private key, DER or PEM), "spki" (a public key: the
+-- blob may only verify or encrypt) or "raw" (secret bytes; template.algo
+-- says what they are).  PEM input needs no format: its header tells.
+function methods:key_import(flags, template, data, format)
+    if format == nil and type(data) == "string" then
+        if data:find("^%-%-%-%-%-BEGIN PUBLIC KEY") then
+            format = "spki"
+        elseif data:find("^%-%-%-%-%-BEGIN [%u ]*PRIVATE KEY") then
+            format = "pkcs8"
+        else
+            error("key_import: give the format ('pkcs8', 'spki' or 'raw') for non-PEM data", 2)
+        end
+    end
+    return c_key_import(self, flags, template, data, format)
+end
+
 local SIGN_OPTS = { format = true }
 
 local function raw_format(opts, fn)
@@ -143,7 +162,7 @@ function methods:decrypt(blob, mech, data, opts)
     opts = opt_table(opts, "decrypt")
     check_fields(opts, CRYPT_OPTS, "decrypt")
     if mech ~= "aes-gcm" then
-        return c_decrypt(self, blob, mech, data)
+        return c_decrypt(self, blob, mech, data, opts.aad) -- rsa-oaep: aad is the label
     end
     local iv, tag = opts.iv, opts.tag
     if iv == nil and tag == nil then
