@@ -30,15 +30,19 @@ local _M = { _VERSION = softcxi._VERSION }
 
 --- The id a blob is stored under by default: group/name[/specifier], the
 -- address the device's internal key database uses.
-function _M.id_of(blob)
-    local info, err, code = key_info(blob)
-    if not info then return nil, err, code end
+local function id_from(info)
     if not info.name or info.name == "" then
         return nil, "store: a blob without a name needs an explicit id", "EINVAL"
     end
     local id = (info.group or "") .. "/" .. info.name
     if info.specifier then id = id .. "/" .. info.specifier end
     return id, info
+end
+
+function _M.id_of(blob)
+    local info, err, code = key_info(blob)
+    if not info then return nil, err, code end
+    return id_from(info)
 end
 
 --- Check that blob is a well-formed key blob (its attributes parse) and
@@ -52,7 +56,7 @@ function _M.check(id, blob, fn)
         return nil, fn .. ": " .. (id and ("'" .. tostring(id) .. "': ") or "") .. err, code
     end
     if id == nil then
-        local derived, why, c = _M.id_of(blob)
+        local derived, why, c = id_from(info) -- parsed once above
         if not derived then return nil, fn .. ": " .. why, c end
         id = derived
     end

@@ -1,0 +1,1020 @@
+-- softcxi.store.redis: key blobs in one Redis server, over softcxi.hiredis.
+--
+--   local store = require "softcxi.store"
+--   local s = assert(store.open("redis://[user:password@]127.0.0.1:6379/0?prefix=keys:"))
+--
+-- URL query (each may also come as a field of store.open's opts, which wins):
+--   prefix=softcxi:      every key starts with it (ACL key patterns: ~prefix*)
+--   timeout=2            seconds, for connect and for every reply
+--   wait_replicas=0      after each write, WAIT until this many replicas have it
+--   wait_timeout_ms=1000 how long WAIT may block; fewer acks -> EREPL
+--
+-- Layout under the prefix P (docs/stores-redis.md):
+--   P k:<id>                   the blob, a Redis string
+--   P idx:<field>:<value>      a set of ids per attribute value (name, specifier, group, algo)
+--   P n                        how many blobs the store holds (INCR/DECR in the write scripts)
+-- Every write is one Lua script run by Redis (EVALSHA): it checks the current value (absent
+-- for a plain put, equal to what the caller expects for if_match, overwrite and delete),
+-- writes or deletes the blob, updates the index sets and the counter.  Redis runs a script
+-- atomically, so a blob and its index entries never disagree, whatever else runs.
+--
+-- The same code serves the Redis Cluster store (redis_cluster.lua): a store is a layout (how
+-- ids map to keys: here one bucket and no hash tag) over a transport (here one Node; there a
+-- router that sends each command to the node owning its key's slot).  A transport has
+--   t:pipeline(cmds [, {retry=, write=}]) -> res [, msg, code]
+--        cmds[i] is an argv array with .key (routing key); res[i] is the reply, { err = text }
+--        for a Redis error, or nil when no reply came (msg, code then say why: ECONN);
+--        retry = resend once on a fresh connection after ECONN (idempotent commands only)
+--   t:nodes() -> { node, ... }   the masters, each with :pipeline (SCAN runs per node)
+--   t:wait(n, ms) -> fewest replicas that acknowledged the writes since the last wait
+--   t:close()
+
+local softcxi = require "softcxi"
+local store = require "softcxi.store"
+local hiredis = require "softcxi.hiredis"
+
+local type, tostring, tonumber, pairs, ipairs, setmetatable, error =
+    type, tostring, tonumber, pairs, ipairs, setmetatable, error
+local string_format, string_char = string.format, string.char
+local math_floor, math_min, math_max = math.floor, math.min, math.max
+local key_info, check = softcxi.key_info, store.check
+local null = hiredis.null
+
+local _M = { _VERSION = softcxi._VERSION }
+local mt = { __index = _M }
+
+-- Indexed attributes, in the order find prefers to scan them (most selective first).
+local FIELDS = { "name", "specifier", "group", "algo" }
+local INDEXED = { name = true, specifier = true, group = true, algo = true }
+
+local MAX_RACE = 16      -- read-then-compare-and-set rounds before giving up (ECONFLICT)
+local MAX_ROUNDS = 64    -- server round trips one find/scan call may make
+local MAX_WINDOW = 32    -- buckets find asks for in one pipeline
+local GET_CHUNK = 1000   -- GETs per pipeline in get_many / scan
+
+local RETRY = { retry = true }
+local WRITE = { write = true }
+
+-- ---- scripts ---------------------------------------------------------------
+
+-- KEYS: blob, counter, nold index sets to leave, then index sets to join.
+-- ARGV: mode ("absent" | "equal"), id, blob, expected, nold, expected-is-a-blob ("1"/"0").
+-- Returns 1 (written), 0 (exists, mode absent), -1 (absent, mode equal), -2 (differs).
+local WRITE_SCRIPT = [[
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == 'absent' then
+  if cur then return 0 end
+elseif not cur then
+  return -1
+elseif cur ~= ARGV[4] then
+  return -2
+end
+redis.call('SET', KEYS[1], ARGV[3])
+local nold = tonumber(ARGV[5])
+for i = 3, 2 + nold do redis.call('SREM', KEYS[i], ARGV[2]) end
+for i = 3 + nold, #KEYS do redis.call('SADD', KEYS[i], ARGV[2]) end
+if not cur or ARGV[6] ~= '1' then redis.call('INCR', KEYS[2]) end
+return 1
+]]
+
+-- KEYS: blob, counter, index sets to leave.  ARGV: id, expected, expected-is-a-blob.
+-- Returns 1 (deleted), -1 (absent), -2 (differs).
+local DELETE_SCRIPT = [[
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+if cur ~= ARGV[2] then return -2 end
+redis.call('DEL', KEYS[1])
+for i = 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+if ARGV[3] == '1' then redis.call('DECR', KEYS[2]) end
+return 1
+]]
+
+-- KEYS: index sets, the first one scanned.  ARGV: cursor, count.
+-- Returns { next_cursor, { ids in every set } } like SSCAN, in bounded memory.
+local FIND_SCRIPT = [[
+local r = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local out = {}
+for _, m in ipairs(r[2]) do
+  local all = true
+  for i = 2, #KEYS do
+    if redis.call('SISMEMBER', KEYS[i], m) == 0 then all = false break end
+  end
+  if all then out[#out + 1] = m end
+end
+return { r[1], out }
+]]
+
+local function sha1_hex(s)
+    return (softcxi.hash_compute("sha1", s):gsub(".", function(c)
+        return string_format("%02x", c:byte())
+    end))
+end
+
+local SCRIPTS = {}
+for name, text in pairs { write = WRITE_SCRIPT, delete = DELETE_SCRIPT, find = FIND_SCRIPT } do
+    SCRIPTS[name] = { text = text, sha = sha1_hex(text) }
+end
+
+-- ---- small helpers -----------------------------------------------------------
+
+local function is_err(r)
+    return type(r) == "table" and type(r.err) == "string"
+end
+_M.is_err = is_err
+
+-- The stable code for a Redis error reply.
+local function rcode(text)
+    if text:find("^WRONGPASS") or text:find("^NOAUTH") then return "EAUTH" end
+    if text:find("^NOPERM") then return "EPERM" end
+    if text:find("^WRONGTYPE") then return "EFORMAT" end
+    return "EIO"
+end
+
+-- An attribute value as it appears in an index key (specifier 3 -> "3", never "3.0").
+local function attr_str(v)
+    if type(v) == "number" and v == math_floor(v) then return string_format("%d", v) end
+    return tostring(v)
+end
+
+local function glob_escape(s)
+    return (s:gsub("[%*%?%[%]\\]", "\\%0"))
+end
+_M.glob_escape = glob_escape
+
+local function pct_decode(s)
+    return (s:gsub("%%(%x%x)", function(h) return string_char(tonumber(h, 16)) end))
+end
+
+local function check_opts(fn, opts, allowed)
+    if opts == nil then return {} end
+    if type(opts) ~= "table" then error(fn .. ": opts must be a table", 3) end
+    for k in pairs(opts) do
+        if not allowed[k] then error(fn .. ": unknown option '" .. tostring(k) .. "'", 3) end
+    end
+    return opts
+end
+
+local function check_id(fn, id)
+    if type(id) ~= "string" or id == "" then error(fn .. ": id must be a non-empty string", 3) end
+end
+
+-- A script call as an argv with its routing key and text (for the NOSCRIPT fallback).
+local function script_cmd(script, keys, args)
+    local argv = { "EVALSHA", script.sha, #keys }
+    for i = 1, #keys do argv[3 + i] = keys[i] end
+    local n = 3 + #keys
+    for i = 1, #args do argv[n + i] = args[i] end
+    argv.key, argv.script = keys[1], script.text
+    return argv
+end
+
+-- ---- a node: one server, one connection, (re)connected lazily ---------------
+
+local Node = {}
+Node.__index = Node
+_M.Node = Node
+
+--- A node of host:port.  cfg: user, password, db, timeout (seconds).
+function Node.new(host, port, cfg)
+    return setmetatable({ host = host, port = port, addr = host .. ":" .. port, cfg = cfg,
+                          dirty = false }, Node)
+end
+
+function Node:drop()
+    if self.c then self.c:close() end
+    self.c = nil
+end
+
+--- The live connection, connecting (AUTH, SELECT) when there is none.
+function Node:connect()
+    local c = self.c
+    if c and c:alive() then return c end
+    self:drop()
+    local cfg = self.cfg
+    local err, code
+    c, err, code = hiredis.connect(self.host, self.port, cfg.timeout)
+    if not c then return nil, err, code end
+    if cfg.password then
+        local ok
+        ok, err, code = c:command(cfg.user and { "AUTH", cfg.user, cfg.password }
+                                  or { "AUTH", cfg.password })
+        if not ok then
+            c:close()
+            if code ~= "EREDIS" then return nil, err .. " (during AUTH)", code end
+            return nil, string_format("%s: AUTH%s failed: %s", self.addr,
+                                      cfg.user and (" as '" .. cfg.user .. "'") or "", err), "EAUTH"
+        end
+    end
+    if cfg.db and cfg.db ~= 0 then
+        local ok
+        ok, err, code = c:command { "SELECT", cfg.db }
+        if not ok then
+            c:close()
+            if code ~= "EREDIS" then return nil, err .. " (during SELECT)", code end
+            code = rcode(err)
+            return nil, string_format("%s: SELECT %d: %s", self.addr, cfg.db, err),
+                code == "EIO" and "EINVAL" or code
+        end
+    end
+    self.c = c
+    return c
+end
+
+-- One pipeline on one connection, no retry.  The fourth value says whether the
+-- connection used was an old one (which may simply have gone stale).
+function Node:send(cmds)
+    local old = self.c ~= nil and self.c:alive()
+    local c, err, code = self:connect()
+    if not c then return {}, err, code, false end
+    local n = #cmds
+    for i = 1, n do
+        local ok
+        ok, err, code = c:append(cmds[i])
+        if not ok then
+            self:drop()
+            return {}, err, code, old
+        end
+    end
+    local res = {}
+    for i = 1, n do
+        local v
+        v, err, code = c:get_reply()
+        if v == nil then
+            if code ~= "EREDIS" then
+                self:drop()          -- the context is dead; the next call reconnects
+                return res, err, code, old
+            end
+            v = { err = err }
+        end
+        res[i] = v
+    end
+    return res
+end
+
+--- Transport contract (see the top of the file).  opts.retry resends once on a new
+-- connection when an old one failed (a server restart, an idle timeout): for reads.
+function Node:pipeline(cmds, opts)
+    local res, err, code, stale = self:send(cmds)
+    if err and stale and code == "ECONN" and opts and opts.retry then
+        res, err, code = self:send(cmds)
+    end
+    if opts and opts.write then self.dirty = true end
+    return res, err, code
+end
+
+function Node:nodes()
+    return { self }
+end
+
+--- WAIT for n replicas on this connection if it wrote since the last wait.
+function Node:wait(n, ms)
+    if not self.dirty then return n end
+    self.dirty = false
+    if not self.c then
+        return nil, self.addr .. ": the connection broke before WAIT", "ECONN"
+    end
+    local r, err, code = self.c:command { "WAIT", n, ms }
+    if r == nil then
+        if code == "EREDIS" then code = rcode(err) else self:drop() end
+        return nil, self.addr .. ": " .. err, code
+    end
+    return r
+end
+
+function Node:close()
+    self:drop()
+end
+
+-- ---- URL ----------------------------------------------------------------------
+
+local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeout_ms = true,
+                buckets = true, chunk = true }
+
+--- Parse "//[user:password@]host:port[,host:port...][/db][?k=v&...]" (the part after
+-- "redis:" / "redis-cluster:").  Returns { user, password, db, hosts = { {host, port} },
+-- query = {} } or nil, message.  Messages never contain the password.
+function _M.parse_url(rest)
+    local body = type(rest) == "string" and rest:match("^//(.*)$")
+    if not body then return nil, "the URL must look like redis://host:port[/db][?prefix=...]" end
+    local u = { hosts = {}, query = {} }
+    local q = body:find("?", 1, true)
+    if q then
+        for pair in body:sub(q + 1):gmatch("[^&]+") do
+            local k, v = pair:match("^([^=]+)=(.*)$")
+            if not k or not QUERY[k] then
+                return nil, "unknown URL parameter '" .. (k or pair) .. "' (prefix, timeout, "
+                    .. "wait_replicas, wait_timeout_ms, buckets, chunk)"
+            end
+            u.query[k] = pct_decode(v)     -- a later repetition wins
+        end
+        body = body:sub(1, q - 1)
+    end
+    local auth, hostpart = body:match("^(.*)@([^@]*)$")
+    if auth then
+        local user, pass = auth:match("^([^:]*):(.*)$")
+        if not user then return nil, "credentials must be user:password@ or :password@" end
+        u.user = user ~= "" and pct_decode(user) or nil
+        u.password = pct_decode(pass)
+        body = hostpart
+    end
+    local hosts, db = body:match("^([^/]*)/(.*)$")
+    if hosts then
+        if db ~= "" then
+            u.db = tonumber(db)
+            if not db:match("^%d+$") or not u.db then return nil, "bad database number '" .. db .. "'" end
+        end
+        body = hosts
+    end
+    for h in body:gmatch("[^,]+") do
+        local host, port = h:match("^%[([^%]]+)%]:?(%d*)$")
+        if not host then host, port = h:match("^([^:]+):?(%d*)$") end
+        port = tonumber(port ~= "" and port or "6379")
+        if not host or not port or port < 1 or port > 65535 then
+            return nil, "bad host:port '" .. h .. "'"
+        end
+        u.hosts[#u.hosts + 1] = { host = host, port = math_floor(port) }
+    end
+    if #u.hosts == 0 then return nil, "no host:port in the URL" end
+    return u
+end
+
+local function num_opt(fn, cfg, name, min, integer)
+    local v = cfg[name]
+    if v == nil then return nil end
+    local n = tonumber(v)
+    if not n or n < min or (integer and n ~= math_floor(n)) then
+        return nil, string_format("%s: %s must be %s >= %d, not '%s'", fn, name,
+                                  integer and "an integer" or "a number", min, tostring(v))
+    end
+    return n
+end
+
+--- Merge URL query and opts into the store configuration.  Returns cfg or nil, msg.
+function _M.config(fn, u, opts)
+    local merged = {}
+    for k, v in pairs(u.query) do merged[k] = v end
+    for k, v in pairs(opts or {}) do
+        -- store.open tail-calls open, which calls this: level 3 is store.open's caller
+        if not QUERY[k] then error(fn .. ": unknown option '" .. tostring(k) .. "'", 3) end
+        merged[k] = v
+    end
+    local cfg = { user = u.user, password = u.password, db = u.db }
+    cfg.prefix = merged.prefix or "softcxi:"
+    if type(cfg.prefix) ~= "string" then return nil, fn .. ": prefix must be a string" end
+    local err
+    for _, spec in ipairs { { "timeout", 0, false, 2 }, { "wait_replicas", 0, true, 0 },
+                            { "wait_timeout_ms", 0, true, 1000 }, { "chunk", 1, true, 1000 },
+                            { "buckets", 1, true, false } } do
+        local v
+        v, err = num_opt(fn, merged, spec[1], spec[2], spec[3])
+        if err then return nil, err end
+        if v == nil then v = spec[4] or nil end
+        cfg[spec[1]] = v
+    end
+    -- a WAIT must not outlast the socket timeout
+    if cfg.wait_replicas > 0 then
+        cfg.timeout = math_max(cfg.timeout, cfg.wait_timeout_ms / 1000 + 1)
+    end
+    return cfg
+end
+
+-- ---- the store -------------------------------------------------------------------
+
+--- A store over transport t.  layout: name (message prefix), buckets, tags (bucket ->
+-- key infix, 0-based), bucket_of(id) and key_id(key) for bucketed layouts.
+function _M.new(t, cfg, layout)
+    local P = cfg.prefix
+    local s = {
+        transport = t, name = layout.name, P = P, cluster = layout.cluster or false,
+        nb = layout.buckets or 1, tags = layout.tags or { [0] = "" },
+        bucket_of = layout.bucket_of, key_id = layout.key_id,
+        match = layout.match or (glob_escape(P) .. "k:*"),
+        wait_replicas = cfg.wait_replicas, wait_timeout_ms = cfg.wait_timeout_ms,
+        chunk = cfg.chunk, skipped = 0,
+    }
+    return setmetatable(s, mt)
+end
+
+-- Run cmds; scripts a node has not cached yet (a restart, a failover, a node it has never
+-- been sent to) come back NOSCRIPT and are sent again as EVAL, which also caches them.
+local function run(self, cmds, opts)
+    local res, err, code = self.transport:pipeline(cmds, opts)
+    local again
+    for i = 1, #cmds do
+        local r = res[i]
+        if is_err(r) and cmds[i].script and r.err:find("^NOSCRIPT") then
+            local c = cmds[i]
+            local e = { "EVAL", c.script }
+            for k = 3, #c do e[k] = c[k] end
+            e.key = c.key
+            again = again or { idx = {}, cmds = {} }
+            again.idx[#again.idx + 1] = i
+            again.cmds[#again.cmds + 1] = e
+        end
+    end
+    if again then
+        local res2, err2, code2 = self.transport:pipeline(again.cmds, opts)
+        for j, i in ipairs(again.idx) do res[i] = res2[j] end
+        err, code = err or err2, code or code2
+    end
+    return res, err, code
+end
+
+-- One command: reply or nil, msg, code.
+local function call(self, argv, opts)
+    local res, err, code = run(self, { argv }, opts)
+    local r = res[1]
+    if r == nil then return nil, err or "no reply", code or "ECONN" end
+    if is_err(r) then return nil, r.err, rcode(r.err) end
+    return r
+end
+
+-- One command on one node (SCAN): reply or nil, msg, code.
+local function node_call(node, argv)
+    local res, err, code = node:pipeline({ argv }, RETRY)
+    local r = res[1]
+    if r == nil then return nil, err or "no reply", code or "ECONN" end
+    if is_err(r) then return nil, r.err, rcode(r.err) end
+    return r
+end
+
+function _M:bucket(id)
+    return self.bucket_of and self.bucket_of(id) or 0
+end
+
+function _M:blob_key(id)
+    return self.P .. self.tags[self:bucket(id)] .. "k:" .. id
+end
+
+-- Append info's index set keys to argv from position n + 1; returns the new n.
+local function index_keys(argv, n, base, info)
+    for i = 1, #FIELDS do
+        local f = FIELDS[i]
+        local v = info[f]
+        if v ~= nil then
+            n = n + 1
+            argv[n] = base .. "idx:" .. f .. ":" .. attr_str(v)
+        end
+    end
+    return n
+end
+
+local WRITE_SHA, WRITE_TEXT = SCRIPTS.write.sha, SCRIPTS.write.text
+
+-- The write script for id: mode "absent", or "equal" to old (whose index entries it drops).
+-- Built in place: put_many makes one per key.
+local function write_cmd(self, id, blob, info, mode, old)
+    local base = self.P .. self.tags[self:bucket(id)]
+    local key = base .. "k:" .. id
+    local argv = { "EVALSHA", WRITE_SHA, 0, key, base .. "n", key = key, script = WRITE_TEXT }
+    local old_info = old and key_info(old)
+    local n = 5
+    if old_info then n = index_keys(argv, n, base, old_info) end
+    local nold = n - 5
+    n = index_keys(argv, n, base, info)
+    argv[3] = n - 3
+    argv[n + 1], argv[n + 2], argv[n + 3], argv[n + 4], argv[n + 5], argv[n + 6] =
+        mode, id, blob, old or "", nold, old_info and "1" or "0"
+    return argv
+end
+
+local function delete_cmd(self, id, old)
+    local base = self.P .. self.tags[self:bucket(id)]
+    local keys = { base .. "k:" .. id, base .. "n" }
+    local old_info = key_info(old)
+    if old_info then index_keys(keys, 2, base, old_info) end
+    return script_cmd(SCRIPTS.delete, keys, { id, old, old_info and "1" or "0" })
+end
+
+-- After writes: WAIT for the configured replicas.  true or nil, msg, code.
+local function replicated(self, fn, what)
+    local want = self.wait_replicas
+    if want <= 0 then return true end
+    local acked, err, code = self.transport:wait(want, self.wait_timeout_ms)
+    if not acked then return nil, string_format("%s: %s: WAIT: %s", fn, what, err), code end
+    if acked < want then
+        return nil, string_format("%s: %s written, but only %d of %d replicas acknowledged within %d ms",
+                                  fn, what, acked, want, self.wait_timeout_ms), "EREPL"
+    end
+    return true
+end
+
+local WRITE_RESULT = {
+    [0] = { "exists (use overwrite or if_match)", "EEXIST" },
+    [-1] = { "not found", "ENOTFOUND" },
+    [-2] = { "changed (the stored blob is not the one expected)", "ECONFLICT" },
+}
+
+local PUT_OPTS = { overwrite = true, if_match = true }
+
+--- Store blob under id (nil: group/name[/specifier]).  Plain put never replaces (EEXIST);
+-- opts.overwrite replaces; opts.if_match = old replaces only old (ECONFLICT, ENOTFOUND).
+function _M:put(id, blob, opts)
+    local fn = self.name .. ".put"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    opts = check_opts(fn, opts, PUT_OPTS)
+    local info, code
+    id, info, code = check(id, blob, fn)
+    if not id then return nil, info, code end
+    local old = opts.if_match
+    if old ~= nil and type(old) ~= "string" then error(fn .. ": if_match must be a blob string", 2) end
+    local key = self:blob_key(id)
+    local r, err
+    if old ~= nil then
+        r, err, code = call(self, write_cmd(self, id, blob, info, "equal", old), WRITE)
+    elseif opts.overwrite then
+        -- read, then compare-and-set against what was read, so the old index entries go
+        for _ = 1, MAX_RACE do
+            local cur
+            r = nil
+            cur, err, code = call(self, { "GET", key, key = key }, RETRY)
+            if cur == nil then break end
+            if cur == null then
+                r, err, code = call(self, write_cmd(self, id, blob, info, "absent"), WRITE)
+            else
+                r, err, code = call(self, write_cmd(self, id, blob, info, "equal", cur), WRITE)
+            end
+            if r == nil or r == 1 then break end
+        end
+        if r and r ~= 1 then
+            return nil, string_format("%s: '%s' kept changing under %d overwrite attempts",
+                                      fn, id, MAX_RACE), "ECONFLICT"
+        end
+    else
+        r, err, code = call(self, write_cmd(self, id, blob, info, "absent"), WRITE)
+    end
+    if r == nil then return nil, string_format("%s: '%s': %s", fn, id, err), code end
+    if r ~= 1 then
+        local why = WRITE_RESULT[r] or { "unexpected reply " .. tostring(r), "EIO" }
+        return nil, string_format("%s: '%s' %s", fn, id, why[1]), why[2]
+    end
+    return replicated(self, fn, "'" .. id .. "'")
+end
+
+--- The blob stored under id, or nil, msg, ENOTFOUND / EFORMAT (not a key blob).
+function _M:get(id)
+    local fn = self.name .. ".get"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    check_id(fn, id)
+    local key = self:blob_key(id)
+    local v, err, code = call(self, { "GET", key, key = key }, RETRY)
+    if v == nil then
+        if code == "EFORMAT" then err = "not a key blob (" .. err .. ")" end
+        return nil, string_format("%s: '%s' (key %s): %s", fn, id, key, err), code
+    end
+    if v == null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
+    local info, why = key_info(v)
+    if not info then
+        return nil, string_format("%s: '%s' (key %s): not a key blob: %s", fn, id, key, why), "EFORMAT"
+    end
+    return v
+end
+
+--- Remove id and its index entries.  true or nil, msg, ENOTFOUND.
+function _M:delete(id)
+    local fn = self.name .. ".delete"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    check_id(fn, id)
+    local key = self:blob_key(id)
+    for _ = 1, MAX_RACE do
+        local cur, err, code = call(self, { "GET", key, key = key }, RETRY)
+        if cur == nil then return nil, string_format("%s: '%s' (key %s): %s", fn, id, key, err), code end
+        if cur == null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
+        local r
+        r, err, code = call(self, delete_cmd(self, id, cur), WRITE)
+        if r == nil then return nil, string_format("%s: '%s': %s", fn, id, err), code end
+        if r == 1 then return replicated(self, fn, "'" .. id .. "'") end
+        if r == -1 then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
+    end
+    return nil, string_format("%s: '%s' kept changing under %d delete attempts", fn, id, MAX_RACE),
+        "ECONFLICT"
+end
+
+local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on_chunk = true }
+
+--- Store many { id =, blob = [, if_match = old] } in pipelined chunks (opts.chunk, default
+-- the store's chunk=, 1000).  opts.overwrite and per-item if_match as in put;
+-- opts.skip_existing: an id already stored is left alone and counted, not an error.
+-- opts.on_chunk(done, total) runs after each chunk is confirmed (and replicated).
+-- Returns stored, skipped; or nil, msg, code, stored -- stored counts the keys whose
+-- write Redis confirmed before the failure (ECONN: the connection broke mid-batch).
+-- Every item is checked first: a malformed one (EFORMAT) fails the call before anything
+-- is written.  Items failing one by one at the server (EEXIST, ECONFLICT) do not stop
+-- the pipeline: the rest is written, then the first failure is returned with how many
+-- failed.
+function _M:put_many(items, opts)
+    local fn = self.name .. ".put_many"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    if type(items) ~= "table" then error(fn .. ": items must be an array of { id =, blob = }", 2) end
+    opts = check_opts(fn, opts, PUT_MANY_OPTS)
+    local chunk = opts.chunk or self.chunk
+    if type(chunk) ~= "number" or chunk < 1 or chunk ~= math_floor(chunk) then
+        error(fn .. ": chunk must be a positive integer", 2)
+    end
+    local on_chunk = opts.on_chunk
+    if on_chunk ~= nil and type(on_chunk) ~= "function" then
+        error(fn .. ": on_chunk must be a function", 2)
+    end
+    local overwrite, skip_existing = opts.overwrite, opts.skip_existing
+    local total = #items
+    local stored, skipped, nfail = 0, 0, 0
+    local fail_msg, fail_code
+
+    -- a malformed item fails the whole call before anything is written (each chunk is
+    -- checked before it is sent: a single chunk needs no pass of its own)
+    for i = 1, total > chunk and total or 0 do
+        local it = items[i]
+        if type(it) ~= "table" then
+            error(string_format("%s: item %d must be a table { id =, blob = }", fn, i), 2)
+        end
+        if it.if_match ~= nil and type(it.if_match) ~= "string" then
+            error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
+        end
+        local id, msg, code = check(it.id, it.blob, fn)
+        if not id then return nil, string_format("%s (item %d)", msg, i), code, 0 end
+    end
+
+    local function failed(id, msg, code)
+        nfail = nfail + 1
+        if not fail_msg then fail_msg, fail_code = string_format("'%s' %s", id, msg), code end
+    end
+
+    for first = 1, total, chunk do
+        local last = math_min(total, first + chunk - 1)
+        local batch = {}
+        for i = first, last do
+            local it = items[i]
+            if type(it) ~= "table" then
+                error(string_format("%s: item %d must be a table { id =, blob = }", fn, i), 2)
+            end
+            if it.if_match ~= nil and type(it.if_match) ~= "string" then
+                error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
+            end
+            local id, info, code = check(it.id, it.blob, fn)
+            if not id then return nil, string_format("%s (item %d)", info, i), code, stored end
+            batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match }
+        end
+
+        -- overwrite: read what is there first, then compare-and-set against it
+        local cur = {}
+        if overwrite then
+            local gets = {}
+            for j, e in ipairs(batch) do
+                local key = self:blob_key(e.id)
+                gets[j] = { "GET", key, key = key }
+            end
+            local res, err, code = run(self, gets, RETRY)
+            if err then
+                return nil, string_format("%s: reading current values: %s (%d of %d keys stored)",
+                                          fn, err, stored, total), code, stored
+            end
+            for j = 1, #batch do cur[j] = res[j] end
+        end
+
+        local cmds = {}
+        for j, e in ipairs(batch) do
+            local old, mode = e.old, "equal"
+            if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
+            if old == nil then mode = "absent" end
+            cmds[j] = write_cmd(self, e.id, e.blob, e.info, mode, old)
+        end
+        local res, err, code = run(self, cmds, WRITE)
+        for j, e in ipairs(batch) do
+            local r = res[j]
+            if r == 1 then
+                stored = stored + 1
+            elseif r == nil then -- luacheck: ignore 542
+                -- no reply: the connection broke (reported below)
+            elseif is_err(r) then
+                failed(e.id, r.err, rcode(r.err))
+            elseif r == 0 and skip_existing and e.old == nil and not overwrite then
+                skipped = skipped + 1
+            elseif overwrite and e.old == nil then
+                -- raced with another writer between our GET and our write: one at a time
+                local ok, msg, c = self:put(e.id, e.blob, { overwrite = true })
+                if ok then stored = stored + 1 else failed(e.id, msg, c) end
+            else
+                local why = WRITE_RESULT[r] or { "unexpected reply " .. tostring(r), "EIO" }
+                failed(e.id, why[1], why[2])
+            end
+        end
+        if err then
+            return nil, string_format("%s: connection lost after %d of %d keys were confirmed stored"
+                                      .. " (%d skipped as existing): %s", fn, stored, total, skipped, err),
+                code, stored
+        end
+        local ok, msg, c = replicated(self, fn, string_format("%d keys", stored))
+        if not ok then return nil, msg, c, stored end
+        if on_chunk then on_chunk(last, total) end
+    end
+    if fail_msg then
+        return nil, string_format("%s: %s%s; %d of %d keys stored", fn, fail_msg,
+                                  nfail > 1 and string_format(" (and %d more failed)", nfail - 1) or "",
+                                  stored, total), fail_code, stored
+    end
+    return stored, skipped
+end
+
+-- GET the keys of ids in pipelined chunks.  Returns { [id] = blob } for the values that
+-- are key blobs, and nil or { [id] = { msg, code } } for those holding something else
+-- (another type, foreign bytes); or nil, msg, code.
+local function fetch_blobs(self, fn, ids)
+    local out, errs = {}, nil
+    for first = 1, #ids, GET_CHUNK do
+        local last = math_min(#ids, first + GET_CHUNK - 1)
+        local cmds = {}
+        for i = first, last do
+            local key = self:blob_key(ids[i])
+            cmds[#cmds + 1] = { "GET", key, key = key }
+        end
+        local res, err, code = run(self, cmds, RETRY)
+        if err then return nil, err, code end
+        for i = first, last do
+            local id, v = ids[i], res[i - first + 1]
+            local why
+            if is_err(v) then
+                why = v.err
+            elseif v ~= null then
+                local info, e = key_info(v)
+                if info then out[id] = v else why = e end
+            end
+            if why then
+                errs = errs or {}
+                errs[id] = { string_format("%s: '%s' (key %s): not a key blob: %s", fn, id,
+                                           cmds[i - first + 1][2], why), "EFORMAT" }
+            end
+        end
+    end
+    return out, errs
+end
+
+--- { [id] = blob } for the ids stored (missing ids absent), and nil or, for the ids that
+-- hold something other than a key blob (also absent), { [id] = { msg, "EFORMAT" } }.
+function _M:get_many(ids)
+    local fn = self.name .. ".get_many"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    if type(ids) ~= "table" then error(fn .. ": ids must be an array of strings", 2) end
+    for i = 1, #ids do
+        if type(ids[i]) ~= "string" or ids[i] == "" then
+            error(string_format("%s: ids[%d] must be a non-empty string", fn, i), 2)
+        end
+    end
+    local out, errs, code = fetch_blobs(self, fn, ids)
+    if not out then return nil, fn .. ": " .. errs, code end
+    return out, errs
+end
+
+--- The number of blobs stored (the counter the write scripts keep; O(buckets)).
+function _M:count()
+    local fn = self.name .. ".count"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    local cmds = {}
+    for b = 0, self.nb - 1 do
+        local key = self.P .. self.tags[b] .. "n"
+        cmds[#cmds + 1] = { "GET", key, key = key }
+    end
+    local res, err, code = run(self, cmds, RETRY)
+    if err then return nil, fn .. ": " .. err, code end
+    local n = 0
+    for i = 1, #cmds do
+        local v = res[i]
+        if is_err(v) then return nil, fn .. ": " .. v.err, rcode(v.err) end
+        n = n + (tonumber(v ~= null and v or 0) or 0)
+    end
+    return n
+end
+
+-- ---- paging: find and scan ------------------------------------------------------
+
+-- Cursor "part:server_cursor[:carry]": part is a bucket (find) or a node (scan), and
+-- server_cursor is where that part's SCAN/SSCAN resumes.  carry holds the ids of a server
+-- reply that did not fit the last page ("<len>,<id>" each); they come first.  A reply is
+-- never fetched twice: Redis may rehash between two calls, so the same server cursor need
+-- not give the same reply again.  nil / "0" start.
+local function parse_cursor(cursor)
+    if cursor == nil or cursor == "0" or cursor == "" then return 0, "0", {} end
+    if type(cursor) ~= "string" then return nil end
+    local b, c, rest = cursor:match("^(%d+):(%d+):?(.*)$")
+    if not b then return nil end
+    local carry, pos = {}, 1
+    while pos <= #rest do
+        local len, after = rest:match("^(%d+),()", pos)
+        if not len then return nil end
+        len = tonumber(len)
+        local id = rest:sub(after, after + len - 1)
+        if #id ~= len then return nil end
+        carry[#carry + 1] = id
+        pos = after + len
+    end
+    return tonumber(b), c, carry
+end
+
+local function make_cursor(b, c, carry, from)
+    local parts = { string_format("%d:%s", b, c) }
+    if from <= #carry then
+        parts[2] = ":"
+        for i = from, #carry do parts[#parts + 1] = #carry[i] .. "," .. carry[i] end
+    end
+    return table.concat(parts)
+end
+
+-- fetch(reqs) with reqs = { {part, server_cursor, count}, ... } returns
+-- { {items, next_server_cursor}, ... } (or nil, msg, code).  Parts whose server cursor
+-- starts at "0" may be fetched ahead, up to maxwin at once, once parts turn out small.
+local function page(nparts, cursor, limit, fetch, maxwin, min_count)
+    local b, c, carry = parse_cursor(cursor)
+    if not b then return nil, "bad cursor '" .. tostring(cursor) .. "'", "EINVAL" end
+    local out = {}
+    for i = 1, math_min(#carry, limit) do out[i] = carry[i] end
+    if #carry > limit then return out, make_cursor(b, c, carry, limit + 1) end
+    local win = 1
+    for _ = 1, MAX_ROUNDS do
+        if b >= nparts then return out, nil end
+        local room = limit - #out
+        if room == 0 then return out, make_cursor(b, c, carry, #carry + 1) end
+        local count = math_max(room, min_count)
+        local reqs = { { b, c, count } }
+        if c == "0" then
+            for j = 1, win - 1 do
+                if b + j < nparts then reqs[#reqs + 1] = { b + j, "0", count } end
+            end
+        end
+        local got, err, code = fetch(reqs)
+        if not got then return nil, err, code end
+        local finished = true
+        for j = 1, #reqs do
+            local items, nc = got[j][1], got[j][2]
+            -- where this part goes on after this reply
+            local nb, ncur = b, nc
+            if nc == "0" then nb, ncur = b + 1, "0" end
+            if #items > room then
+                -- the rest rides in the cursor; parts fetched ahead are fetched again
+                for i = 1, room do out[#out + 1] = items[i] end
+                return out, make_cursor(nb, ncur, items, room + 1)
+            end
+            for i = 1, #items do out[#out + 1] = items[i] end
+            room = limit - #out
+            b, c = nb, ncur
+            if nc ~= "0" then
+                finished = false
+                break
+            end
+        end
+        win = finished and math_min(win * 2, maxwin) or 1
+    end
+    if b >= nparts then return out, nil end
+    return out, make_cursor(b, c, carry, #carry + 1)
+end
+
+local function check_limit(fn, n, default)
+    if n == nil then return default end
+    if type(n) ~= "number" or n < 1 or n ~= math_floor(n) then
+        error(fn .. ": limit/count must be a positive integer", 3)
+    end
+    return n
+end
+
+-- Ids under the prefix, page by page, SCAN on every node in turn (not checked).
+local function scan_ids(self, cursor, count)
+    local nodes = self.transport:nodes()
+    local pat = self.match
+    local function fetch(reqs)
+        local req = reqs[1]
+        local node = nodes[req[1] + 1]
+        local r, err, code = node_call(node, { "SCAN", req[2], "MATCH", pat, "COUNT", req[3] })
+        if not r then return nil, node.addr .. ": " .. err, code end
+        local ids, seen = {}, {}
+        for _, key in ipairs(r[2]) do
+            local id = self.key_id and self.key_id(key) or key:sub(#self.P + 3)
+            if id and not seen[id] then
+                seen[id] = true
+                ids[#ids + 1] = id
+            end
+        end
+        return { { ids, r[1] } }
+    end
+    -- SCAN's COUNT is work, not matches: other keys in the database dilute ours
+    return page(#nodes, cursor, count, fetch, 1, 100)
+end
+
+-- scan's work; fn names the caller in messages (find({}) scans too).
+local function scan(self, fn, cursor, count)
+    local ids, nxt, code = scan_ids(self, cursor, count)
+    if not ids then return nil, fn .. ": " .. nxt, code end
+    local blobs, errs, c = fetch_blobs(self, fn, ids)
+    if not blobs then return nil, fn .. ": " .. errs, c end
+    -- an id deleted between SCAN and GET is left out too, but not counted: it is gone,
+    -- not foreign
+    local out, bad = {}, 0
+    for _, id in ipairs(ids) do
+        if blobs[id] then
+            out[#out + 1] = id
+        elseif errs and errs[id] then
+            bad = bad + 1
+        end
+    end
+    self.skipped = self.skipped + bad
+    return out, nxt, bad
+end
+
+--- Iterate the store in bounded memory: ids, next_cursor (nil when done), skipped.
+-- Values under the prefix that are not key blobs (another type, foreign bytes) are left
+-- out and counted: skipped for this page, self.skipped in total.  Like SCAN, an id stored
+-- throughout the iteration is returned at least once (twice is possible while Redis
+-- resizes its table); ids written meanwhile may or may not be.  A page holds at most
+-- count (default 100) ids, maybe none before the end.
+function _M:scan(cursor, count)
+    local fn = self.name .. ".scan"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    return scan(self, fn, cursor, check_limit(fn, count, 100))
+end
+
+--- Ids whose blob's attributes match filter (fields name, specifier, group, algo; an
+-- empty filter matches every blob), at most limit (default 100) per call, paged by
+-- cursor: ids, next_cursor (nil when done).
+function _M:find(filter, cursor, limit)
+    local fn = self.name .. ".find"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    if type(filter) ~= "table" then error(fn .. ": filter must be a table", 2) end
+    limit = check_limit(fn, limit, 100)
+    local fields = {}
+    for k in pairs(filter) do
+        if not INDEXED[k] then
+            return nil, string_format("%s: cannot find by '%s' (indexed: name, specifier, group, algo)",
+                                      fn, tostring(k)), "EINVAL"
+        end
+    end
+    for _, f in ipairs(FIELDS) do
+        local v = filter[f]
+        if v ~= nil then
+            if f == "specifier" then
+                v = tonumber(v)
+                if not v then return {}, nil end  -- no blob has a non-numeric specifier
+            end
+            fields[#fields + 1] = f .. ":" .. attr_str(v)
+        end
+    end
+    local ids, nxt, code
+    if #fields == 0 then
+        return scan(self, fn, cursor, limit)
+    else
+        local P, tags = self.P, self.tags
+        local fetch = function(reqs)
+            local cmds = {}
+            for j, req in ipairs(reqs) do
+                local base = P .. tags[req[1]] .. "idx:"
+                local keys = {}
+                for i, f in ipairs(fields) do keys[i] = base .. f end
+                if #keys == 1 then
+                    cmds[j] = { "SSCAN", keys[1], req[2], "COUNT", req[3], key = keys[1] }
+                else
+                    cmds[j] = script_cmd(SCRIPTS.find, keys, { req[2], req[3] })
+                end
+            end
+            local res, err, c = run(self, cmds, RETRY)
+            if err then return nil, err, c end
+            local got = {}
+            for j = 1, #cmds do
+                local r = res[j]
+                if is_err(r) then return nil, r.err, rcode(r.err) end
+                got[j] = { r[2], r[1] }
+            end
+            return got
+        end
+        ids, nxt, code = page(self.nb, cursor, limit, fetch, MAX_WINDOW, 10)
+    end
+    if not ids then return nil, fn .. ": " .. nxt, code end
+    return ids, nxt
+end
+
+--- Close the connections.  Closing twice is fine; any other call then raises.
+function _M:close()
+    if not self.closed then self.transport:close() end
+    self.closed = true
+    return true
+end
+
+-- ---- open ------------------------------------------------------------------------
+
+--- store.open("redis://...") lands here with rest = "//...".
+function _M.open(rest, opts, url)
+    local fn = "store.redis.open"
+    local u, err = _M.parse_url(rest)
+    if not u then return nil, fn .. ": " .. err, "EINVAL" end
+    if #u.hosts ~= 1 then
+        return nil, fn .. ": one host:port (use redis-cluster:// for a cluster)", "EINVAL"
+    end
+    local cfg
+    cfg, err = _M.config(fn, u, opts)
+    if not cfg then return nil, err, "EINVAL" end
+    if cfg.buckets then return nil, fn .. ": buckets= is for redis-cluster:// URLs", "EINVAL" end
+    local node = Node.new(u.hosts[1].host, u.hosts[1].port, cfg)
+    local c, code
+    c, err, code = node:connect()
+    if not c then return nil, fn .. ": " .. err, code end
+    local s = _M.new(node, cfg, { name = "store.redis" })
+    s.url = url and url:gsub("//[^@/]*@", "//***@")   -- for messages: never the password
+    return s
+end
+
+return _M

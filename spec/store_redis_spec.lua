@@ -1,0 +1,779 @@
+-- Redis-specific tests of the Redis and Redis Cluster stores; the contract every store
+-- meets is spec/store_spec.lua.  Here: the hiredis binding, AUTH and ACL users, index
+-- and counter kept in step with the blobs, values under the prefix that are not blobs,
+-- reconnects, WAIT, Redis killed in the middle of put_many, cluster key slots, MOVED
+-- and ASK, index bucketing.
+--
+-- Uses the servers ./run test starts (SOFTCXI_TEST_REDIS_URL,
+-- SOFTCXI_TEST_REDIS_CLUSTER_URL) and starts throw-away redis-servers of its own on free
+-- loopback ports for the tests that kill or replicate one; each is stopped by PID.
+-- Pending when the variables are unset.
+
+local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+
+local have_hiredis, hiredis = pcall(require, "softcxi.hiredis")
+local URL = os.getenv("SOFTCXI_TEST_REDIS_URL")
+local CURL = os.getenv("SOFTCXI_TEST_REDIS_CLUSTER_URL")
+if URL == "" then URL = nil end
+if CURL == "" then CURL = nil end
+
+if not have_hiredis then
+    describe("redis stores", function()
+        pending("softcxi.hiredis is not built (libhiredis-dev missing)")
+    end)
+    return
+end
+
+local store = require "softcxi.store"
+local redis = require "softcxi.store.redis"
+local cluster = require "softcxi.store.redis_cluster"
+
+local function urandom_hex(n)
+    local f = assert(io.open("/dev/urandom", "rb"))
+    local r = f:read(n)
+    f:close()
+    return H.hex(r)
+end
+
+local RUN = urandom_hex(4)
+local seq = 0
+
+--- A fresh prefix for one test: nothing of another test or run is under it.
+local function fresh_prefix()
+    seq = seq + 1
+    return "t" .. RUN .. "-" .. seq .. ":"
+end
+
+--- url with its prefix= replaced by (or extended with) p, and extra query parameters.
+local function with_prefix(url, p, extra)
+    if url:find("[?&]prefix=") then
+        url = url:gsub("([?&]prefix=)[^&]*", "%1" .. p)
+    else
+        url = url .. (url:find("?", 1, true) and "&" or "?") .. "prefix=" .. p
+    end
+    return url .. (extra or "")
+end
+
+local function open(url)
+    local s, msg, code = store.open(url)
+    assert(s, "store.open(" .. url .. "): " .. tostring(msg) .. " " .. tostring(code))
+    return s
+end
+
+-- ---- blobs ------------------------------------------------------------------------
+
+local dev
+local function device()
+    dev = dev or H.new_device()
+    return dev.hsm
+end
+
+--- n EC blobs named name-1..name-n in group (specifier i % 2).
+local function make_blobs(n, name, group)
+    local out = {}
+    for i = 1, n do
+        out[i] = H.gen(device(), { algo = "ec", curve = "P-256", name = name .. "-" .. i, group = group,
+                                   specifier = i % 2, usage = { "sign" } })
+    end
+    return out
+end
+
+local function items_of(blobs)
+    local items = {}
+    for i, b in ipairs(blobs) do items[i] = { blob = b } end
+    return items
+end
+
+local function ids_of(blobs)
+    local ids = {}
+    for i, b in ipairs(blobs) do ids[i] = assert(store.id_of(b)) end
+    return ids
+end
+
+--- Every id of a store through scan; returns the list, the skipped total and #pages.
+local function scan_all(s, count)
+    local out, cursor, skipped, pages = {}, nil, 0, 0
+    repeat
+        local ids, nxt, sk = s:scan(cursor, count or 50)
+        assert(ids, tostring(nxt))
+        for _, id in ipairs(ids) do out[#out + 1] = id end
+        skipped, cursor, pages = skipped + sk, nxt, pages + 1
+        assert(pages < 10000, "scan does not end")
+    until not cursor
+    return out, skipped, pages
+end
+
+local function set_of(list)
+    local s = {}
+    for _, v in ipairs(list) do s[v] = (s[v] or 0) + 1 end
+    return s
+end
+
+-- ---- throw-away servers -------------------------------------------------------------
+
+local servers = {}   -- every server this file started, to stop whatever happens
+
+local function port_open(port)
+    local c = hiredis.connect("127.0.0.1", port, 0.5)
+    if not c then return false end
+    local pong = c:command { "PING" }
+    c:close()
+    return pong == "PONG"
+end
+
+local function free_port()
+    for _ = 1, 200 do
+        local hex = urandom_hex(2)
+        local p = 20000 + tonumber(hex, 16) % 20000
+        if not hiredis.connect("127.0.0.1", p, 0.2) then return p end
+    end
+    error("no free port")
+end
+
+-- Running, not a zombie: a server started through a shell has init as its parent, which
+-- reaps it when it pleases.
+local function alive(pid)
+    local f = io.open("/proc/" .. pid .. "/stat", "rb")
+    if not f then return false end
+    local stat = f:read("*a") or ""
+    f:close()
+    return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+--- Stop a server by PID (signal: "TERM" or "KILL"): wait until it is gone, and if a
+-- TERM is not enough within 5 s, KILL it.  No redis-server of ours outlives the file.
+local function stop_server(srv, signal)
+    if not srv.pid then return end
+    for _, sig in ipairs { signal or "TERM", "KILL" } do
+        os.execute("kill -" .. sig .. " " .. srv.pid .. " 2>/dev/null")
+        for _ = 1, 100 do
+            if not alive(srv.pid) then
+                srv.pid = nil
+                return
+            end
+            hiredis.sleep(0.05)
+        end
+    end
+end
+
+--- A redis-server on a free port (or on port), data in dir, with extra arguments.
+local function start_server(dir, extra, port)
+    for _ = 1, 5 do
+        local p = port or free_port()
+        local cmd = string.format("redis-server --port %d --bind 127.0.0.1 --save '' --dir %s "
+            .. "--daemonize no --logfile %s %s </dev/null >/dev/null 2>&1 & echo \"pid=$!\"",
+            p, H.q(dir), H.q(dir .. "/redis-" .. p .. ".log"), extra or "--appendonly no")
+        local _, out = H.run(cmd)
+        local srv = { port = p, pid = tonumber(out:match("pid=(%d+)")), dir = dir }
+        servers[#servers + 1] = srv
+        for _ = 1, 100 do
+            if port_open(p) then return srv end
+            hiredis.sleep(0.05)
+        end
+        stop_server(srv, "KILL")
+    end
+    error("could not start redis-server in " .. dir)
+end
+
+local function admin(port)
+    return assert(hiredis.connect("127.0.0.1", port, 5))
+end
+
+local function cmd(c, argv)
+    local r, msg, code = c:command(argv)
+    assert(r ~= nil, table.concat(argv, " ") .. ": " .. tostring(msg) .. " " .. tostring(code))
+    return r
+end
+
+local tmp_root = H.tmpdir()
+
+teardown(function()
+    for _, srv in ipairs(servers) do stop_server(srv, "KILL") end
+    if dev then H.destroy(dev) end
+    H.rm_rf(tmp_root)
+end)
+
+-- ---- CRC16 and slots (no server needed) ------------------------------------------------
+
+describe("redis cluster key slots", function()
+    it("CRC16-XMODEM and hash tags give Redis's slots, under Lua 5.4 and LuaJIT alike", function()
+        assert.are.equal(0x31C3, cluster.crc16("123456789"))
+        assert.are.equal(0, cluster.crc16(""))
+        assert.are.equal(12182, cluster.key_slot("foo"))
+        assert.are.equal(cluster.key_slot("{user1000}.following"), cluster.key_slot("{user1000}.followers"))
+        assert.are.equal(cluster.key_slot("user1000"), cluster.key_slot("{user1000}.following"))
+        -- an empty tag does not count; only the first { and the next } do
+        assert.are.equal(cluster.crc16("foo{}{bar}") % 16384, cluster.key_slot("foo{}{bar}"))
+        assert.are.equal(cluster.key_slot("{bar"), cluster.key_slot("foo{{bar}}zap"))
+        assert.are.equal(cluster.key_slot("bar"), cluster.key_slot("foo{bar}{zap}"))
+        assert.are.equal("number", type(cluster.key_slot("\0\255binary")))
+    end)
+end)
+
+if not URL then
+    describe("redis store", function()
+        pending("SOFTCXI_TEST_REDIS_URL is not set (./run test starts a Redis)")
+    end)
+    return
+end
+
+local MAIN = assert(redis.parse_url(URL:match("^redis:(.*)$"))).hosts[1]
+
+--- Pages of every size visit every id exactly once, through scan, find({}) and find by
+-- group, with other keys under the prefix and elsewhere in the database.
+local function check_paging(s, tag)
+    local blobs = make_blobs(40, "pg" .. tag .. RUN, "gpg" .. tag)
+    assert.are.equal(40, s:put_many(items_of(blobs)))
+    local want = set_of(ids_of(blobs))
+    for _, n in ipairs { 1, 3, 4, 7, 39, 40, 1000 } do
+        local ids = scan_all(s, n)
+        assert.are.same(want, set_of(ids), "scan count " .. n)
+        for _, filter in ipairs { {}, { group = "gpg" .. tag } } do
+            local got, cursor, pages = {}, nil, 0
+            repeat
+                local page
+                page, cursor = s:find(filter, cursor, n)
+                assert.is_true(#page <= n)
+                for _, id in ipairs(page) do got[#got + 1] = id end
+                pages = pages + 1
+            until not cursor or pages > 1000
+            assert.are.same(want, set_of(got), "find limit " .. n)
+        end
+    end
+    H.expect_err("EINVAL", s:find({}, "nonsense", 3))
+    H.expect_err("EINVAL", s:find({ colour = "red" }))
+    for _, id in ipairs(ids_of(blobs)) do assert.is_true(s:delete(id)) end
+end
+
+-- ---- the binding -----------------------------------------------------------------------
+
+describe("softcxi.hiredis", function()
+    local c, P
+
+    before_each(function()
+        c = admin(MAIN.port)
+        P = fresh_prefix()
+    end)
+
+    after_each(function()
+        c:close()
+    end)
+
+    it("is binary safe both ways and maps every reply type", function()
+        local key, val = P .. "bin\0ary\r\n", "\0\1\2\255 value\0"
+        assert.are.equal("OK", c:command { "SET", key, val })          -- status -> string
+        assert.are.equal(val, c:command { "GET", key })                -- bulk, with NULs
+        assert.are.equal(hiredis.null, c:command { "GET", P .. "none" }) -- nil -> null
+        assert.are.equal(5, c:command { "INCRBY", P .. "n", 5 })       -- integer; numbers in argv
+        local arr = c:command { "MGET", key, P .. "none" }            -- array, null inside
+        assert.are.same({ val, hiredis.null }, arr)
+        local r = H.pack(c:command { "HSET", key, "f", "v" })          -- error -> nil, text, EREDIS
+        assert.is_nil(r[1])
+        assert.truthy(r[2]:find("^WRONGTYPE"), r[2])
+        assert.are.equal("EREDIS", r[3])
+        local nested = c:command { "EVAL", "return {1, 'a', {2}, redis.error_reply('boom')}", 0 }
+        assert.are.same({ 1, "a", { 2 } }, { nested[1], nested[2], nested[3] })
+        assert.truthy(nested[4].err:find("boom$"), nested[4].err)   -- error inside -> { err = }
+        c:command { "DEL", key, P .. "n" }
+    end)
+
+    it("pipelines with append and get_reply", function()
+        for i = 1, 100 do assert.is_true(c:append { "SET", P .. i, i }) end
+        assert.is_true(c:append { "GET", P .. 42 })
+        assert.are.equal(101, c:pending())
+        for _ = 1, 100 do assert.are.equal("OK", c:get_reply()) end
+        assert.are.equal("42", c:get_reply())
+        assert.are.equal(0, c:pending())
+        local keys = { "DEL" }
+        for i = 1, 100 do keys[#keys + 1] = P .. i end
+        assert.are.equal(100, c:command(keys))
+        -- a long argv (past the binding's stack arrays) with numbers and binary strings
+        local argv, want = { "RPUSH", P .. "list" }, {}
+        for i = 1, 60 do
+            local v = (i % 3 == 0) and i or (i % 3 == 1) and (i + 0.5) or ("\0" .. i .. "\255")
+            argv[#argv + 1] = v
+            want[i] = type(v) == "number" and tostring(v) or v
+        end
+        assert.are.equal(60, c:command(argv))
+        assert.are.same(want, c:command { "LRANGE", P .. "list", 0, -1 })
+        c:command { "DEL", P .. "list" }
+    end)
+
+    it("raises on misuse and returns ECONN for a refused connection", function()
+        assert.has_error(function() c:get_reply() end, "softcxi.hiredis: get_reply with no command pending")
+        assert.has_error(function() c:command {} end)
+        assert.has_error(function() c:command { "GET", {} } end)
+        c:append { "PING" }
+        assert.has_error(function() c:command { "PING" } end)   -- a reply is still pending
+        assert.are.equal("PONG", c:get_reply())
+        local r = H.pack(hiredis.connect("127.0.0.1", free_port(), 0.5))
+        assert.is_nil(r[1])
+        assert.truthy(r[2]:find("127.0.0.1:", 1, true), r[2])
+        assert.are.equal("ECONN", r[3])
+        c:close()
+        c:close()                                               -- twice is fine
+        assert.has_error(function() c:command { "PING" } end, "softcxi.hiredis: the connection is closed")
+        assert.truthy(tostring(c):find("closed"))
+    end)
+
+    it("a server that dies gives ECONN, never SIGPIPE, and the connection stays dead", function()
+        local dir = tmp_root .. "/dies"
+        H.mkdir_p(dir)
+        local srv = start_server(dir)
+        local d = admin(srv.port)
+        assert.are.equal("PONG", d:command { "PING" })
+        stop_server(srv, "KILL")
+        -- 2 MB in one pipeline: the writes after the peer's reset would raise SIGPIPE
+        local big = ("x"):rep(1024)
+        for i = 1, 2000 do d:append { "SET", "k" .. i, big } end
+        local r = H.pack(d:get_reply())
+        assert.is_nil(r[1])
+        assert.are.equal("ECONN", r[3], r[2])
+        assert.is_false(d:alive())
+        assert.are.equal(0, d:pending())
+        H.expect_err("ECONN", d:command { "PING" })
+        d:close()
+    end)
+end)
+
+-- ---- the single-server store ----------------------------------------------------------------
+
+describe("redis store", function()
+    local c
+
+    before_each(function()
+        c = admin(MAIN.port)
+    end)
+
+    after_each(function()
+        c:close()
+    end)
+
+    it("parses its URL and refuses bad ones (EINVAL), never echoing a password", function()
+        local u = assert(redis.parse_url("//us%40er:p%3Ass@[::1]:7000/3?prefix=a%3Ab:&timeout=0.5"))
+        assert.are.equal("us@er", u.user)
+        assert.are.equal("p:ss", u.password)
+        assert.are.equal("::1", u.hosts[1].host)
+        assert.are.equal(7000, u.hosts[1].port)
+        assert.are.equal(3, u.db)
+        assert.are.equal("a:b:", u.query.prefix)
+        u = assert(redis.parse_url("//:only@localhost"))
+        assert.is_nil(u.user)
+        assert.are.equal("only", u.password)
+        assert.are.equal(6379, u.hosts[1].port)
+        for _, bad in ipairs { "redis:localhost", "redis://h:0", "redis://h:99999", "redis://h:1/x",
+                               "redis://h:1?bogus=1", "redis://h:1?timeout=-1", "redis://a:1,b:2",
+                               "redis://nocolon@h:1", "redis://h:1?buckets=4",
+                               "redis://h:1?wait_replicas=1.5" } do
+            H.expect_err("EINVAL", store.open(bad))
+        end
+        local msg = H.expect_err("EINVAL", store.open("redis://u:s3cr3t@h:1?bogus=1"))
+        assert.is_nil(msg:find("s3cr3t", 1, true), msg)
+    end)
+
+    it("AUTHs as an ACL user held to its prefix; a wrong password is EAUTH", function()
+        local P = fresh_prefix()
+        local user, pw = "softcxi-" .. RUN, "pw-" .. RUN .. " with spaces"
+        -- the commands the store needs, and nothing else (docs/stores-redis.md)
+        cmd(c, { "ACL", "SETUSER", user, "reset", "on", ">" .. pw, "~" .. P .. "*",
+                 "+get", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan", "+sismember",
+                 "+sadd", "+srem", "+incr", "+decr", "+wait", "+select", "+ping" })
+        finally(function() c:command { "ACL", "DELUSER", user } end)
+        local enc = pw:gsub(" ", "%%20")
+        local base = string.format("redis://%s:%s@127.0.0.1:%d/0", user, enc, MAIN.port)
+        local s = open(with_prefix(base, P))
+        local blobs = make_blobs(3, "acl" .. RUN, "acl")
+        assert.is_true(s:put("one", blobs[1]))
+        assert.are.equal(2, s:put_many({ { id = "two", blob = blobs[2] },
+                                         { id = "three", blob = blobs[3] } }))
+        assert.are.equal(blobs[1], s:get("one"))
+        assert.are.equal(3, s:count())
+        assert.are.equal(3, #scan_all(s))
+        assert.are.equal(2, #s:find({ group = "acl", specifier = 1 }))
+        for _, id in ipairs { "one", "two", "three" } do assert.is_true(s:delete(id)) end
+        s:close()
+
+        -- keys outside its pattern: NOPERM from Redis, EPERM from the store
+        local other = open(with_prefix(base, "x" .. P))
+        local msg = H.expect_err("EPERM", other:put("one", blobs[1]))
+        assert.truthy(msg:find("NOPERM", 1, true), msg)
+        other:close()
+
+        local r = H.pack(store.open(string.format("redis://%s:wrong-%s@127.0.0.1:%d/0",
+                                                  user, RUN, MAIN.port)))
+        assert.is_nil(r[1])
+        assert.are.equal("EAUTH", r[3], r[2])
+        assert.truthy(r[2]:find("^store%.redis%.open: "), r[2])
+        assert.truthy(r[2]:find("AUTH as '" .. user .. "' failed", 1, true), r[2])
+        assert.is_nil(r[2]:find("wrong-" .. RUN, 1, true), "the password leaked: " .. r[2])
+        -- a password for a server whose default user needs none
+        H.expect_err("EAUTH", store.open(string.format("redis://:pw@127.0.0.1:%d/0", MAIN.port)))
+    end)
+
+    it("keeps the index sets and the counter in step with every write", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "na", group = "ga", specifier = 1 })
+        local b = H.gen(device(), { algo = "aes", size = 256, name = "nb", group = "gb" })
+        local function members(field, value)
+            local m = cmd(c, { "SMEMBERS", P .. "idx:" .. field .. ":" .. value })
+            table.sort(m)
+            return m
+        end
+        local function n() return tonumber(cmd(c, { "GET", P .. "n" })) end
+
+        assert.is_true(s:put("x", a))
+        assert.are.same({ "x" }, members("group", "ga"))
+        assert.are.same({ "x" }, members("name", "na"))
+        assert.are.same({ "x" }, members("specifier", "1"))
+        assert.are.same({ "x" }, members("algo", "ec"))
+        assert.are.equal(1, n())
+        assert.are.equal(a, cmd(c, { "GET", P .. "k:x" }))   -- the blob, byte for byte
+
+        assert.is_true(s:put("x", b, { overwrite = true }))
+        assert.are.same({}, members("group", "ga"))
+        assert.are.same({}, members("specifier", "1"))
+        assert.are.same({ "x" }, members("group", "gb"))
+        assert.are.same({ "x" }, members("algo", "aes"))
+        assert.are.equal(1, n())
+
+        assert.is_true(s:put("y", a))
+        assert.is_true(s:put("x", a, { if_match = b }))
+        assert.are.same({ "x", "y" }, members("group", "ga"))
+        assert.are.same({}, members("group", "gb"))
+        assert.are.equal(2, n())
+
+        assert.is_true(s:delete("x"))
+        assert.is_true(s:delete("y"))
+        assert.are.equal(0, n())
+        local left = cmd(c, { "SCAN", 0, "MATCH", P .. "idx:*", "COUNT", 1000 })
+        assert.are.same({}, left[2])
+        s:close()
+    end)
+
+    it("skips and counts values under the prefix that are not key blobs", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local blobs = make_blobs(3, "junk" .. RUN, "gj")
+        assert.are.equal(3, s:put_many(items_of(blobs)))
+        cmd(c, { "SET", P .. "k:junk", "hello" })          -- bytes that are no blob
+        cmd(c, { "SET", P .. "k:cut", blobs[1]:sub(1, 40) }) -- a truncated blob
+        cmd(c, { "SADD", P .. "k:aset", "x" })             -- another type
+        cmd(c, { "SET", P .. "unrelated", "y" })           -- not a blob key at all
+        local ids, skipped = scan_all(s, 2)
+        assert.are.same(set_of(ids_of(blobs)), set_of(ids))
+        assert.are.equal(3, skipped)
+        assert.are.equal(3, s.skipped)
+        local all, cursor = {}, nil
+        repeat
+            local page
+            page, cursor = s:find({}, cursor, 4)
+            for _, id in ipairs(page) do all[#all + 1] = id end
+        until not cursor
+        assert.are.same(set_of(ids_of(blobs)), set_of(all))
+        for _, id in ipairs { "junk", "cut", "aset" } do
+            local msg = H.expect_err("EFORMAT", s:get(id))
+            assert.truthy(msg:find("'" .. id .. "'", 1, true), msg)
+            assert.truthy(msg:find(P .. "k:" .. id, 1, true), msg)
+        end
+        local got, errs = s:get_many({ "junk", ids_of(blobs)[1], "aset", "missing" })
+        assert.are.equal(blobs[1], got[ids_of(blobs)[1]])
+        assert.is_nil(got.junk)
+        assert.are.equal("EFORMAT", errs.junk[2])
+        assert.are.equal("EFORMAT", errs.aset[2])
+        assert.is_nil(errs.missing)
+        assert.are.equal(3, s:count())                    -- the counter counts blobs only
+        cmd(c, { "DEL", P .. "k:junk", P .. "k:cut", P .. "k:aset", P .. "unrelated" })
+        for _, id in ipairs(ids_of(blobs)) do assert.is_true(s:delete(id)) end
+        s:close()
+    end)
+
+    it("pages of any size visit every id exactly once", function()
+        local s = open(with_prefix(URL, fresh_prefix()))
+        check_paging(s, "r")
+        assert.is_true(s:close())
+        assert.is_true(s:close())
+        assert.has_error(function() s:get("x") end, "store.redis.get: the store is closed")
+    end)
+
+    it("reconnects for a read; a write on a broken connection is not resent", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local blobs = make_blobs(2, "rc" .. RUN, "grc")
+        assert.is_true(s:put("a", blobs[1]))
+        local function kill_conn()
+            local id = cmd(s.transport.c, { "CLIENT", "ID" })
+            assert.are.equal(1, cmd(c, { "CLIENT", "KILL", "ID", id }))
+        end
+        kill_conn()
+        assert.are.equal(blobs[1], s:get("a"))              -- retried on a new connection
+        kill_conn()
+        H.expect_err("ECONN", s:put("b", blobs[2]))         -- may or may not have run: say so
+        assert.is_true(s:put("b", blobs[2], { overwrite = true }))  -- the next call reconnects
+        assert.are.equal(2, s:count())
+        assert.is_true(s:delete("a"))
+        assert.is_true(s:delete("b"))
+        s:close()
+    end)
+
+    it("wait_replicas: put returns once the replicas have the write, EREPL when too few do", function()
+        local dir = tmp_root .. "/repl"
+        H.mkdir_p(dir .. "/m")
+        H.mkdir_p(dir .. "/r")
+        local m = start_server(dir .. "/m", "--appendonly no --repl-diskless-sync-delay 0")
+        local r = start_server(dir .. "/r", "--appendonly no --replicaof 127.0.0.1 " .. m.port)
+        finally(function()
+            stop_server(r)
+            stop_server(m)
+        end)
+        local mc, rc = admin(m.port), admin(r.port)
+        for _ = 1, 100 do
+            local info = cmd(rc, { "INFO", "replication" })
+            if info:find("master_link_status:up", 1, true) then break end
+            hiredis.sleep(0.05)
+        end
+        local blobs = make_blobs(3, "wr" .. RUN, "gwr")
+        local s = open(string.format("redis://127.0.0.1:%d?prefix=w:&wait_replicas=1&wait_timeout_ms=5000",
+                                     m.port))
+        assert.is_true(s:put("a", blobs[1]))
+        assert.are.equal(blobs[1], cmd(rc, { "GET", "w:k:a" }))   -- on the replica when put returned
+        assert.are.equal(1, s:put_many({ { id = "b", blob = blobs[2] } }))
+        assert.are.equal(blobs[2], cmd(rc, { "GET", "w:k:b" }))
+        s:close()
+        s = open(string.format("redis://127.0.0.1:%d?prefix=w:&wait_replicas=2&wait_timeout_ms=100", m.port))
+        local msg = H.expect_err("EREPL", s:put("c", blobs[3]))
+        assert.truthy(msg:find("only 1 of 2 replicas", 1, true), msg)
+        assert.are.equal(blobs[3], s:get("c"))                      -- written on the master all the same
+        s:close()
+        mc:close()
+        rc:close()
+    end)
+
+    it("Redis killed mid-put_many: the error says how many keys are confirmed; a re-run completes",
+       function()
+        local dir = tmp_root .. "/crash"
+        H.mkdir_p(dir)
+        -- AOF with fsync always: what Redis confirmed survives kill -9 (docs/stores-redis.md)
+        local persist = "--appendonly yes --appendfsync always"
+        local srv = start_server(dir, persist)
+        finally(function() stop_server(srv, "KILL") end)
+        local s = open(string.format("redis://127.0.0.1:%d/0?prefix=crash:&timeout=2", srv.port))
+        local blobs = make_blobs(500, "crash" .. RUN, "gcrash")
+        local items = items_of(blobs)
+        local progress = {}
+        local r = H.pack(s:put_many(items, { chunk = 50, on_chunk = function(done, total)
+            progress[#progress + 1] = done
+            assert.are.equal(500, total)
+            if done == 150 then stop_server(srv, "KILL") end
+        end }))
+        assert.are.same({ 50, 100, 150 }, progress)
+        assert.is_nil(r[1])
+        assert.are.equal("ECONN", r[3], r[2])
+        assert.are.equal(150, r[4])
+        assert.truthy(r[2]:find("150 of 500 keys were confirmed stored", 1, true), r[2])
+        assert.truthy(r[2]:find("^store%.redis%.put_many: "), r[2])
+
+        srv = start_server(dir, persist, srv.port)          -- same port, same AOF
+        assert.are.equal(150, s:count())                    -- the same store object reconnects
+        local n, skipped = s:put_many(items, { chunk = 50, skip_existing = true })
+        assert.are.equal(350, n)
+        assert.are.equal(150, skipped)
+        assert.are.equal(500, s:count())
+        local ids, bad = scan_all(s, 100)
+        assert.are.equal(0, bad)
+        assert.are.equal(500, #ids)                                  -- no duplicates
+        assert.are.same(set_of(ids_of(blobs)), set_of(ids))         -- none missing
+        local got = assert(s:get_many(ids_of(blobs)))
+        for i, id in ipairs(ids_of(blobs)) do assert.are.equal(blobs[i], got[id]) end
+        s:close()
+    end)
+end)
+
+-- ---- the cluster store -------------------------------------------------------------------
+
+if not CURL then
+    describe("redis cluster store", function()
+        pending("SOFTCXI_TEST_REDIS_CLUSTER_URL is not set (./run test starts a cluster)")
+    end)
+    return
+end
+
+describe("redis cluster store", function()
+    local conns = {}
+
+    local function conn(addr)
+        if not conns[addr] then
+            local port = tonumber(addr:match(":(%d+)$"))
+            conns[addr] = admin(port)
+        end
+        return conns[addr]
+    end
+
+    -- the first node of the URL
+    local function seed()
+        local h = assert(redis.parse_url(CURL:match("^redis%-cluster:(.*)$"))).hosts[1]
+        return h.host .. ":" .. h.port
+    end
+
+    teardown(function()
+        for _, x in pairs(conns) do x:close() end
+    end)
+
+    it("computes the slots Redis computes", function()
+        local c = conn(seed())
+        for i = 1, 50 do
+            local key = urandom_hex(i % 7 + 1) .. (i % 3 == 0 and ("{" .. i .. "}") or "") .. "/k" .. i
+            assert.are.equal(cmd(c, { "CLUSTER", "KEYSLOT", key }), cluster.key_slot(key), key)
+        end
+    end)
+
+    it("spreads one group's index over many slots and nodes; a blob shares its index's slot", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(CURL, P))
+        assert.are.equal(256, s.nb)
+        local blobs = make_blobs(64, "spread" .. RUN, "gspread")
+        assert.are.equal(64, s:put_many(items_of(blobs)))
+        local t = s.transport
+        local buckets, slots, nodes = 0, {}, {}
+        local cmds = {}
+        for b = 0, s.nb - 1 do
+            local k = P .. "{" .. b .. "}idx:group:gspread"
+            cmds[#cmds + 1] = { "SCARD", k, key = k }
+        end
+        local res = t:pipeline(cmds)
+        local members = 0
+        for i, n in ipairs(res) do
+            if n > 0 then
+                buckets = buckets + 1
+                members = members + n
+                slots[cluster.key_slot(cmds[i][2])] = true
+                nodes[t:addr_of(cmds[i][2])] = true
+            end
+        end
+        assert.are.equal(64, members)
+        assert.is_true(buckets >= 40, "buckets used: " .. buckets)
+        local nslots, nnodes = 0, 0
+        for _ in pairs(slots) do nslots = nslots + 1 end
+        for _ in pairs(nodes) do nnodes = nnodes + 1 end
+        assert.are.equal(buckets, nslots)
+        assert.is_true(nnodes >= 2, "nodes used: " .. nnodes)
+        for _, id in ipairs(ids_of(blobs)) do
+            local b = s:bucket(id)
+            assert.are.equal(cluster.key_slot(P .. "{" .. b .. "}idx:group:gspread"),
+                             cluster.key_slot(s:blob_key(id)))
+            assert.is_true(s:delete(id))
+        end
+        assert.are.equal(0, s:count())
+        s:close()
+    end)
+
+    it("pages of any size visit every id exactly once, across buckets and nodes", function()
+        local s = open(with_prefix(CURL, fresh_prefix()))
+        check_paging(s, "c")
+        s:close()
+    end)
+
+    it("a stale slot map: commands answered MOVED mid-batch still land", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(CURL, P))
+        local t = s.transport
+        local blobs = make_blobs(200, "moved" .. RUN, "gmoved")
+        t:_scramble()
+        local moved0 = t.stats.moved
+        local n = s:put_many(items_of(blobs), { chunk = 50, on_chunk = function() t:_scramble() end })
+        assert.are.equal(200, n)
+        assert.is_true(t.stats.moved - moved0 >= 4 * 50, "MOVED answers: " .. (t.stats.moved - moved0))
+        t:_scramble()
+        local got = assert(s:get_many(ids_of(blobs)))
+        for i, id in ipairs(ids_of(blobs)) do assert.are.equal(blobs[i], got[id]) end
+        t:_scramble()
+        assert.are.equal(200, s:count())
+        t:_scramble()
+        local ids = scan_all(s, 64)
+        assert.are.same(set_of(ids_of(blobs)), set_of(ids))
+        for _, id in ipairs(ids_of(blobs)) do assert.is_true(s:delete(id)) end
+        s:close()
+    end)
+
+    it("follows ASK while a slot migrates and MOVED once it has moved", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(CURL, P))
+        local t = s.transport
+        local blob = H.gen(device(), { algo = "ec", curve = "P-256", name = "mig" .. RUN, group = "gmig" })
+        assert.is_true(s:put("a", blob))
+        local key = s:blob_key("a")
+        local slot = cluster.key_slot(key)
+        local src = t:addr_of(key)
+        local dst
+        for _, a in ipairs(t.masters) do if a ~= src then dst = a break end end
+        local src_id, dst_id = cmd(conn(src), { "CLUSTER", "MYID" }), cmd(conn(dst), { "CLUSTER", "MYID" })
+        local dst_port = tonumber(dst:match(":(%d+)$"))
+
+        local function migrate_all(from, to_port)
+            repeat
+                local keys = cmd(conn(from), { "CLUSTER", "GETKEYSINSLOT", slot, 100 })
+                if #keys > 0 then
+                    local argv = { "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS" }
+                    for _, k in ipairs(keys) do argv[#argv + 1] = k end
+                    cmd(conn(from), argv)
+                end
+            until #keys == 0
+        end
+        local function assign(to_id)
+            for _, a in ipairs(t.masters) do cmd(conn(a), { "CLUSTER", "SETSLOT", slot, "NODE", to_id }) end
+        end
+
+        cmd(conn(dst), { "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id })
+        cmd(conn(src), { "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id })
+        finally(function()
+            -- whatever happened, give the slot back to src with every key in it
+            conn(src):command { "CLUSTER", "SETSLOT", slot, "STABLE" }
+            conn(dst):command { "CLUSTER", "SETSLOT", slot, "STABLE" }
+        end)
+        cmd(conn(src), { "MIGRATE", "127.0.0.1", dst_port, key, 0, 5000 })   -- the blob moves first
+        local ask0 = t.stats.ask
+        assert.are.equal(blob, s:get("a"))                  -- src answers ASK, dst serves it
+        assert.is_true(t.stats.ask > ask0)
+
+        migrate_all(src, dst_port)
+        cmd(conn(dst), { "CLUSTER", "SETSLOT", slot, "NODE", dst_id })
+        assign(dst_id)
+        local moved0 = t.stats.moved
+        assert.are.equal(blob, s:get("a"))                  -- src answers MOVED, the map follows
+        assert.is_true(t.stats.moved > moved0)
+        assert.are.equal(dst, t:addr_of(key))
+        assert.are.same({ "a" }, s:find({ group = "gmig" }))
+
+        -- and back where it was, so every run starts from the same cluster
+        local src_port = tonumber(src:match(":(%d+)$"))
+        cmd(conn(src), { "CLUSTER", "SETSLOT", slot, "IMPORTING", dst_id })
+        cmd(conn(dst), { "CLUSTER", "SETSLOT", slot, "MIGRATING", src_id })
+        migrate_all(dst, src_port)
+        cmd(conn(src), { "CLUSTER", "SETSLOT", slot, "NODE", src_id })
+        assign(src_id)
+        assert.are.equal(blob, s:get("a"))
+        assert.are.equal(src, t:addr_of(key))
+        assert.is_true(s:delete("a"))
+        s:close()
+    end)
+
+    it("refuses another bucket count for an existing store, and braces in the prefix", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(CURL, P, "&buckets=16"))
+        assert.are.equal(16, s.nb)
+        s:close()
+        s = open(with_prefix(CURL, P, "&buckets=16"))
+        s:close()
+        local msg = H.expect_err("EINVAL", store.open(with_prefix(CURL, P, "&buckets=32")))
+        assert.truthy(msg:find("buckets=16", 1, true), msg)
+        H.expect_err("EINVAL", store.open(with_prefix(CURL, P)))   -- the default, 256
+        H.expect_err("EINVAL", store.open(with_prefix(CURL, "a{b}:")))
+        H.expect_err("EINVAL", store.open(CURL .. "/1"))
+        -- the bucket count lives under the prefix, routed like any key
+        local meta = P .. "{meta}buckets"
+        s = open(with_prefix(CURL, P, "&buckets=16"))
+        assert.are.equal("16", s.transport:pipeline({ { "GET", meta, key = meta } })[1])
+        s.transport:pipeline({ { "DEL", meta, key = meta } })
+        s:close()
+    end)
+end)

@@ -1,0 +1,86 @@
+-- softcxi.sys: the POSIX calls under the file store (csrc/lua/lsys.c).
+
+local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+local sys = require "softcxi.sys"
+
+describe("softcxi.sys", function()
+    local dir
+
+    before_each(function() dir = H.tmpdir() end)
+    after_each(function() H.rm_rf(dir) end)
+
+    local function names(path)
+        local l = assert(sys.listdir(path))
+        table.sort(l)
+        return l
+    end
+
+    it("writes durably, replacing, and leaves no temp file", function()
+        assert.is_true(sys.write_durable(dir .. "/f", "one"))
+        assert.is_true(sys.write_durable(dir .. "/f", "two"))
+        assert.are.equal("two", sys.read(dir .. "/f"))
+        assert.are.same({ "f" }, names(dir))
+    end)
+
+    it("write_new refuses an existing name (EEXIST) and keeps its content", function()
+        assert.is_true(sys.write_new(dir .. "/f", "one"))
+        local msg = H.expect_err("EEXIST", sys.write_new(dir .. "/f", "two"))
+        assert.truthy(msg:find(dir .. "/f", 1, true), msg)
+        assert.are.equal("one", sys.read(dir .. "/f"))
+        assert.are.same({ "f" }, names(dir))
+    end)
+
+    it("reads a range; a missing file is ENOTFOUND naming the path", function()
+        assert.is_true(sys.write_durable(dir .. "/f", "hello"))
+        assert.are.equal("ell", sys.read(dir .. "/f", 1, 3))
+        assert.are.equal("", sys.read(dir .. "/f", 99))
+        local msg = H.expect_err("ENOTFOUND", sys.read(dir .. "/nope"))
+        assert.truthy(msg:find(dir .. "/nope", 1, true), msg)
+        H.expect_err("ENOTFOUND", sys.listdir(dir .. "/nope"))
+        H.expect_err("ENOTFOUND", sys.stat(dir .. "/nope"))
+        H.expect_err("ENOTFOUND", sys.unlink(dir .. "/nope"))
+    end)
+
+    it("group-commits many files, creating directories, with markers", function()
+        local files = {}
+        for i = 1, 20 do files[i] = { dir .. "/d" .. (i % 3) .. "/f" .. i, ("x"):rep(i) } end
+        local markers = { { dir .. "/m/a/x" }, { dir .. "/m/b/y", "id" } }
+        local n = sys.write_durable_many(files, { markers = markers })
+        assert.are.equal(20, n)
+        for i = 1, 20 do assert.are.equal(("x"):rep(i), sys.read(files[i][1])) end
+        assert.are.equal("", sys.read(dir .. "/m/a/x"))
+        assert.are.equal("id", sys.read(dir .. "/m/b/y"))
+        for _, d in ipairs { "d0", "d1", "d2" } do
+            for _, f in ipairs(names(dir .. "/" .. d)) do assert.truthy(f:match("^f%d+$"), f) end
+        end
+    end)
+
+    it("stops a batch at the first name that must be new and exists", function()
+        assert.is_true(sys.write_new(dir .. "/b", "old"))
+        -- a single argument (no options table) is fine too
+        local r = H.pack(sys.write_durable_many({ { dir .. "/a", "1", true }, { dir .. "/b", "2", true },
+                                                  { dir .. "/c", "3", true } }))
+        assert.is_nil(r[1])
+        assert.are.equal("EEXIST", r[3])
+        assert.are.equal(1, r[4])
+        assert.are.equal("old", sys.read(dir .. "/b"))
+        assert.are.same({ "a", "b" }, names(dir))
+    end)
+
+    it("locks: exclusive excludes, nowait says EBUSY, unlock releases", function()
+        local a = assert(sys.flock(dir .. "/locks/x.lock", "ex"))
+        H.expect_err("EBUSY", sys.flock(dir .. "/locks/x.lock", "sh", true))
+        a:unlock()
+        local b = assert(sys.flock(dir .. "/locks/x.lock", "sh", true))
+        local c = assert(sys.flock(dir .. "/locks/x.lock", "sh", true))
+        b:unlock()
+        c:unlock()
+        assert.has_error(function() sys.flock(dir .. "/x", "both") end)
+    end)
+
+    it("hashes with FNV-1a 32", function()
+        assert.are.equal(2166136261, sys.hash32(""))
+        assert.are.equal(3826002220, sys.hash32("a"))
+        assert.are.equal(0xbf9cf968, sys.hash32("foobar"))
+    end)
+end)
