@@ -1,0 +1,114 @@
+-- softcxi.provision: N keys from a template into a store, resumable.
+local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+local softcxi = H.softcxi
+local provision = require "softcxi.provision"
+local store_mod = require "softcxi.store"
+
+local TEMPLATE = { algo = "ec", curve = "P-256", group = "fleet", usage = { "sign", "verify" } }
+
+describe("provision", function()
+    local dev, hsm, root
+
+    setup(function()
+        dev = H.new_device()
+        hsm = dev.hsm
+        root = H.tmpdir()
+    end)
+
+    teardown(function()
+        H.destroy(dev)
+        H.rm_rf(root)
+    end)
+
+    local n_stores = 0
+    local function new_store()
+        n_stores = n_stores + 1
+        return assert(store_mod.open("file:" .. root .. "/store" .. n_stores))
+    end
+
+    it("stores count keys named from the pattern, reporting progress per batch", function()
+        local store = new_store()
+        local seen = {}
+        local r = assert(provision.run {
+            hsm = hsm, store = store, template = TEMPLATE, count = 150, batch = 64,
+            name_format = "dev-%05d", start = 10,
+            on_progress = function(done, total) seen[#seen + 1] = done .. "/" .. total end,
+        })
+        assert.are.equal(150, r.generated)
+        assert.are.equal(150, r.stored)
+        assert.are.equal(0, r.skipped)
+        assert.are.same({ "64/150", "128/150", "150/150" }, seen)
+        assert.are.equal(150, store:count())
+        local blob = assert(store:get("fleet/dev-00010"))
+        assert.are.equal("dev-00010", softcxi.key_info(blob).name)
+        assert.is_truthy(store:get("fleet/dev-00159"))
+        assert.is_nil(store:get("fleet/dev-00160"))
+        local sig = assert(hsm:sign(blob, "ecdsa-sha256", "m"))
+        assert.is_true(hsm:verify(blob, "ecdsa-sha256", "m", sig))
+        store:close()
+    end)
+
+    it("a re-run generates nothing and leaves the stored keys as they were", function()
+        local store = new_store()
+        assert(provision.run { hsm = hsm, store = store, template = TEMPLATE, count = 40,
+            name_format = "k%d" })
+        local before = store:get("fleet/k7")
+        local r = assert(provision.run { hsm = hsm, store = store, template = TEMPLATE, count = 60,
+            name_format = "k%d", batch = 25 })
+        assert.are.equal(20, r.generated)
+        assert.are.equal(40, r.skipped)
+        assert.are.equal(60, store:count())
+        assert.are.equal(before, store:get("fleet/k7"))
+        store:close()
+    end)
+
+    it("a store that fails mid-run: the error says how many are stored; a re-run completes", function()
+        local real = new_store()
+        -- a store that breaks on its third put_many, after writing half the batch
+        local calls = 0
+        local flaky = setmetatable({}, { __index = function(_, k)
+            if k == "put_many" then
+                return function(_, items, opts)
+                    calls = calls + 1
+                    if calls == 3 then
+                        local half = {}
+                        for i = 1, math.floor(#items / 2) do half[i] = items[i] end
+                        local n = assert(real:put_many(half, opts))
+                        return nil, "connection lost", "ECONN", n
+                    end
+                    return real:put_many(items, opts)
+                end
+            end
+            local v = real[k]
+            if type(v) == "function" then return function(_, ...) return v(real, ...) end end
+            return v
+        end })
+        local r, msg, code, partial = provision.run { hsm = hsm, store = flaky, template = TEMPLATE,
+            count = 100, batch = 20, name_format = "d%03d" }
+        assert.is_nil(r)
+        assert.are.equal("ECONN", code)
+        assert.are.equal(50, partial.stored)
+        assert.matches("50 keys confirmed stored", msg, 1, true)
+        assert.are.equal(50, real:count())
+        r = assert(provision.run { hsm = hsm, store = real, template = TEMPLATE, count = 100,
+            batch = 20, name_format = "d%03d" })
+        assert.are.equal(50, r.generated)
+        assert.are.equal(100, real:count())
+        for i = 1, 100 do assert.is_truthy(real:get(("fleet/d%03d"):format(i)), i) end
+        real:close()
+    end)
+
+    it("misuse raises, a bad template is EINVAL", function()
+        local store = new_store()
+        assert.has_error(function() provision.run { hsm = hsm, store = store, count = 1 } end)
+        assert.has_error(function()
+            provision.run { hsm = hsm, store = store, template = TEMPLATE, count = 1,
+                name_format = "x%d", bogus = true }
+        end)
+        local _, _, code = provision.run { hsm = hsm, store = store, count = 3, name_format = "x%d",
+            template = { algo = "ec", curve = "P-7" } }
+        assert.are.equal("EINVAL", code)
+        assert.are.equal(0, store:count())
+        store:close()
+    end)
+end)
