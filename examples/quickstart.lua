@@ -1,6 +1,6 @@
 -- The main job, end to end: a device, a batch of external IoT device keys
--- kept by the application (here: one file per blob), a signature made with
--- a blob handed back to the device, and that signature checked by the
+-- provisioned into the embedded file key store, a signature made with a
+-- blob handed back to the device, and that signature checked by the
 -- `openssl` command line tool on the exported public key.
 --
 --   ./run demo [STATE_DIR [KEYSTORE_DIR [COUNT]]]
@@ -9,10 +9,12 @@
 -- config directory (~/.config/softcxi/devices/<id>.key).
 
 local softcxi = require "softcxi"
+local keystore = require "softcxi.store"
+local provision = require "softcxi.provision"
 
 local state_dir = arg[1] or "./demo-hsm"
 local store_dir = arg[2] or "./demo-keystore"
-local count = tonumber(arg[3] or "") or 5
+local count = tonumber(arg[3] or "") or 1000
 
 local function sh(cmd)
     local ok = os.execute(cmd)
@@ -25,43 +27,30 @@ local function write(path, data)
     assert(f:close())
 end
 
-local function read(path)
-    local f = io.open(path, "rb")
-    if not f then return nil end
-    local d = f:read("*a")
-    f:close()
-    return d
-end
-
 local hsm = assert(softcxi.open{ path = state_dir })
 local dev = hsm:device_info()
 print(("device %s (MBK kcv %s), key file %s"):format(dev.id, dev.kcv, dev.keyfile))
 
--- Provision: keys are generated on the device and come back as blobs; the
--- application stores them where it likes.  A blob already on disk is kept.
-assert(sh("mkdir -p '" .. store_dir .. "/iot'"))
-local first
-for i = 1, count do
-    local name = ("dev-%06d"):format(i)
-    local path = ("%s/iot/%s.blob"):format(store_dir, name)
-    local blob = read(path)
-    if not blob then
-        blob = assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, {
-            algo = "ec", curve = "P-256", name = name, group = "iot",
-            usage = { "sign", "verify" },
-        }))
-        write(path, blob)
-    end
-    first = first or { name = name, blob = blob, path = path }
-end
-local info = softcxi.key_info(first.blob)       -- clear attributes, no MBK needed
-print(("%d device keys in %s/iot; %s: %s %s, %d-byte blob starting with '%s', verified=%s")
-    :format(count, store_dir, first.name, info.algo, info.curve, #first.blob,
-        first.blob:sub(1, 1), tostring(info.verified)))
+-- Provision: keys are generated on the device (on worker threads) and come
+-- back as blobs; the application keeps them in its key store.  Keys already
+-- stored are kept, so running again completes an interrupted job.
+local store = assert(keystore.open("file:" .. store_dir))
+local report = assert(provision.run {
+    hsm = hsm, store = store, count = count, name_format = "dev-%06d",
+    template = { algo = "ec", curve = "P-256", group = "iot", usage = { "sign", "verify" } },
+})
+print(("%d device keys in %s: %d generated now, %d already there")
+    :format(store:count(), store_dir, report.generated, report.skipped))
+
+local first = { name = "dev-000001", id = "iot/dev-000001" }
+local stored = assert(store:get(first.id))
+local info = softcxi.key_info(stored)           -- clear attributes, no MBK needed
+print(("%s: %s %s, %d-byte blob starting with '%s', verified=%s")
+    :format(first.id, info.algo, info.curve, #stored, stored:sub(1, 1), tostring(info.verified)))
 
 -- Use: hand the stored blob back for a signature.
 local message = "telemetry from " .. first.name .. " at " .. os.date("!%Y-%m-%dT%H:%M:%SZ")
-local blob = assert(read(first.path))
+local blob = assert(store:get(first.id))
 local sig = assert(hsm:sign(blob, "ecdsa-sha256", message))
 assert(hsm:verify(blob, "ecdsa-sha256", message, sig) == true)
 local pem = assert(hsm:public_key(blob, "pem"))  -- the device checks the blob's tag first
@@ -78,5 +67,6 @@ if not ok then
     io.stderr:write("openssl could not verify the signature\n")
     os.exit(1)
 end
+store:close()
 hsm:close()
 print("quickstart: ok")
