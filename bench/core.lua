@@ -91,7 +91,9 @@ local function cleanup()
     for _, s in ipairs(sessions) do s:close() end
     -- Everything the core writes is known; remove it file by file.  Should
     -- anything be left (a newer core writing more), fall back to rm -rf.
-    os.remove(state_dir .. "/device.mbk")
+    for _, f in ipairs { "device.mbk", "users.db", "users.lock" } do
+        os.remove(state_dir .. "/" .. f)
+    end
     os.remove(state_dir)
     os.remove(keyfile)
     os.remove(root .. "/keys")
@@ -102,9 +104,26 @@ local function cleanup()
     os.remove(tmpfile)
 end
 
+local ADMIN_PW, USER_PW = "bench-admin-password", "bench-user-password"
+local initialised = false
+
+-- A session logged on as a user of every group; the first call creates
+-- the device and that user.
 local function open_device(cache)
+    if not initialised then
+        local ok, err = softcxi.init { path = state_dir, keyfile = keyfile,
+            password = ADMIN_PW, kdf_cost = 10 }
+        if not ok then error("softcxi.init: " .. tostring(err), 2) end
+        local admin = assert(softcxi.open { path = state_dir, keyfile = keyfile })
+        assert(admin:logon_pass("ADMIN", ADMIN_PW))
+        assert(admin:user_add { name = "bench", password = USER_PW, groups = { "*" },
+            kdf_cost = 10 })
+        admin:close()
+        initialised = true
+    end
     local hsm, err = softcxi.open { path = state_dir, keyfile = keyfile, cache = cache }
     if not hsm then error("softcxi.open: " .. tostring(err), 2) end
+    assert(hsm:logon_pass("bench", USER_PW))
     sessions[#sessions + 1] = hsm
     return hsm
 end

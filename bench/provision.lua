@@ -29,7 +29,13 @@ end
 local root = os.tmpname()
 os.remove(root)
 assert(sys.mkdir_p(root .. "/keys", 448))
+assert(softcxi.init { path = root .. "/state", keyfile = root .. "/keys/dev.key",
+    password = "bench-admin-password", kdf_cost = 10 })
 local hsm = assert(softcxi.open { path = root .. "/state", keyfile = root .. "/keys/dev.key" })
+assert(hsm:logon_pass("ADMIN", "bench-admin-password"))
+assert(hsm:user_add { name = "bench", password = "bench-password", groups = { "*" }, kdf_cost = 10 })
+hsm:logoff()
+assert(hsm:logon_pass("bench", "bench-password"))
 local template = { algo = "ec", curve = "P-256", group = "bench", usage = { "sign", "verify" } }
 
 -- 1. generation alone, in the same batches

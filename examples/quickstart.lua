@@ -27,7 +27,25 @@ local function write(path, data)
     assert(f:close())
 end
 
-local hsm = assert(softcxi.open{ path = state_dir })
+-- Demo credentials; a real deployment sets its own (SOFTCXI_ADMIN_PASSWORD,
+-- SOFTCXI_PASSWORD) and keeps them out of scripts.
+local admin_pw = os.getenv("SOFTCXI_ADMIN_PASSWORD") or "demo-admin-password"
+local user_pw = os.getenv("SOFTCXI_PASSWORD") or "demo-iot-password"
+
+-- Once, by an administrator: create the device and a user for the IoT keys.
+local hsm, err, code = softcxi.open{ path = state_dir }
+if not hsm and code == "ENOTFOUND" then
+    assert(softcxi.init{ path = state_dir, admin = "ADMIN", password = admin_pw })
+    hsm = assert(softcxi.open{ path = state_dir })
+    assert(hsm:logon_pass("ADMIN", admin_pw))
+    assert(hsm:user_add{ name = "provisioner", password = user_pw, groups = { "iot" } })
+    hsm:logoff()
+    print("created the device in " .. state_dir .. " with users ADMIN and provisioner")
+elseif not hsm then
+    error(err)
+end
+-- Every run: the application logs on; it may use keys of group "iot" only.
+assert(hsm:logon_pass("provisioner", user_pw))
 local dev = hsm:device_info()
 print(("device %s (MBK kcv %s), key file %s"):format(dev.id, dev.kcv, dev.keyfile))
 

@@ -239,6 +239,7 @@ describe("blob", function()
 local softcxi = require "softcxi"
 local path, keyfile, mode, blobfile, out = arg[1], arg[2], arg[3], arg[4], arg[5]
 local hsm = assert(softcxi.open { path = path, keyfile = keyfile })
+assert(hsm:logon_pass(arg[6], arg[7]))
 local function rd(p) local f = assert(io.open(p, "rb")); local d = f:read("*a"); f:close(); return d end
 local function wr(p, d) local f = assert(io.open(p, "wb")); f:write(d); f:close() end
 if mode == "sign" then
@@ -259,6 +260,7 @@ os.exit(0)
             H.writefile(script, child_src)
             local cmd = env .. H.q(interp) .. " " .. H.q(script) .. " " .. H.q(dev.path) .. " "
                 .. H.q(dev.keyfile) .. " " .. mode .. " " .. H.q(blobfile) .. " " .. H.q(out)
+                .. " " .. H.q(H.USER) .. " " .. H.q(H.USER_PASSWORD)
             return H.run(cmd)
         end
 

@@ -35,7 +35,7 @@ describe("device", function()
         local info1 = d.hsm:device_info()
         local blob = H.gen(d.hsm, { algo = "ec" })
         d.hsm:close()
-        local h2 = assert(softcxi.open { path = d.path, keyfile = d.keyfile })
+        local h2 = H.open(d)
         d.hsm = h2
         local info2 = h2:device_info()
         assert.are.equal(info1.kcv, info2.kcv)
@@ -46,7 +46,7 @@ describe("device", function()
 
     it("two sessions on the same path at once share the MBK", function()
         local d = fresh()
-        local h2 = assert(softcxi.open { path = d.path, keyfile = d.keyfile })
+        local h2 = H.open(d)
         assert.are.equal(d.hsm:device_info().kcv, h2:device_info().kcv)
         local blob = H.gen(d.hsm, { algo = "ed25519" })
         assert.is_true(h2:verify(blob, "ed25519", "m", assert(d.hsm:sign(blob, "ed25519", "m"))))
@@ -92,8 +92,8 @@ describe("device", function()
     it("a key file inside the state directory at creation is EINVAL", function()
         local root = H.tmpdir()
         devs[#devs + 1] = { root = root }
-        local msg = expect_err("EINVAL", softcxi.open { path = root .. "/state",
-                                                       keyfile = root .. "/state/device.key" })
+        local msg = expect_err("EINVAL", softcxi.init { path = root .. "/state",
+            keyfile = root .. "/state/device.key", password = H.ADMIN_PASSWORD, kdf_cost = H.KDF_COST })
         assert.truthy(msg:find("outside", 1, true), msg)
         assert.is_false(H.exists(root .. "/state/device.key"))
     end)
@@ -102,10 +102,10 @@ describe("device", function()
         local root = H.tmpdir()
         devs[#devs + 1] = { root = root }
         local kf = root .. "/state/keys/device.key"
-        local r = H.pack(softcxi.open { path = root .. "/state", keyfile = kf })
-        if r[1] then r[1]:close() end
+        local r = H.pack(softcxi.init { path = root .. "/state", keyfile = kf,
+            password = H.ADMIN_PASSWORD, kdf_cost = H.KDF_COST })
         assert.is_false(H.exists(kf), "the device key file was created inside the state directory")
-        assert.is_nil(r[1], "opened with the key file inside the state directory")
+        assert.is_nil(r[1], "created with the key file inside the state directory")
         assert.are.equal("EINVAL", r[3])
     end)
 
@@ -113,11 +113,11 @@ describe("device", function()
         local root = H.tmpdir()
         devs[#devs + 1] = { root = root }
         local kf = root .. "/state/sub/../device.key"
-        local r = H.pack(softcxi.open { path = root .. "/state", keyfile = kf })
-        if r[1] then r[1]:close() end
+        local r = H.pack(softcxi.init { path = root .. "/state", keyfile = kf,
+            password = H.ADMIN_PASSWORD, kdf_cost = H.KDF_COST })
         assert.is_false(H.exists(root .. "/state/device.key"),
             "the device key file was created inside the state directory")
-        assert.is_nil(r[1], "opened with the key file inside the state directory")
+        assert.is_nil(r[1], "created with the key file inside the state directory")
         assert.are.equal("EINVAL", r[3])
     end)
 
@@ -273,6 +273,7 @@ describe("device", function()
             local ok, err = pcall(function()
                 local s2 = require "softcxi"
                 local h = assert(s2.open { path = d.path, keyfile = d.keyfile })
+                assert(h:logon_pass(H.USER, H.USER_PASSWORD))
                 local ec = assert(h:key_generate(s2.FLAG_EXTERNAL,
                     { algo = "ec", usage = { "sign", "verify", "derive" } }))
                 local sig = assert(h:sign(ec, "ecdsa-sha256", "m", { format = "raw" }))

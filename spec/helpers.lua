@@ -130,8 +130,24 @@ end
 
 -- ---- devices -----------------------------------------------------------
 
---- A fresh device: { root, path, keyfile, hsm }.  The key file lives in a
--- sibling directory of the state directory, never in ~/.config.
+-- Credentials of every test device: an administrator and an application
+-- user whose groups cover every group ("*").  kdf_cost 10 keeps logons fast.
+H.ADMIN, H.ADMIN_PASSWORD = "ADMIN", "admin-password"
+H.USER, H.USER_PASSWORD = "app", "app-password"
+H.KDF_COST = 10
+
+--- Open a session on dev and log the application user on (opts.cache).
+function H.open(dev, opts)
+    opts = opts or {}
+    local hsm, msg, code = softcxi.open { path = dev.path, keyfile = dev.keyfile, cache = opts.cache }
+    assert(hsm, "softcxi.open failed: " .. tostring(msg) .. " " .. tostring(code))
+    assert(hsm:logon_pass(opts.user or H.USER, opts.password or H.USER_PASSWORD))
+    return hsm
+end
+
+--- A fresh device: { root, path, keyfile, hsm }, created with softcxi.init,
+-- with the application user added and logged on in dev.hsm.  The key file
+-- lives in a sibling directory of the state directory, never in ~/.config.
 -- opts.cache is passed through; opts.open = false makes no session.
 function H.new_device(opts)
     opts = opts or {}
@@ -141,12 +157,14 @@ function H.new_device(opts)
         path = root .. "/state",
         keyfile = root .. "/keys/device.key",
     }
-    if opts.open ~= false then
-        local hsm, msg, code = softcxi.open { path = dev.path, keyfile = dev.keyfile,
-                                              cache = opts.cache }
-        assert(hsm, "softcxi.open failed: " .. tostring(msg) .. " " .. tostring(code))
-        dev.hsm = hsm
-    end
+    assert(softcxi.init { path = dev.path, keyfile = dev.keyfile, admin = H.ADMIN,
+        password = H.ADMIN_PASSWORD, kdf_cost = H.KDF_COST })
+    local admin = assert(softcxi.open { path = dev.path, keyfile = dev.keyfile })
+    assert(admin:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
+    assert(admin:user_add { name = H.USER, password = H.USER_PASSWORD, groups = { "*" },
+        kdf_cost = H.KDF_COST })
+    admin:close()
+    if opts.open ~= false then dev.hsm = H.open(dev, opts) end
     return dev
 end
 

@@ -344,7 +344,8 @@ static int unseal_state(softcxi_device *dev, const uint8_t *state, size_t len,
     return 0;
 }
 
-static int create_state(softcxi_device *dev, const char *file, softcxi_error *err)
+static int create_state(softcxi_device *dev, const char *file, const softcxi_init_req *init,
+                        softcxi_error *err)
 {
     uint8_t devkey[32], idraw[16], salt[SCX_SALT_LEN], kcv[SCX_KCV_LEN];
     uint8_t attrs[128], out[SCX_HDR_LEN + 128 + 32 + SCX_TAG_LEN];
@@ -374,6 +375,11 @@ static int create_state(softcxi_device *dev, const char *file, softcxi_error *er
     if ((rc = create_keyfile(dev->keyfile, devkey, err)) != 0)
         goto done;
     wrote_key = 1;
+    /* The users come first: device.mbk appearing is the commit point. */
+    if ((rc = scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS)) != 0 ||
+        (rc = scx_users_create(dev, init->admin, init->password,
+                               init->kdf_cost ? init->kdf_cost : SCX_KDF_COST, err)) != 0)
+        goto done;
 
     softcxi_template t = {0};
     t.algo = SOFTCXI_ALGO_AES;
@@ -436,6 +442,33 @@ static int derive_working_keys(softcxi_device *dev, softcxi_error *err)
     return 0;
 }
 
+int scx_write_file_atomic(const char *path, const char *tmp, const uint8_t *data, size_t len,
+                          softcxi_error *err)
+{
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || write_all(fd, data, len) != 0 || fsync(fd) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        unlink(tmp);
+        return scx_fail(err, SOFTCXI_EIO, "writing %s: %s", tmp, strerror(e));
+    }
+    close(fd);
+    if (rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return scx_fail(err, SOFTCXI_EIO, "replacing %s: %s", path, strerror(e));
+    }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        (void)fsync_dir(slash == dir ? "/" : dir);
+    }
+    return 0;
+}
+
 /* What every device has: the locked secrets page and the sealing contexts. */
 static softcxi_device *device_alloc(void)
 {
@@ -465,6 +498,43 @@ static int device_finish(softcxi_device *dev, long cache_entries, softcxi_error 
     return 0;
 }
 
+int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err)
+{
+    char *file = NULL;
+    int rc;
+
+    if (!req || !req->path || !*req->path)
+        return scx_fail(err, SOFTCXI_EINVAL, "init: path (the device state directory) is required");
+    scx_secure_heap_init();
+    softcxi_device *dev = device_alloc();
+    if (!dev)
+        return scx_fail(err, SOFTCXI_ENOMEM, "init: out of memory");
+    dev->path = strdup(req->path);
+    dev->keyfile = req->keyfile ? strdup(req->keyfile) : NULL;
+    file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
+    if (!dev->path || !file || (req->keyfile && !dev->keyfile)) {
+        rc = scx_fail(err, SOFTCXI_ENOMEM, "init: out of memory");
+        goto done;
+    }
+    if (mkdirs(dev->path, 0700) != 0) {
+        rc = scx_fail(err, SOFTCXI_EIO, "init: cannot create %s: %s", dev->path, strerror(errno));
+        goto done;
+    }
+    if (access(file, F_OK) == 0) {
+        rc = scx_fail(err, SOFTCXI_EEXIST, "init: a device lives in %s already", dev->path);
+        goto done;
+    }
+    rc = create_state(dev, file, req, err);
+    if (rc == SOFTCXI_EEXIST && access(file, F_OK) == 0)
+        rc = scx_fail(err, SOFTCXI_EEXIST, "init: a device lives in %s already", dev->path);
+    if (rc == 0)
+        scx_ok(err);
+done:
+    free(file);
+    softcxi_device_free(dev);
+    return rc;
+}
+
 int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softcxi_error *err)
 {
     uint8_t state[STATE_MAX], devkey[32], devkcv[SCX_KCV_LEN];
@@ -487,24 +557,10 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
         goto fail;
     }
-    if (mkdirs(dev->path, 0700) != 0) {
-        rc = scx_fail(err, SOFTCXI_EIO, "open: cannot create %s: %s", dev->path, strerror(errno));
-        goto fail;
-    }
-
-    for (int attempt = 0;; attempt++) {
-        rc = read_state(dev, state, &state_len, file, err);
-        if (rc != SOFTCXI_ENOTFOUND)
-            break;
-        rc = create_state(dev, file, err);
-        if (rc != SOFTCXI_EEXIST || attempt > 0)
-            break;
-        /* Lost a creation race: reopen what the winner wrote. */
-        if (!req->keyfile) {
-            free(dev->keyfile);
-            dev->keyfile = NULL;
-        }
-    }
+    rc = read_state(dev, state, &state_len, file, err);
+    if (rc == SOFTCXI_ENOTFOUND)
+        rc = scx_fail(err, SOFTCXI_ENOTFOUND,
+                      "open: no device in %s (softcxi.init creates one)", dev->path);
     if (rc)
         goto fail;
 
@@ -516,6 +572,8 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         rc = load_keyfile(devkey, devkcv, dev->keyfile, err);
         if (rc == 0)
             rc = unseal_state(dev, state, state_len, devkey, devkcv, err);
+        if (rc == 0)
+            rc = scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS);
         OPENSSL_cleanse(devkey, sizeof devkey);
         if (rc)
             goto fail;
@@ -542,6 +600,7 @@ int scx_device_new_mem(softcxi_device **out, const uint8_t mbk[32], long cache_e
     if (!dev)
         return scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
     memcpy(dev->sec->mbk, mbk, 32);
+    dev->open_access = 1;
     if ((rc = device_finish(dev, cache_entries, err)) != 0) {
         softcxi_device_free(dev);
         return rc;

@@ -19,6 +19,7 @@
 #define SCX_TYPE_DB_BACKUP 0x03u  /* reserved for BackupDatabase */
 #define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
 #define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
+#define SCX_TYPE_USERS 0x12u      /* users.db, sealed under the device key */
 #define SCX_TYPE_MBK_SHARE 0x20u  /* one MBK key share, sealed under its password */
 
 #define SCX_KCV_LEN 8
@@ -51,6 +52,7 @@
 #define SCX_LABEL_DEVICE_MBK "softcxi/v1/blob/device-mbk"
 #define SCX_LABEL_AUDIT "softcxi/v1/audit"
 #define SCX_LABEL_STORAGE "softcxi/v1/storage"
+#define SCX_LABEL_USERS "softcxi/v1/users" /* from the device key, not the MBK */
 
 /* ---- errors ------------------------------------------------------------ */
 
@@ -207,7 +209,23 @@ typedef struct scx_cache {
 typedef struct scx_secrets {
     uint8_t mbk[32];
     uint8_t blob_key[32];
+    uint8_t state_key[32]; /* seals users.db; derived from the device key */
 } scx_secrets;
+
+/* Users and logon (users.c). */
+#define SCX_ROLE_ADMIN SOFTCXI_ROLE_ADMIN
+#define SCX_ROLE_USER SOFTCXI_ROLE_USER
+#define SCX_ADMIN_THRESHOLD 2u
+#define SCX_KDF_COST 15u
+#define SCX_USER_NAME_MAX 64
+#define SCX_GROUPS_MAX 255
+#define SCX_MAX_LOGONS 4
+
+typedef struct scx_logon {
+    char name[SCX_USER_NAME_MAX + 1];
+    char groups[SCX_GROUPS_MAX + 1];
+    unsigned role, level;
+} scx_logon;
 
 struct softcxi_device {
     int refs;
@@ -225,12 +243,24 @@ struct softcxi_device {
     EVP_PKEY_CTX *from[4]; /* EVP_PKEY_fromdata: EC, Ed25519, X25519, RSA */
     scx_rndpool pool;
     scx_cache cache;
+    int open_access; /* in-memory test devices: no users, no access rules */
 };
 
 struct softcxi_session {
     softcxi_device *dev;
     softcxi_error err;
+    scx_logon logons[SCX_MAX_LOGONS];
+    int nlogons;
 };
+
+int scx_users_create(const softcxi_device *dev, const char *admin, const char *password,
+                     unsigned cost, softcxi_error *err);
+/* 0, or EAUTH / EACCESS with the message set. */
+int scx_access_key(softcxi_session *s, const char *group, size_t group_len, const char *op);
+int scx_access_admin(softcxi_session *s, const char *op);
+/* Write path durably: tmp, fsync, rename over path, fsync of the folder. */
+int scx_write_file_atomic(const char *path, const char *tmp, const uint8_t *data, size_t len,
+                          softcxi_error *err);
 
 /* A device that lives in memory only, with the given MBK (tests; MBK
  * import builds on it). */

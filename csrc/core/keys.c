@@ -417,7 +417,8 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
 
     blob->data = NULL;
     blob->len = 0;
-    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0)
+    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_generate")) != 0)
         return rc;
     sealer z = {&dev->xblob, dev->gcm, &dev->pool, dev->kcv};
     EVP_PKEY_CTX *gen = uses_gen_ctx(t.algo) ? gen_ctx(dev, &t) : NULL;
@@ -490,7 +491,8 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     int stop = 0, rc;
 
     memset(blobs, 0, n * sizeof *blobs);
-    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0)
+    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "bulk_generate")) != 0)
         return rc;
     if (n == 0) {
         scx_ok(&s->err);
@@ -704,7 +706,8 @@ int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
             goto done;
         }
     }
-    if ((rc = scx_template_check(&t, &s->err)) != 0)
+    if ((rc = scx_template_check(&t, &s->err)) != 0 ||
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_import")) != 0)
         goto done;
     if (!(sec = OPENSSL_secure_malloc(sec_cap))) {
         rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "key_import: out of secure memory");
@@ -987,7 +990,10 @@ int softcxi_key_info_check(softcxi_session *s, softcxi_key_info *info, const uin
     int rc = scx_key_get(s, &k, blob, blob_len);
     if (rc)
         return rc;
+    rc = scx_access_key(s, k->info.group, k->info.group_len, "key_info");
     scx_key_release(s, k);
+    if (rc)
+        return rc;
     /* Point into the caller's blob, not the cache's copy. */
     rc = softcxi_key_info_read(info, blob, blob_len, &s->err);
     if (rc == 0)

@@ -103,6 +103,9 @@ static int use_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_
     if (rc)
         return rc;
     scx_key *k = *out;
+    rc = scx_access_key(s, k->info.group, k->info.group_len, op);
+    if (rc)
+        goto refused;
     if (!fits(mi->family, k->info.algo, m))
         rc = scx_fail(&s->err, SOFTCXI_EINVAL, "%s: mechanism '%s' does not fit key %s (%s%s%s)",
                       op, softcxi_mech_name(m), REF(&k->info), softcxi_algo_name(k->info.algo),
@@ -119,6 +122,7 @@ static int use_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size_
         strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
         rc = scx_fail(&s->err, SOFTCXI_EPOLICY, "%s: key %s expired at %s", op, REF(&k->info), when);
     }
+refused:
     if (rc) {
         scx_key_release(s, k);
         *out = NULL;

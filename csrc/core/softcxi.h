@@ -57,7 +57,8 @@ typedef enum softcxi_code {
     SOFTCXI_EIO = -10,      /* file system error */
     SOFTCXI_EPERM = -11,    /* unsafe file permissions */
     SOFTCXI_ECRYPTO = -12,  /* OpenSSL failed */
-    SOFTCXI_ENOMEM = -13
+    SOFTCXI_ENOMEM = -13,
+    SOFTCXI_EACCESS = -14  /* logged on, but not for this key's group */
 } softcxi_code;
 
 #define SOFTCXI_ERRSTR_MAX 256
@@ -195,8 +196,8 @@ typedef struct softcxi_open_req {
     long cache_entries;  /* opened-key cache size; < 0: default, 0: off */
 } softcxi_open_req;
 
-/* Open the device at req->path, creating it on first use (a new MBK sealed
- * under a new device key).  On failure returns a negative code, *out is NULL
+/* Open the device at req->path (ENOTFOUND when there is none: see
+ * softcxi_device_init).  On failure returns a negative code, *out is NULL
  * and err (if not NULL) says why. */
 SOFTCXI_MUST_CHECK int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req,
                                            softcxi_error *err);
@@ -207,12 +208,61 @@ void softcxi_device_kcv(const softcxi_device *dev, uint8_t kcv[8]);
 const char *softcxi_device_id(const softcxi_device *dev);
 const char *softcxi_device_keyfile(const softcxi_device *dev);
 
+/* Create a device: a new MBK sealed under a new device key (kept outside
+ * path), and its first administrator (level 2, who may act alone).  EEXIST
+ * when a device lives in path already.  kdf_cost is log2 of scrypt's N for
+ * password hashes (0: 15). */
+typedef struct softcxi_init_req {
+    const char *path;
+    const char *keyfile;
+    const char *admin;    /* the administrator's name */
+    const char *password; /* at least 8 characters */
+    unsigned kdf_cost;
+} softcxi_init_req;
+
+SOFTCXI_MUST_CHECK int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err);
+
 /* A session holds a reference to its device; the device lives until its
  * last session closes (softcxi_device_free drops the opener's reference). */
 softcxi_session *softcxi_session_new(softcxi_device *dev);
 void softcxi_session_free(softcxi_session *s);
 const softcxi_error *softcxi_session_error(const softcxi_session *s);
 softcxi_device *softcxi_session_device(const softcxi_session *s);
+
+/* ---- users and logon ---------------------------------------------------- */
+
+#define SOFTCXI_ROLE_ADMIN 1 /* MBK, users, backups, database */
+#define SOFTCXI_ROLE_USER 2  /* key operations in the user's groups */
+
+/* Log a user on to the session; several may be, their levels add up.  Key
+ * calls need a logged-on user whose groups cover the key's group (EAUTH
+ * without logon, EACCESS for another group); administrative calls need
+ * administrators of level 2 in all. */
+SOFTCXI_MUST_CHECK int softcxi_logon_pass(softcxi_session *s, const char *name,
+                                          const char *password);
+void softcxi_logoff(softcxi_session *s);
+
+typedef struct softcxi_user_req {
+    const char *name;
+    const char *password;
+    int role;        /* SOFTCXI_ROLE_* */
+    unsigned level;  /* 0..2 */
+    const char *groups; /* "iot,fleet-*" ("*": every group) */
+    unsigned kdf_cost;  /* 0: 15 */
+} softcxi_user_req;
+
+typedef struct softcxi_user_info {
+    const char *name, *role;
+    unsigned level;
+    const char *groups;
+    uint32_t failures;
+    int64_t locked_until;
+} softcxi_user_info;
+typedef int (*softcxi_user_cb)(void *ctx, const softcxi_user_info *user);
+
+SOFTCXI_MUST_CHECK int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req);
+SOFTCXI_MUST_CHECK int softcxi_user_delete(softcxi_session *s, const char *name);
+SOFTCXI_MUST_CHECK int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx);
 
 /* Opened-key cache statistics (hits, misses, entries). */
 typedef struct softcxi_cache_stats {

@@ -17,7 +17,7 @@
 
 static const char *const code_names[] = {
     "OK",      "EINVAL", "EFORMAT", "ETAMPER", "EMBK",    "EPOLICY", "EAUTH",
-    "ENOTFOUND", "EFULL", "EEXIST", "EIO",     "EPERM",   "ECRYPTO", "ENOMEM",
+    "ENOTFOUND", "EFULL", "EEXIST", "EIO",     "EPERM",   "ECRYPTO", "ENOMEM", "EACCESS",
 };
 
 const char *softcxi_code_name(int code)

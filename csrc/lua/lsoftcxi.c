@@ -370,6 +370,24 @@ static int l_open(lua_State *L)
     return 1;
 }
 
+/* init(path, keyfile|nil, admin, password, kdf_cost|nil) -> true */
+static int l_init(lua_State *L)
+{
+    softcxi_init_req req = {0};
+    softcxi_error err = {0, ""};
+    req.path = luaL_checkstring(L, 1);
+    req.keyfile = luaL_optstring(L, 2, NULL);
+    req.admin = luaL_checkstring(L, 3);
+    req.password = luaL_checkstring(L, 4);
+    lua_Integer cost = luaL_optinteger(L, 5, 0);
+    luaL_argcheck(L, cost >= 0 && cost <= 30, 5, "kdf_cost out of range");
+    req.kdf_cost = (unsigned)cost;
+    if (softcxi_device_init(&req, &err) != 0)
+        return push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static int l_key_info(lua_State *L)
 {
     size_t len;
@@ -757,7 +775,89 @@ static int m_check(lua_State *L)
     return 0;
 }
 
+static int m_logon_pass(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *name = luaL_checkstring(L, 2), *password = luaL_checkstring(L, 3);
+    if (softcxi_logon_pass(ls->s, name, password) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int m_logoff(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_logoff(ls->s);
+    return 0;
+}
+
+/* user_add(name, password, role, level, groups, kdf_cost|nil) -> true */
+static int m_user_add(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_user_req req = {0};
+    static const char *const roles[] = {"admin", "user", NULL};
+    req.name = luaL_checkstring(L, 2);
+    req.password = luaL_checkstring(L, 3);
+    req.role = luaL_checkoption(L, 4, "user", roles) == 0 ? SOFTCXI_ROLE_ADMIN : SOFTCXI_ROLE_USER;
+    lua_Integer level = luaL_optinteger(L, 5, 1);
+    luaL_argcheck(L, level >= 0 && level <= 2, 5, "level is 0, 1 or 2");
+    req.level = (unsigned)level;
+    req.groups = luaL_optstring(L, 6, "");
+    lua_Integer cost = luaL_optinteger(L, 7, 0);
+    luaL_argcheck(L, cost >= 0 && cost <= 30, 7, "kdf_cost out of range");
+    req.kdf_cost = (unsigned)cost;
+    if (softcxi_user_add(ls->s, &req) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int m_user_delete(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    if (softcxi_user_delete(ls->s, luaL_checkstring(L, 2)) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_user(void *ctx, const softcxi_user_info *u)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, u->name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, u->role);
+    lua_setfield(L, -2, "role");
+    lua_pushinteger(L, (lua_Integer)u->level);
+    lua_setfield(L, -2, "level");
+    lua_pushstring(L, u->groups);
+    lua_setfield(L, -2, "groups");
+    lua_pushinteger(L, (lua_Integer)u->failures);
+    lua_setfield(L, -2, "failures");
+    lua_pushinteger(L, (lua_Integer)u->locked_until);
+    lua_setfield(L, -2, "locked_until");
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+static int m_user_list(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_user_list(ls->s, push_user, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"logon_pass", m_logon_pass},
+    {"logoff", m_logoff},
+    {"user_add", m_user_add},
+    {"user_delete", m_user_delete},
+    {"user_list", m_user_list},
     {"hash_compute", m_hash_compute},
     {"_check", m_check},
     {"close", m_close},
@@ -781,6 +881,7 @@ static const luaL_Reg session_methods[] = {
 
 static const luaL_Reg module_functions[] = {
     {"open", l_open},
+    {"init", l_init},
     {"key_info", l_key_info},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},

@@ -578,6 +578,78 @@ static void test_cache(void)
     softcxi_session_free(s);
 }
 
+/* Open a file-backed device and log on a user who may use every group
+ * (added on first use by the administrator). */
+static softcxi_session *file_session(const softcxi_open_req *req, int add_user)
+{
+    softcxi_device *dev = NULL;
+    softcxi_error err;
+    if (softcxi_device_open(&dev, req, &err) != 0) {
+        fprintf(stderr, "open: %s\n", err.msg);
+        return NULL;
+    }
+    softcxi_session *s = softcxi_session_new(dev);
+    softcxi_device_free(dev);
+    if (add_user) {
+        softcxi_user_req u = {"app", "app-password", SOFTCXI_ROLE_USER, 1, "*", 10};
+        CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
+        CHECK_RC(softcxi_user_add(s, &u), 0);
+        softcxi_logoff(s);
+    }
+    CHECK_RC(softcxi_logon_pass(s, "app", "app-password"), 0);
+    return s;
+}
+
+static void test_users(void)
+{
+    char dir[600], key[600];
+    softcxi_error err;
+    current = "users and logon";
+    tmp_path(dir, sizeof dir, "udev");
+    tmp_path(key, sizeof key, "keys/udev.key");
+    softcxi_init_req init = {dir, key, "ADMIN", "admin-password", 10};
+    CHECK_RC(softcxi_device_init(&init, &err), 0);
+    CHECK_RC(softcxi_device_init(&init, &err), SOFTCXI_EEXIST);
+    softcxi_open_req req = {dir, key, -1};
+    softcxi_session *s = file_session(&req, 1);
+    if (!s)
+        return;
+    /* The user may use any group; a user of group A may not use B. */
+    softcxi_buf b = gen(s, SOFTCXI_ALGO_EC, SOFTCXI_CURVE_P256, 0, 0); /* group "g" */
+    softcxi_logoff(s);
+    softcxi_sign_req r = {b.data, b.len, SOFTCXI_MECH_ECDSA_SHA256, 0, (const uint8_t *)"m", 1};
+    softcxi_buf sig = {0};
+    CHECK_RC(softcxi_sign(s, &sig, &r), SOFTCXI_EAUTH);
+    CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
+    softcxi_user_req ua = {"alice", "alice-password", SOFTCXI_ROLE_USER, 1, "iot,fleet-*", 10};
+    CHECK_RC(softcxi_user_add(s, &ua), 0);
+    CHECK_RC(softcxi_user_add(s, &ua), SOFTCXI_EEXIST);
+    /* an administrator is no key user */
+    CHECK_RC(softcxi_sign(s, &sig, &r), SOFTCXI_EACCESS);
+    softcxi_logoff(s);
+    CHECK_RC(softcxi_logon_pass(s, "alice", "alice-password"), 0);
+    CHECK_RC(softcxi_sign(s, &sig, &r), SOFTCXI_EACCESS);
+    CHECK(strstr(s->err.msg, "'g'") != NULL);
+    softcxi_template t = {0};
+    softcxi_buf fb = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = "fleet-7", t.name = "f";
+    CHECK_RC(softcxi_key_generate(s, &fb, SOFTCXI_FLAG_EXTERNAL, &t), 0);
+    t.group = "fleet";
+    CHECK_RC(softcxi_key_generate(s, &sig, SOFTCXI_FLAG_EXTERNAL, &t), SOFTCXI_EACCESS);
+    /* alice is no administrator */
+    CHECK_RC(softcxi_user_add(s, &ua), SOFTCXI_EAUTH);
+    softcxi_logoff(s);
+    /* Wrong passwords count on disk and lock the user out. */
+    for (int i = 0; i < 4; i++)
+        CHECK_RC(softcxi_logon_pass(s, "alice", "wrong-password"), SOFTCXI_EAUTH);
+    CHECK_RC(softcxi_logon_pass(s, "alice", "alice-password"), SOFTCXI_EAUTH);
+    CHECK(strstr(s->err.msg, "locked out") != NULL);
+    CHECK_RC(softcxi_logon_pass(s, "nobody", "whatever-pw"), SOFTCXI_EAUTH);
+    softcxi_session_free(s);
+    softcxi_buf_free(&b);
+    softcxi_buf_free(&fb);
+}
+
 static void test_device_files(void)
 {
     char dir[600], key[600], key2[600], dir2[600];
@@ -587,20 +659,23 @@ static void test_device_files(void)
     tmp_path(dir, sizeof dir, "dev");
     tmp_path(key, sizeof key, "keys/dev.key");
     softcxi_open_req req = {dir, key, -1};
-    CHECK_RC(softcxi_device_open(&dev, &req, &err), 0);
+    CHECK_RC(softcxi_device_open(&dev, &req, &err), SOFTCXI_ENOTFOUND); /* no init yet */
+    softcxi_init_req init = {dir, key, "ADMIN", "admin-password", 10};
+    CHECK_RC(softcxi_device_init(&init, &err), 0);
     uint8_t kcv1[8], kcv2[8];
-    softcxi_device_kcv(dev, kcv1);
-    softcxi_session *s = softcxi_session_new(dev);
-    softcxi_device_free(dev);
+    softcxi_session *s = file_session(&req, 1);
+    if (!s)
+        return;
+    softcxi_device_kcv(s->dev, kcv1);
     softcxi_buf b = gen(s, SOFTCXI_ALGO_EC, SOFTCXI_CURVE_P256, 0, 0);
     softcxi_session_free(s);
 
     /* Reopen: same MBK, the blob still works. */
-    CHECK_RC(softcxi_device_open(&dev, &req, &err), 0);
-    softcxi_device_kcv(dev, kcv2);
+    s = file_session(&req, 0);
+    if (!s)
+        return;
+    softcxi_device_kcv(s->dev, kcv2);
     CHECK(memcmp(kcv1, kcv2, 8) == 0);
-    s = softcxi_session_new(dev);
-    softcxi_device_free(dev);
     sign_roundtrip(s, &b, SOFTCXI_MECH_ECDSA_SHA256, 0);
     softcxi_session_free(s);
 
@@ -621,8 +696,8 @@ static void test_device_files(void)
     tmp_path(dir2, sizeof dir2, "dev2");
     tmp_path(key2, sizeof key2, "keys/dev2.key");
     softcxi_open_req req2 = {dir2, key2, -1};
-    CHECK_RC(softcxi_device_open(&dev2, &req2, &err), 0);
-    softcxi_device_free(dev2);
+    softcxi_init_req init2 = {dir2, key2, "ADMIN", "admin-password", 10};
+    CHECK_RC(softcxi_device_init(&init2, &err), 0);
     req.keyfile = key2;
     CHECK_RC(softcxi_device_open(&dev, &req, &err), SOFTCXI_EMBK);
     req.keyfile = key;
@@ -633,8 +708,8 @@ static void test_device_files(void)
     char dir3[600], key3[600];
     tmp_path(dir3, sizeof dir3, "dev3");
     tmp_path(key3, sizeof key3, "dev3/inside.key");
-    softcxi_open_req req3 = {dir3, key3, -1};
-    CHECK_RC(softcxi_device_open(&dev, &req3, &err), SOFTCXI_EINVAL);
+    softcxi_init_req req3 = {dir3, key3, "ADMIN", "admin-password", 10};
+    CHECK_RC(softcxi_device_init(&req3, &err), SOFTCXI_EINVAL);
     CHECK(strstr(err.msg, "outside") != NULL);
 
     /* A corrupt state file is refused, not overwritten. */
@@ -837,6 +912,7 @@ int main(int argc, char **argv)
     test_spki();
     test_cache();
     test_device_files();
+    test_users();
     test_fork_pool();
     test_bulk_generate();
     test_shares();

@@ -41,9 +41,24 @@ local function check_fields(opts, allowed, fn)
     end
 end
 
---- Open (on first use: create) the device whose state lives in opts.path.
--- opts.keyfile: the device key file (outside path); default in the user's
--- config directory.  opts.cache: size of the opened-key cache (0 = off).
+--- Create a device in opts.path: a new MBK sealed under a new device key
+-- (opts.keyfile, outside path; default in the user's config directory),
+-- and its first administrator (opts.admin, default "ADMIN", level 2) with
+-- opts.password.  opts.kdf_cost: log2 of scrypt's N for password hashes
+-- (default 15; tests use less).  Returns true or nil, err, code.
+function _M.init(opts)
+    if type(opts) ~= "table" or type(opts.path) ~= "string" or type(opts.password) ~= "string" then
+        error("softcxi.init: expects { path = DIR, password = ... [, admin =] [, keyfile =] }", 2)
+    end
+    check_fields(opts, { path = true, keyfile = true, admin = true, password = true,
+        kdf_cost = true }, "softcxi.init")
+    return core.init(opts.path, opts.keyfile, opts.admin or "ADMIN", opts.password, opts.kdf_cost)
+end
+
+--- Open the device whose state lives in opts.path (ENOTFOUND when there is
+-- none: softcxi.init creates one).  opts.keyfile: the device key file, if
+-- not in the default place.  opts.cache: size of the opened-key cache (0 =
+-- off).  Key calls need a logon (hsm:logon_pass).
 function _M.open(opts)
     if type(opts) ~= "table" or type(opts.path) ~= "string" then
         error("softcxi.open: expects { path = DIR [, keyfile = FILE] [, cache = N] }", 2)
@@ -108,6 +123,20 @@ function methods:key_import(flags, template, data, format)
         end
     end
     return c_key_import(self, flags, template, data, format)
+end
+
+local c_user_add = methods.user_add
+local USER_OPTS = { name = true, password = true, role = true, level = true, groups = true,
+    kdf_cost = true }
+
+--- user_add{ name =, password =, role = "user" | "admin", level = 1,
+-- groups = { "iot", "fleet-*" } } -> true.  Needs administrators of level 2.
+function methods:user_add(u)
+    if type(u) ~= "table" then error("user_add: expects a table", 2) end
+    check_fields(u, USER_OPTS, "user_add")
+    local groups = u.groups
+    if type(groups) == "table" then groups = table.concat(groups, ",") end
+    return c_user_add(self, u.name, u.password, u.role, u.level, groups, u.kdf_cost)
 end
 
 local SIGN_OPTS = { format = true }

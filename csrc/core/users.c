@@ -1,0 +1,616 @@
+/*
+ * users.c - the device's users, logon and the access rules.
+ *
+ * <path>/users.db holds every user, sealed at rest in the blob framing
+ * (type 0x12) under a key derived from the device key with the label
+ * "softcxi/v1/users": a copy of the state directory alone reveals nothing,
+ * and the users survive an MBK rotation.  The sealed payload is
+ *
+ *   u32 count, then per user:
+ *     u8 name_len, name | u8 role | u8 level | u16 groups_len, groups
+ *     | u8 kdf_cost | 16 salt | 32 verifier | u32 failures | i64 locked_until
+ *
+ * verifier = scrypt(password, salt, N = 2^kdf_cost, r = 8, p = 1).  groups is
+ * a comma-separated list of group names or prefixes ending in '*' ("iot-*",
+ * or "*" for all), as CXI_GROUP allows.
+ *
+ * Every change (a user added, a failed logon counted) rewrites the file
+ * under an exclusive flock of <path>/users.lock (temp + fsync + rename), so
+ * concurrent processes never lose an update; every logon and user call
+ * reads the file afresh, so a change made by one process is seen by the
+ * next call of every other.
+ *
+ * Authentication levels add up over the users logged on in one session;
+ * administrative calls need the administrators' sum to reach the device's
+ * threshold (SCX_ADMIN_THRESHOLD), as on a CryptoServer: the administrator
+ * made by init has level 2 and may act alone; two level-1 administrators
+ * give dual control.
+ */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/kdf.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define USERS_FILE "users.db"
+#define USERS_LOCK "users.lock"
+#define USERS_MAX_FILE (1u << 20)
+#define SALT_LEN 16
+#define VERIFIER_LEN 32
+
+/* Failed logons: the first FREE_FAILURES cost nothing; after that the user
+ * is locked out for 2^(n - FREE_FAILURES) seconds, at most LOCK_MAX. */
+#define FREE_FAILURES 3
+#define LOCK_MAX 900
+
+typedef struct user {
+    char name[SCX_USER_NAME_MAX + 1];
+    unsigned role, level;
+    char groups[SCX_GROUPS_MAX + 1];
+    unsigned cost;
+    uint8_t salt[SALT_LEN], verifier[VERIFIER_LEN];
+    uint32_t failures;
+    int64_t locked_until;
+} user;
+
+typedef struct users {
+    user *u;
+    size_t n;
+} users;
+
+static void users_free(users *us)
+{
+    if (us->u)
+        OPENSSL_clear_free(us->u, us->n * sizeof *us->u);
+    us->u = NULL;
+    us->n = 0;
+}
+
+/* ---- password verifiers ------------------------------------------------ */
+
+static int verifier(uint8_t out[VERIFIER_LEN], const char *password, const uint8_t salt[SALT_LEN],
+                    unsigned cost)
+{
+    EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
+    EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
+    uint64_t n = (uint64_t)1 << cost, maxmem = (uint64_t)1 << 30;
+    uint32_t r = 8, p = 1;
+    OSSL_PARAM params[7];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
+                                                  (void *)(uintptr_t)password, strlen(password));
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)(uintptr_t)salt,
+                                                  SALT_LEN);
+    params[2] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_N, &n);
+    params[3] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_R, &r);
+    params[4] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_P, &p);
+    params[5] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_MAXMEM, &maxmem);
+    params[6] = OSSL_PARAM_construct_end();
+    int ok = c && EVP_KDF_derive(c, out, VERIFIER_LEN, params) == 1;
+    EVP_KDF_CTX_free(c);
+    EVP_KDF_free(kdf);
+    return ok ? 0 : SOFTCXI_ECRYPTO;
+}
+
+static int set_password(user *u, const char *password, unsigned cost, softcxi_error *err)
+{
+    if (!password || strlen(password) < 8)
+        return scx_fail(err, SOFTCXI_EINVAL, "user '%s': a password needs 8 characters or more",
+                        u->name);
+    if (cost < 10 || cost > 20)
+        return scx_fail(err, SOFTCXI_EINVAL, "kdf_cost %u is out of 10..20", cost);
+    u->cost = cost;
+    if (RAND_bytes(u->salt, SALT_LEN) != 1 || verifier(u->verifier, password, u->salt, cost) != 0)
+        return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "user '%s': hashing the password failed",
+                            u->name);
+    return 0;
+}
+
+/* ---- the file ---------------------------------------------------------- */
+
+static int users_key(scx_xaes *x, const softcxi_device *dev)
+{
+    return scx_xaes_init(x, dev->sec->state_key);
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (24 - 8 * i));
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static size_t serialize(uint8_t *out, const users *us)
+{
+    size_t k = 4;
+    put_u32(out, (uint32_t)us->n);
+    for (size_t i = 0; i < us->n; i++) {
+        const user *u = &us->u[i];
+        size_t nl = strlen(u->name), gl = strlen(u->groups);
+        out[k++] = (uint8_t)nl;
+        memcpy(out + k, u->name, nl), k += nl;
+        out[k++] = (uint8_t)u->role;
+        out[k++] = (uint8_t)u->level;
+        scx_put16(out + k, (unsigned)gl), k += 2;
+        memcpy(out + k, u->groups, gl), k += gl;
+        out[k++] = (uint8_t)u->cost;
+        memcpy(out + k, u->salt, SALT_LEN), k += SALT_LEN;
+        memcpy(out + k, u->verifier, VERIFIER_LEN), k += VERIFIER_LEN;
+        put_u32(out + k, u->failures), k += 4;
+        put_u32(out + k, (uint32_t)((uint64_t)u->locked_until >> 32));
+        put_u32(out + k + 4, (uint32_t)u->locked_until), k += 8;
+    }
+    return k;
+}
+
+static size_t serialized_max(const users *us)
+{
+    return 4 + us->n * (1 + SCX_USER_NAME_MAX + 2 + 2 + SCX_GROUPS_MAX + 1 + SALT_LEN +
+                        VERIFIER_LEN + 4 + 8);
+}
+
+static int deserialize(users *us, const uint8_t *p, size_t len)
+{
+    size_t k = 4;
+    if (len < 4)
+        return -1;
+    size_t n = get_u32(p);
+    if (n > 10000)
+        return -1;
+    us->u = OPENSSL_zalloc((n ? n : 1) * sizeof *us->u);
+    if (!us->u)
+        return -1;
+    us->n = n;
+    for (size_t i = 0; i < n; i++) {
+        user *u = &us->u[i];
+        if (len - k < 1)
+            return -1;
+        size_t nl = p[k++];
+        if (nl == 0 || nl > SCX_USER_NAME_MAX || len - k < nl + 4)
+            return -1;
+        memcpy(u->name, p + k, nl), k += nl;
+        u->role = p[k++];
+        u->level = p[k++];
+        size_t gl = scx_get16(p + k);
+        k += 2;
+        if (gl > SCX_GROUPS_MAX || len - k < gl + 1 + SALT_LEN + VERIFIER_LEN + 12)
+            return -1;
+        memcpy(u->groups, p + k, gl), k += gl;
+        u->cost = p[k++];
+        memcpy(u->salt, p + k, SALT_LEN), k += SALT_LEN;
+        memcpy(u->verifier, p + k, VERIFIER_LEN), k += VERIFIER_LEN;
+        u->failures = get_u32(p + k), k += 4;
+        u->locked_until = (int64_t)((uint64_t)get_u32(p + k) << 32 | get_u32(p + k + 4)), k += 8;
+        if (memchr(u->name, 0, nl) || memchr(u->groups, 0, gl))
+            return -1;
+    }
+    return k == len ? 0 : -1;
+}
+
+static char *users_path(const softcxi_device *dev, const char *name)
+{
+    size_t n = strlen(dev->path) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s/%s", dev->path, name);
+    return p;
+}
+
+static int users_load(const softcxi_device *dev, users *us, softcxi_error *err)
+{
+    uint8_t *buf = NULL, *pt = NULL;
+    char *path = users_path(dev, USERS_FILE);
+    int rc = 0, fd = -1;
+    scx_frame f;
+    softcxi_key_info info;
+    softcxi_error why;
+    struct stat st;
+    scx_xaes x;
+    int have_x = 0;
+
+    us->u = NULL, us->n = 0;
+    if (!path)
+        return scx_fail(err, SOFTCXI_ENOMEM, "users: out of memory");
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        rc = scx_fail(err, errno == ENOENT ? SOFTCXI_ENOTFOUND : SOFTCXI_EIO,
+                      "users: %s: %s", path, strerror(errno));
+        goto done;
+    }
+    if (fstat(fd, &st) != 0 || st.st_size <= 0 || (size_t)st.st_size > USERS_MAX_FILE ||
+        !(buf = OPENSSL_malloc((size_t)st.st_size))) {
+        rc = scx_fail(err, SOFTCXI_EFORMAT, "users: %s has an impossible size", path);
+        goto done;
+    }
+    size_t len = (size_t)st.st_size;
+    if (read(fd, buf, len) != (ssize_t)len) {
+        rc = scx_fail(err, SOFTCXI_EIO, "users: reading %s failed", path);
+        goto done;
+    }
+    if (scx_frame_parse(&f, &info, buf, len, &why) != 0 || f.type != SCX_TYPE_USERS) {
+        rc = scx_fail(err, SOFTCXI_EFORMAT, "users: %s is corrupt: %s", path,
+                      why.msg[0] ? why.msg : "not a users file");
+        goto done;
+    }
+    if (!(pt = OPENSSL_secure_malloc(f.ct_len ? f.ct_len : 1)) || users_key(&x, dev) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ENOMEM, "users: out of memory");
+        goto done;
+    }
+    have_x = 1;
+    rc = scx_xaes_open(&x, dev->gcm, pt, f.ct, f.ct_len, f.tag, f.salt, buf, f.aad_len);
+    if (rc == SOFTCXI_ETAMPER) {
+        rc = scx_fail(err, SOFTCXI_ETAMPER, "users: %s fails authentication (tampered, or "
+                                            "another device's)",
+                      path);
+        goto done;
+    }
+    if (rc || deserialize(us, pt, f.ct_len) != 0) {
+        users_free(us);
+        rc = scx_fail(err, SOFTCXI_EFORMAT, "users: %s is corrupt", path);
+    }
+done:
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (pt)
+        OPENSSL_secure_clear_free(pt, f.ct_len ? f.ct_len : 1);
+    OPENSSL_free(buf);
+    if (fd >= 0)
+        close(fd);
+    free(path);
+    return rc;
+}
+
+static int users_save(const softcxi_device *dev, const users *us, softcxi_error *err)
+{
+    size_t cap = serialized_max(us);
+    uint8_t *pt = OPENSSL_secure_malloc(cap), salt[SCX_SALT_LEN], kcv[SCX_KCV_LEN];
+    uint8_t *out = NULL;
+    char *path = users_path(dev, USERS_FILE), tmp[4200];
+    scx_xaes x;
+    int rc = 0, have_x = 0;
+
+    if (!pt || !path) {
+        rc = scx_fail(err, SOFTCXI_ENOMEM, "users: out of memory");
+        goto done;
+    }
+    size_t len = serialize(pt, us);
+    size_t total = SCX_HDR_LEN + len + SCX_TAG_LEN;
+    if (len > SCX_MAX_SECRET || !(out = OPENSSL_malloc(total))) {
+        rc = scx_fail(err, SOFTCXI_EFULL, "users: too many users");
+        goto done;
+    }
+    if (RAND_bytes(salt, sizeof salt) != 1 || scx_kcv(kcv, dev->sec->state_key) != 0 ||
+        users_key(&x, dev) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "users: sealing failed");
+        goto done;
+    }
+    have_x = 1;
+    if (scx_frame_seal(out, SCX_TYPE_USERS, kcv, salt, NULL, 0, pt, len, &x, dev->gcm) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "users: sealing failed");
+        goto done;
+    }
+    snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, (long)getpid());
+    rc = scx_write_file_atomic(path, tmp, out, total, err);
+done:
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (pt)
+        OPENSSL_secure_clear_free(pt, cap);
+    OPENSSL_free(out);
+    free(path);
+    return rc;
+}
+
+/* Exclusive lock around a read-modify-write of users.db. */
+static int users_lock(const softcxi_device *dev, softcxi_error *err)
+{
+    char *path = users_path(dev, USERS_LOCK);
+    int fd = path ? open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600) : -1;
+    if (fd < 0 || flock(fd, LOCK_EX) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        scx_fail(err, SOFTCXI_EIO, "users: cannot lock %s: %s", path ? path : "users.lock",
+                 strerror(e));
+        free(path);
+        return -1;
+    }
+    free(path);
+    return fd;
+}
+
+static void users_unlock(int fd)
+{
+    if (fd >= 0)
+        close(fd); /* releases the flock */
+}
+
+static user *find_user(users *us, const char *name)
+{
+    for (size_t i = 0; i < us->n; i++)
+        if (!strcmp(us->u[i].name, name))
+            return &us->u[i];
+    return NULL;
+}
+
+/* ---- creation (init) ---------------------------------------------------- */
+
+int scx_users_create(const softcxi_device *dev, const char *admin, const char *password,
+                     unsigned cost, softcxi_error *err)
+{
+    users us = {OPENSSL_zalloc(sizeof(user)), 1};
+    if (!us.u)
+        return scx_fail(err, SOFTCXI_ENOMEM, "users: out of memory");
+    user *u = &us.u[0];
+    if (!admin || !*admin || strlen(admin) > SCX_USER_NAME_MAX || strchr(admin, ',')) {
+        users_free(&us);
+        return scx_fail(err, SOFTCXI_EINVAL, "init: the administrator needs a name of 1 to %d "
+                                             "characters",
+                        SCX_USER_NAME_MAX);
+    }
+    snprintf(u->name, sizeof u->name, "%s", admin);
+    u->role = SCX_ROLE_ADMIN;
+    u->level = SCX_ADMIN_THRESHOLD;
+    int rc = set_password(u, password, cost, err);
+    if (rc == 0)
+        rc = users_save(dev, &us, err);
+    users_free(&us);
+    return rc;
+}
+
+/* ---- logon ------------------------------------------------------------- */
+
+int softcxi_logon_pass(softcxi_session *s, const char *name, const char *password)
+{
+    softcxi_device *dev = s->dev;
+    users us;
+    uint8_t v[VERIFIER_LEN];
+    int rc, lock;
+
+    if (!name || !password)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "logon_pass: name and password are required");
+    if (!dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "logon_pass: this device has no users");
+    if (s->nlogons >= SCX_MAX_LOGONS)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "logon_pass: %d users are logged on already",
+                        SCX_MAX_LOGONS);
+    for (int i = 0; i < s->nlogons; i++)
+        if (!strcmp(s->logons[i].name, name))
+            return scx_fail(&s->err, SOFTCXI_EINVAL, "logon_pass: '%s' is logged on already",
+                            name);
+    if ((lock = users_lock(dev, &s->err)) < 0)
+        return s->err.code;
+    if ((rc = users_load(dev, &us, &s->err)) != 0) {
+        users_unlock(lock);
+        return rc;
+    }
+    user *u = find_user(&us, name);
+    int64_t now = (int64_t)time(NULL);
+    if (!u) {
+        rc = scx_fail(&s->err, SOFTCXI_EAUTH, "logon_pass: unknown user or wrong password for '%s'",
+                      name);
+    } else if (u->locked_until > now) {
+        rc = scx_fail(&s->err, SOFTCXI_EAUTH,
+                      "logon_pass: user '%s' is locked out for %lld more seconds after %u failed "
+                      "logons",
+                      name, (long long)(u->locked_until - now), u->failures);
+    } else if (verifier(v, password, u->salt, u->cost) != 0) {
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "logon_pass: hashing failed");
+    } else if (CRYPTO_memcmp(v, u->verifier, VERIFIER_LEN) != 0) {
+        /* Counted on disk, so a restart does not reset it. */
+        u->failures++;
+        if (u->failures > FREE_FAILURES) {
+            unsigned shift = u->failures - FREE_FAILURES;
+            int64_t wait = shift >= 10 ? LOCK_MAX : (int64_t)1 << shift;
+            u->locked_until = now + (wait > LOCK_MAX ? LOCK_MAX : wait);
+        }
+        int src = users_save(dev, &us, &s->err);
+        rc = src ? src
+                 : scx_fail(&s->err, SOFTCXI_EAUTH,
+                            "logon_pass: unknown user or wrong password for '%s'", name);
+    } else {
+        if (u->failures || u->locked_until) {
+            u->failures = 0;
+            u->locked_until = 0;
+            rc = users_save(dev, &us, &s->err);
+        }
+        if (rc == 0) {
+            scx_logon *l = &s->logons[s->nlogons++];
+            snprintf(l->name, sizeof l->name, "%s", u->name);
+            snprintf(l->groups, sizeof l->groups, "%s", u->groups);
+            l->role = u->role;
+            l->level = u->level;
+            scx_ok(&s->err);
+        }
+    }
+    OPENSSL_cleanse(v, sizeof v);
+    users_free(&us);
+    users_unlock(lock);
+    return rc;
+}
+
+void softcxi_logoff(softcxi_session *s)
+{
+    OPENSSL_cleanse(s->logons, sizeof s->logons);
+    s->nlogons = 0;
+}
+
+/* ---- access rules ------------------------------------------------------ */
+
+static int group_matches(const char *patterns, const char *group, size_t group_len)
+{
+    const char *p = patterns;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n > 0 && p[n - 1] == '*') {
+            if (group_len >= n - 1 && memcmp(group, p, n - 1) == 0)
+                return 1;
+        } else if (n == group_len && memcmp(group, p, n) == 0) {
+            return 1;
+        }
+        p += n + (end ? 1 : 0);
+    }
+    return 0;
+}
+
+int scx_access_key(softcxi_session *s, const char *group, size_t group_len, const char *op)
+{
+    if (s->dev->open_access)
+        return 0;
+    if (s->nlogons == 0)
+        return scx_fail(&s->err, SOFTCXI_EAUTH, "%s: log on first (logon_pass)", op);
+    for (int i = 0; i < s->nlogons; i++)
+        if (group_matches(s->logons[i].groups, group ? group : "", group ? group_len : 0))
+            return 0;
+    return scx_fail(&s->err, SOFTCXI_EACCESS,
+                    "%s: no user logged on here may use keys of group '%.*s'", op,
+                    (int)(group_len > 64 ? 64 : group_len), group ? group : "");
+}
+
+int scx_access_admin(softcxi_session *s, const char *op)
+{
+    unsigned sum = 0;
+    for (int i = 0; i < s->nlogons; i++)
+        if (s->logons[i].role == SCX_ROLE_ADMIN)
+            sum += s->logons[i].level;
+    if (sum >= SCX_ADMIN_THRESHOLD)
+        return 0;
+    return scx_fail(&s->err, SOFTCXI_EAUTH,
+                    "%s: needs administrators of authentication level %d in all; logged on: %u",
+                    op, SCX_ADMIN_THRESHOLD, sum);
+}
+
+/* ---- user management --------------------------------------------------- */
+
+static int valid_groups(const char *g)
+{
+    for (const char *p = g; *p; p++)
+        if ((unsigned char)*p < 0x21 || *p == ';')
+            return 0;
+    return strlen(g) <= SCX_GROUPS_MAX;
+}
+
+int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req)
+{
+    softcxi_device *dev = s->dev;
+    users us;
+    int rc, lock;
+
+    if ((rc = scx_access_admin(s, "user_add")) != 0)
+        return rc;
+    if (!req->name || !*req->name || strlen(req->name) > SCX_USER_NAME_MAX)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "user_add: a name of 1 to %d characters",
+                        SCX_USER_NAME_MAX);
+    if (req->role != SCX_ROLE_ADMIN && req->role != SCX_ROLE_USER)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "user_add: role must be admin or user");
+    if (req->level > SCX_ADMIN_THRESHOLD)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "user_add: level is 0 to %d",
+                        SCX_ADMIN_THRESHOLD);
+    if (req->groups && !valid_groups(req->groups))
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "user_add: groups '%s' is not a list of names",
+                        req->groups);
+    if ((lock = users_lock(dev, &s->err)) < 0)
+        return s->err.code;
+    if ((rc = users_load(dev, &us, &s->err)) != 0) {
+        users_unlock(lock);
+        return rc;
+    }
+    if (find_user(&us, req->name)) {
+        rc = scx_fail(&s->err, SOFTCXI_EEXIST, "user_add: user '%s' exists", req->name);
+    } else {
+        user *grown = OPENSSL_zalloc((us.n + 1) * sizeof *grown);
+        if (!grown) {
+            rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "user_add: out of memory");
+        } else {
+            memcpy(grown, us.u, us.n * sizeof *grown);
+            OPENSSL_clear_free(us.u, us.n * sizeof *us.u);
+            us.u = grown;
+            user *u = &us.u[us.n++];
+            snprintf(u->name, sizeof u->name, "%s", req->name);
+            snprintf(u->groups, sizeof u->groups, "%s", req->groups ? req->groups : "");
+            u->role = (unsigned)req->role;
+            u->level = req->level;
+            rc = set_password(u, req->password, req->kdf_cost ? req->kdf_cost : SCX_KDF_COST,
+                              &s->err);
+            if (rc == 0)
+                rc = users_save(dev, &us, &s->err);
+        }
+    }
+    users_free(&us);
+    users_unlock(lock);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+int softcxi_user_delete(softcxi_session *s, const char *name)
+{
+    softcxi_device *dev = s->dev;
+    users us;
+    int rc, lock;
+
+    if ((rc = scx_access_admin(s, "user_delete")) != 0)
+        return rc;
+    if ((lock = users_lock(dev, &s->err)) < 0)
+        return s->err.code;
+    if ((rc = users_load(dev, &us, &s->err)) != 0) {
+        users_unlock(lock);
+        return rc;
+    }
+    user *u = find_user(&us, name ? name : "");
+    size_t admins = 0;
+    for (size_t i = 0; i < us.n; i++)
+        admins += us.u[i].role == SCX_ROLE_ADMIN;
+    if (!u) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOTFOUND, "user_delete: no user '%s'", name ? name : "");
+    } else if (u->role == SCX_ROLE_ADMIN && admins == 1) {
+        rc = scx_fail(&s->err, SOFTCXI_EPOLICY,
+                      "user_delete: '%s' is the last administrator", name);
+    } else {
+        size_t i = (size_t)(u - us.u);
+        memmove(&us.u[i], &us.u[i + 1], (us.n - i - 1) * sizeof *us.u);
+        OPENSSL_cleanse(&us.u[us.n - 1], sizeof *us.u);
+        us.n--;
+        rc = users_save(dev, &us, &s->err);
+    }
+    users_free(&us);
+    users_unlock(lock);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx)
+{
+    users us;
+    int rc;
+    if ((rc = scx_access_admin(s, "user_list")) != 0)
+        return rc;
+    if ((rc = users_load(s->dev, &us, &s->err)) != 0)
+        return rc;
+    for (size_t i = 0; i < us.n; i++) {
+        softcxi_user_info ui = {us.u[i].name, us.u[i].role == SCX_ROLE_ADMIN ? "admin" : "user",
+                                us.u[i].level, us.u[i].groups, us.u[i].failures,
+                                us.u[i].locked_until};
+        if (cb(ctx, &ui) != 0)
+            break;
+    }
+    users_free(&us);
+    scx_ok(&s->err);
+    return 0;
+}
