@@ -268,15 +268,6 @@ static int create_keyfile(const char *path, const uint8_t key[32], softcxi_error
 
 /* ---- the sealed MBK ---------------------------------------------------- */
 
-static int mbk_xaes(scx_xaes *x, const uint8_t devkey[32])
-{
-    uint8_t k[32];
-    int rc = scx_label_key(k, devkey, SCX_LABEL_DEVICE_MBK);
-    if (rc == 0)
-        rc = scx_xaes_init(x, k);
-    OPENSSL_cleanse(k, sizeof k);
-    return rc;
-}
 
 static int valid_id(const char *s, size_t n)
 {
@@ -305,7 +296,8 @@ static int read_state(softcxi_device *dev, uint8_t *state, size_t *state_len, co
     softcxi_error why;
     if (scx_frame_parse(&f, &info, state, (size_t)n, &why) != 0)
         return scx_fail(err, SOFTCXI_EFORMAT, "%s is corrupt: %s", file, why.msg);
-    if (f.type != SCX_TYPE_DEVICE_MBK || f.ct_len != 32 || !valid_id(info.name, info.name_len))
+    if (f.type != SCX_TYPE_DEVICE_MBK || f.ct_len == 0 || f.ct_len % 32 ||
+        f.ct_len > 32 * (1 + SCX_MAX_OLD_MBKS) || !valid_id(info.name, info.name_len))
         return scx_fail(err, SOFTCXI_EFORMAT, "%s is not a softcxi device state file", file);
     memcpy(dev->id, info.name, 32);
     dev->id[32] = '\0';
@@ -313,8 +305,9 @@ static int read_state(softcxi_device *dev, uint8_t *state, size_t *state_len, co
     return 0;
 }
 
+/* Unseal device.mbk with the rest key in dev->sec (from the device key):
+ * the current MBK, then the older ones still held. */
 static int unseal_state(softcxi_device *dev, const uint8_t *state, size_t len,
-                        const uint8_t devkey[32], const uint8_t devkcv[SCX_KCV_LEN],
                         softcxi_error *err)
 {
     scx_frame f;
@@ -322,26 +315,92 @@ static int unseal_state(softcxi_device *dev, const uint8_t *state, size_t len,
     int rc = scx_frame_parse(&f, &info, state, len, err);
     if (rc)
         return rc;
-    if (CRYPTO_memcmp(f.kcv, devkcv, SCX_KCV_LEN) != 0) {
+    if (CRYPTO_memcmp(f.kcv, dev->devkcv, SCX_KCV_LEN) != 0) {
         char want[17], have[17];
         scx_hex(want, f.kcv, SCX_KCV_LEN);
-        scx_hex(have, devkcv, SCX_KCV_LEN);
+        scx_hex(have, dev->devkcv, SCX_KCV_LEN);
         return scx_fail(err, SOFTCXI_EMBK,
                         "device %s was sealed under device key %s, but key file %s holds %s",
                         dev->id, want, dev->keyfile, have);
     }
     scx_xaes x;
-    if (mbk_xaes(&x, devkey) != 0)
+    uint8_t *payload = OPENSSL_secure_malloc(f.ct_len);
+    if (!payload || scx_xaes_init(&x, dev->sec->rest_key) != 0) {
+        OPENSSL_secure_free(payload);
         return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "device key setup failed");
-    rc = scx_xaes_open(&x, dev->gcm, dev->sec->mbk, f.ct, f.ct_len, f.tag, f.salt, state,
-                       f.aad_len);
+    }
+    rc = scx_xaes_open(&x, dev->gcm, payload, f.ct, f.ct_len, f.tag, f.salt, state, f.aad_len);
     scx_xaes_clear(&x);
     if (rc == SOFTCXI_ETAMPER)
-        return scx_fail(err, SOFTCXI_ETAMPER, "device %s: %s/" STATE_FILE " fails authentication",
-                        dev->id, dev->path);
-    if (rc)
-        return scx_fail_ssl(err, rc, "device %s: unsealing the MBK failed", dev->id);
-    return 0;
+        rc = scx_fail(err, SOFTCXI_ETAMPER, "device %s: %s/" STATE_FILE " fails authentication",
+                      dev->id, dev->path);
+    else if (rc)
+        rc = scx_fail_ssl(err, rc, "device %s: unsealing the MBK failed", dev->id);
+    else
+        rc = scx_mbk_set(dev, payload, f.ct_len, err);
+    OPENSSL_secure_clear_free(payload, f.ct_len);
+    return rc;
+}
+
+int scx_state_reload(softcxi_device *dev, softcxi_error *err)
+{
+    uint8_t state[STATE_MAX];
+    size_t state_len = 0;
+    char *file = joinpath(dev->path, STATE_FILE);
+    int rc = file ? read_state(dev, state, &state_len, file, err) : SOFTCXI_ENOMEM;
+    if (rc == 0)
+        rc = unseal_state(dev, state, state_len, err);
+    free(file);
+    return rc;
+}
+
+/* Write device.mbk afresh (current MBK, then the older ones), atomically. */
+int scx_state_save(softcxi_device *dev, softcxi_error *err)
+{
+    uint8_t attrs[128], salt[SCX_SALT_LEN];
+    size_t plen = 32 * (1 + (size_t)dev->nold);
+    uint8_t *payload = OPENSSL_secure_malloc(plen);
+    size_t total = 0;
+    uint8_t *out = NULL;
+    char *file = joinpath(dev->path, STATE_FILE), tmp[PATH_MAX];
+    scx_xaes x;
+    int rc, have_x = 0;
+    if (!payload || !file) {
+        rc = scx_fail(err, SOFTCXI_ENOMEM, "out of memory");
+        goto done;
+    }
+    memcpy(payload, dev->sec->mbk, 32);
+    for (int i = 0; i < dev->nold; i++)
+        memcpy(payload + 32 * (size_t)(i + 1), dev->sec->old_mbk[i], 32);
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_AES;
+    t.size = 256;
+    t.usage = SOFTCXI_USAGE_WRAP | SOFTCXI_USAGE_UNWRAP;
+    t.name = dev->id;
+    t.group = "device";
+    size_t alen = scx_attrs_encode(attrs, sizeof attrs, &t, (int64_t)time(NULL), NULL, 0);
+    total = SCX_HDR_LEN + alen + plen + SCX_TAG_LEN;
+    if (!alen || !(out = OPENSSL_malloc(total)) || RAND_bytes(salt, sizeof salt) != 1 ||
+        scx_xaes_init(&x, dev->sec->rest_key) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "sealing the MBKs failed");
+        goto done;
+    }
+    have_x = 1;
+    if (scx_frame_seal(out, SCX_TYPE_DEVICE_MBK, dev->devkcv, salt, attrs, alen, payload, plen,
+                       &x, dev->gcm) != 0) {
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "sealing the MBKs failed");
+        goto done;
+    }
+    snprintf(tmp, sizeof tmp, "%s/.%s.%ld.tmp", dev->path, STATE_FILE, (long)getpid());
+    rc = scx_write_file_atomic(file, tmp, out, total, err);
+done:
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (payload)
+        OPENSSL_secure_clear_free(payload, plen);
+    OPENSSL_free(out);
+    free(file);
+    return rc;
 }
 
 static int create_state(softcxi_device *dev, const char *file, const softcxi_init_req *init,
@@ -388,7 +447,9 @@ static int create_state(softcxi_device *dev, const char *file, const softcxi_ini
     t.name = dev->id;
     t.group = "device";
     size_t alen = scx_attrs_encode(attrs, sizeof attrs, &t, (int64_t)time(NULL), NULL, 0);
-    if (!alen || scx_kcv(kcv, devkey) != 0 || mbk_xaes(&x, devkey) != 0) {
+    if (!alen || scx_kcv(kcv, devkey) != 0 ||
+        scx_label_key(dev->sec->rest_key, devkey, SCX_LABEL_DEVICE_MBK) != 0 ||
+        scx_xaes_init(&x, dev->sec->rest_key) != 0) {
         rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "sealing the new MBK failed");
         goto done;
     }
@@ -433,8 +494,9 @@ done:
 
 /* ---- open / free ------------------------------------------------------- */
 
-static int derive_working_keys(softcxi_device *dev, softcxi_error *err)
+int scx_derive_working_keys(softcxi_device *dev, softcxi_error *err)
 {
+    scx_xaes_clear(&dev->xblob);
     if (scx_kcv(dev->kcv, dev->sec->mbk) != 0 ||
         scx_label_key(dev->sec->blob_key, dev->sec->mbk, SCX_LABEL_BLOB_KEY) != 0 ||
         scx_xaes_init(&dev->xblob, dev->sec->blob_key) != 0)
@@ -489,7 +551,7 @@ static softcxi_device *device_alloc(void)
 /* Once the MBK is in place: its working keys and the opened-key cache. */
 static int device_finish(softcxi_device *dev, long cache_entries, softcxi_error *err)
 {
-    int rc = derive_working_keys(dev, err);
+    int rc = scx_derive_working_keys(dev, err);
     if (rc)
         return rc;
     scx_cache_init(&dev->cache, cache_entries < 0 ? 1024 : (size_t)cache_entries);
@@ -570,11 +632,17 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
             goto fail;
         }
         rc = load_keyfile(devkey, devkcv, dev->keyfile, err);
-        if (rc == 0)
-            rc = unseal_state(dev, state, state_len, devkey, devkcv, err);
-        if (rc == 0)
-            rc = scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS);
+        if (rc == 0) {
+            memcpy(dev->devkcv, devkcv, SCX_KCV_LEN);
+            if (scx_label_key(dev->sec->rest_key, devkey, SCX_LABEL_DEVICE_MBK) != 0 ||
+                scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS) != 0)
+                rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "deriving the device's keys failed");
+        }
         OPENSSL_cleanse(devkey, sizeof devkey);
+        if (rc == 0)
+            rc = scx_gen_open(dev, err);
+        if (rc == 0)
+            rc = unseal_state(dev, state, state_len, err);
         if (rc)
             goto fail;
     }
@@ -613,6 +681,9 @@ static void device_destroy(softcxi_device *dev)
 {
     scx_cache_clear(&dev->cache);
     scx_xaes_clear(&dev->xblob);
+    for (int i = 0; i < dev->nold; i++)
+        scx_xaes_clear(&dev->old[i].x);
+    scx_gen_close(dev);
     EVP_CIPHER_CTX_free(dev->gcm);
     EVP_CIPHER_CTX_free(dev->data_gcm);
     for (size_t i = 0; i < 3; i++)

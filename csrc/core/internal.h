@@ -206,11 +206,22 @@ typedef struct scx_cache {
 } scx_cache;
 #define SCX_CACHE_WAYS 4
 
+/* MBKs a device holds besides the current one: kept for opening blobs
+ * (and rewrapping them) until retired. */
+#define SCX_MAX_OLD_MBKS 7
+
 typedef struct scx_secrets {
     uint8_t mbk[32];
     uint8_t blob_key[32];
     uint8_t state_key[32]; /* seals users.db; derived from the device key */
+    uint8_t rest_key[32];  /* seals device.mbk; derived from the device key */
+    uint8_t old_mbk[SCX_MAX_OLD_MBKS][32];
 } scx_secrets;
+
+typedef struct scx_old_mbk {
+    uint8_t kcv[SCX_KCV_LEN];
+    scx_xaes x;
+} scx_old_mbk;
 
 /* Users and logon (users.c). */
 #define SCX_ROLE_ADMIN SOFTCXI_ROLE_ADMIN
@@ -244,6 +255,13 @@ struct softcxi_device {
     scx_rndpool pool;
     scx_cache cache;
     int open_access; /* in-memory test devices: no users, no access rules */
+    scx_old_mbk old[SCX_MAX_OLD_MBKS];
+    int nold;
+    uint8_t devkcv[SCX_KCV_LEN];
+    /* <path>/generation, mapped shared: bumped by every process that
+     * changes the device state; compared on each call (one memory load). */
+    volatile uint64_t *gen_map;
+    uint64_t generation;
 };
 
 struct softcxi_session {
@@ -252,6 +270,17 @@ struct softcxi_session {
     scx_logon logons[SCX_MAX_LOGONS];
     int nlogons;
 };
+
+/* MBK lifecycle (mbk.c). */
+int scx_mbk_set(softcxi_device *dev, const uint8_t *payload, size_t len, softcxi_error *err);
+int scx_device_sync(softcxi_session *s);
+int scx_state_reload(softcxi_device *dev, softcxi_error *err);
+int scx_state_save(softcxi_device *dev, softcxi_error *err);
+int scx_derive_working_keys(softcxi_device *dev, softcxi_error *err);
+int scx_gen_open(softcxi_device *dev, softcxi_error *err);
+void scx_gen_close(softcxi_device *dev);
+/* The xaes context that opens blobs sealed under kcv, or NULL. */
+scx_xaes *scx_mbk_for(softcxi_device *dev, const uint8_t kcv[SCX_KCV_LEN]);
 
 int scx_users_create(const softcxi_device *dev, const char *admin, const char *password,
                      unsigned cost, softcxi_error *err);

@@ -418,7 +418,8 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
     blob->data = NULL;
     blob->len = 0;
     if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
-        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_generate")) != 0)
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_generate")) != 0 ||
+        (rc = scx_device_sync(s)) != 0)
         return rc;
     sealer z = {&dev->xblob, dev->gcm, &dev->pool, dev->kcv};
     EVP_PKEY_CTX *gen = uses_gen_ctx(t.algo) ? gen_ctx(dev, &t) : NULL;
@@ -492,7 +493,8 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
 
     memset(blobs, 0, n * sizeof *blobs);
     if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
-        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "bulk_generate")) != 0)
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "bulk_generate")) != 0 ||
+        (rc = scx_device_sync(s)) != 0)
         return rc;
     if (n == 0) {
         scx_ok(&s->err);
@@ -707,7 +709,8 @@ int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
         }
     }
     if ((rc = scx_template_check(&t, &s->err)) != 0 ||
-        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_import")) != 0)
+        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_import")) != 0 ||
+        (rc = scx_device_sync(s)) != 0)
         goto done;
     if (!(sec = OPENSSL_secure_malloc(sec_cap))) {
         rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "key_import: out of secure memory");
@@ -816,7 +819,8 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
         rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "not a key blob (blob type 0x%02x)", f.type);
         goto fail;
     }
-    if (CRYPTO_memcmp(f.kcv, dev->kcv, SCX_KCV_LEN) != 0) {
+    scx_xaes *x = scx_mbk_for(dev, f.kcv);
+    if (!x) {
         char want[17], have[17];
         scx_hex(want, f.kcv, SCX_KCV_LEN);
         scx_hex(have, dev->kcv, SCX_KCV_LEN);
@@ -835,7 +839,7 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
         rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "out of secure memory opening %s", REF(&k->info));
         goto fail;
     }
-    rc = scx_xaes_open(&dev->xblob, dev->gcm, f.ct_len ? sec : none, f.ct, f.ct_len, f.tag,
+    rc = scx_xaes_open(x, dev->gcm, f.ct_len ? sec : none, f.ct, f.ct_len, f.tag,
                        f.salt, k->blob, f.aad_len);
     if (rc == SOFTCXI_ETAMPER) {
         rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
@@ -934,6 +938,9 @@ static void cache_trim(scx_cache *c)
 
 int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len)
 {
+    int rc = scx_device_sync(s); /* an MBK retired elsewhere is never served */
+    if (rc)
+        return rc;
     scx_cache *c = &s->dev->cache;
     size_t base = 0;
     if (c->capacity) {
@@ -949,7 +956,7 @@ int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t l
         }
         c->misses++;
     }
-    int rc = open_key(s, out, blob, len);
+    rc = open_key(s, out, blob, len);
     if (rc || !c->capacity)
         return rc;
     size_t victim = base;

@@ -264,6 +264,34 @@ SOFTCXI_MUST_CHECK int softcxi_user_add(softcxi_session *s, const softcxi_user_r
 SOFTCXI_MUST_CHECK int softcxi_user_delete(softcxi_session *s, const char *name);
 SOFTCXI_MUST_CHECK int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx);
 
+/* ---- the MBK ------------------------------------------------------------ */
+
+/* A new MBK, written only as key share files (m of n, each under its own
+ * password); the device does not load it: mbk_import does.  Administrators. */
+typedef struct softcxi_mbk_req {
+    unsigned m, n;
+    int scheme;                    /* SOFTCXI_SHARES_SHAMIR (default) or _XOR */
+    const char *const *paths;      /* n share files, never overwritten */
+    const char *const *passwords;  /* n passwords, 8 characters or more */
+    unsigned kdf_cost;             /* 0: SOFTCXI_SHARE_COST_DEFAULT */
+} softcxi_mbk_req;
+
+SOFTCXI_MUST_CHECK int softcxi_mbk_generate(softcxi_session *s, const softcxi_mbk_req *req);
+/* Load the MBK from k share files: it becomes current, the previous one is
+ * kept for opening (and rewrapping) older blobs.  Every process of the
+ * device sees the change at its next call.  Administrators. */
+SOFTCXI_MUST_CHECK int softcxi_mbk_import(softcxi_session *s, const char *const *paths,
+                                          const char *const *passwords, size_t k);
+/* Forget an older MBK: its blobs give EMBK from now on, in every process. */
+SOFTCXI_MUST_CHECK int softcxi_mbk_retire(softcxi_session *s, const uint8_t kcv[8]);
+/* The check values of the MBKs held, current first. */
+SOFTCXI_MUST_CHECK int softcxi_mbk_info(softcxi_session *s, uint8_t kcvs[][8], size_t cap,
+                                        size_t *n);
+/* Re-seal a blob under the current MBK (the key never leaves the core).
+ * *changed = 0 when it was current already (out is then a copy). */
+SOFTCXI_MUST_CHECK int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out,
+                                          const uint8_t *blob, size_t len, int *changed);
+
 /* Opened-key cache statistics (hits, misses, entries). */
 typedef struct softcxi_cache_stats {
     uint64_t hits, misses, evictions;

@@ -852,7 +852,137 @@ static int m_user_list(lua_State *L)
     return 1;
 }
 
+/* Strings of the array at idx into a userdata-held array (collected even if
+ * something raises); n receives the count. */
+static const char **string_array(lua_State *L, int idx, size_t *n, const char *what)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    *n = lua_rawlen(L, idx);
+    const char **a = lua_newuserdata(L, (*n ? *n : 1) * sizeof *a);
+    for (size_t i = 0; i < *n; i++) {
+        lua_rawgeti(L, idx, (int)(i + 1));
+        a[i] = get_name(L, -1);
+        if (!a[i])
+            luaL_error(L, "%s %d is not a string", what, (int)(i + 1));
+        lua_pop(L, 1); /* the table keeps it alive */
+    }
+    return a;
+}
+
+/* mbk_generate(m, n, paths, passwords, scheme, kdf_cost) -> true */
+static int m_mbk_generate(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    static const char *const schemes[] = {"shamir", "xor", NULL};
+    softcxi_mbk_req req = {0};
+    size_t np, npw;
+    lua_Integer m = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, m >= 1 && m <= 255 && n >= 1 && n <= 255, 2, "1 <= m <= n <= 255");
+    req.m = (unsigned)m, req.n = (unsigned)n;
+    req.paths = string_array(L, 4, &np, "share file");
+    req.passwords = string_array(L, 5, &npw, "password");
+    luaL_argcheck(L, np == req.n && npw == req.n, 4, "n share files and n passwords");
+    req.scheme = luaL_checkoption(L, 6, "shamir", schemes) == 0 ? SOFTCXI_SHARES_SHAMIR
+                                                                : SOFTCXI_SHARES_XOR;
+    lua_Integer cost = luaL_optinteger(L, 7, 0);
+    luaL_argcheck(L, cost >= 0 && cost <= 30, 7, "kdf_cost out of range");
+    req.kdf_cost = (unsigned)cost;
+    if (softcxi_mbk_generate(ls->s, &req) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* mbk_import(paths, passwords) -> true */
+static int m_mbk_import(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t np, npw;
+    const char **paths = string_array(L, 2, &np, "share file");
+    const char **pws = string_array(L, 3, &npw, "password");
+    luaL_argcheck(L, np == npw, 3, "one password per share file");
+    if (softcxi_mbk_import(ls->s, paths, pws, np) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int hex_kcv(lua_State *L, int idx, uint8_t kcv[8])
+{
+    size_t len;
+    const char *h = luaL_checklstring(L, idx, &len);
+    if (len != 16)
+        return -1;
+    for (int i = 0; i < 8; i++) {
+        unsigned v;
+        if (sscanf(h + 2 * i, "%2x", &v) != 1)
+            return -1;
+        kcv[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
+static int m_mbk_retire(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    uint8_t kcv[8];
+    if (hex_kcv(L, 2, kcv) != 0)
+        return push_einval(L, "mbk_retire: the MBK's check value is 16 hex digits");
+    if (softcxi_mbk_retire(ls->s, kcv) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* mbk_info() -> { current = kcv, older = { kcv, ... } } */
+static int m_mbk_info(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    uint8_t kcvs[16][8];
+    size_t n = 0;
+    char hex[17];
+    if (softcxi_mbk_info(ls->s, kcvs, 16, &n) != 0)
+        return session_error(L, ls);
+    lua_createtable(L, 0, 2);
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        for (int j = 0; j < 8; j++)
+            snprintf(hex + 2 * j, 3, "%02x", kcvs[i][j]);
+        lua_pushstring(L, hex);
+        if (i == 0) {
+            lua_pushvalue(L, -1);
+            lua_setfield(L, -4, "current");
+        }
+        if (i > 0)
+            lua_rawseti(L, -2, (int)i);
+        else
+            lua_pop(L, 1);
+    }
+    lua_setfield(L, -2, "older");
+    return 1;
+}
+
+/* key_rewrap(blob) -> new_blob, changed */
+static int m_key_rewrap(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    softcxi_buf out = {0};
+    int changed = 0;
+    if (softcxi_key_rewrap(ls->s, &out, blob, len, &changed) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out);
+    lua_pushboolean(L, changed);
+    return 2;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"mbk_generate", m_mbk_generate},
+    {"mbk_import", m_mbk_import},
+    {"mbk_retire", m_mbk_retire},
+    {"mbk_info", m_mbk_info},
+    {"key_rewrap", m_key_rewrap},
     {"logon_pass", m_logon_pass},
     {"logoff", m_logoff},
     {"user_add", m_user_add},

@@ -139,6 +139,31 @@ function methods:user_add(u)
     return c_user_add(self, u.name, u.password, u.role, u.level, groups, u.kdf_cost)
 end
 
+local c_mbk_generate, c_mbk_import = methods.mbk_generate, methods.mbk_import
+local MBK_GEN_OPTS = { m = true, n = true, shares = true, passwords = true, scheme = true,
+    kdf_cost = true }
+
+--- mbk_generate{ m = 2, n = 3, shares = { file, ... }, passwords = { ... }
+-- [, scheme = "shamir" | "xor"] } -> true.  A new MBK as n key share files,
+-- any m of which rebuild it; not loaded (mbk_import does).  Administrators.
+function methods:mbk_generate(o)
+    if type(o) ~= "table" then error("mbk_generate: expects a table", 2) end
+    check_fields(o, MBK_GEN_OPTS, "mbk_generate")
+    local shares = o.shares
+    if type(shares) ~= "table" then error("mbk_generate: shares must list the share files", 2) end
+    local n = o.n or #shares
+    return c_mbk_generate(self, o.m or 2, n, shares, o.passwords, o.scheme, o.kdf_cost)
+end
+
+--- mbk_import{ shares = { file, ... }, passwords = { ... } } -> true: the MBK
+-- rebuilt from m shares becomes current; the previous one stays for opening
+-- older blobs until mbk_retire(kcv).  Administrators.
+function methods:mbk_import(o)
+    if type(o) ~= "table" then error("mbk_import: expects a table", 2) end
+    check_fields(o, { shares = true, passwords = true }, "mbk_import")
+    return c_mbk_import(self, o.shares, o.passwords)
+end
+
 local SIGN_OPTS = { format = true }
 
 local function raw_format(opts, fn)
