@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -436,6 +437,7 @@ static int create_state(softcxi_device *dev, const char *file, const softcxi_ini
     wrote_key = 1;
     /* The users come first: device.mbk appearing is the commit point. */
     if ((rc = scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS)) != 0 ||
+        (rc = scx_label_key(dev->sec->audit_key, devkey, SCX_LABEL_AUDIT)) != 0 ||
         (rc = scx_users_create(dev, init->admin, init->password,
                                init->kdf_cost ? init->kdf_cost : SCX_KDF_COST, err)) != 0)
         goto done;
@@ -563,7 +565,7 @@ static int device_finish(softcxi_device *dev, long cache_entries, softcxi_error 
 int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err)
 {
     char *file = NULL;
-    int rc;
+    int rc, lock = -1;
 
     if (!req || !req->path || !*req->path)
         return scx_fail(err, SOFTCXI_EINVAL, "init: path (the device state directory) is required");
@@ -582,6 +584,15 @@ int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err)
         rc = scx_fail(err, SOFTCXI_EIO, "init: cannot create %s: %s", dev->path, strerror(errno));
         goto done;
     }
+    /* One init at a time per directory: a second one waits, then finds the
+     * device and leaves its users.db alone. */
+    char lockpath[PATH_MAX];
+    snprintf(lockpath, sizeof lockpath, "%s/init.lock", dev->path);
+    lock = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (lock < 0 || flock(lock, LOCK_EX) != 0) {
+        rc = scx_fail(err, SOFTCXI_EIO, "init: cannot lock %s: %s", lockpath, strerror(errno));
+        goto done;
+    }
     if (access(file, F_OK) == 0) {
         rc = scx_fail(err, SOFTCXI_EEXIST, "init: a device lives in %s already", dev->path);
         goto done;
@@ -590,8 +601,13 @@ int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err)
     if (rc == SOFTCXI_EEXIST && access(file, F_OK) == 0)
         rc = scx_fail(err, SOFTCXI_EEXIST, "init: a device lives in %s already", dev->path);
     if (rc == 0)
+        rc = scx_audit_append(dev->path, dev->sec->audit_key, "init", req->admin,
+                              "device created; first administrator", err);
+    if (rc == 0)
         scx_ok(err);
 done:
+    if (lock >= 0)
+        close(lock);
     free(file);
     softcxi_device_free(dev);
     return rc;
@@ -635,7 +651,9 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         if (rc == 0) {
             memcpy(dev->devkcv, devkcv, SCX_KCV_LEN);
             if (scx_label_key(dev->sec->rest_key, devkey, SCX_LABEL_DEVICE_MBK) != 0 ||
-                scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS) != 0)
+                scx_label_key(dev->sec->state_key, devkey, SCX_LABEL_USERS) != 0 ||
+                scx_label_key(dev->sec->audit_key, devkey, SCX_LABEL_AUDIT) != 0 ||
+                scx_label_key(dev->sec->storage_key, devkey, SCX_LABEL_STORAGE) != 0)
                 rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "deriving the device's keys failed");
         }
         OPENSSL_cleanse(devkey, sizeof devkey);
@@ -648,6 +666,7 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
     }
     if ((rc = device_finish(dev, req->cache_entries, err)) != 0)
         goto fail;
+    dev->keydb_limit = req->keydb_limit;
     free(file);
     scx_ok(err);
     *out = dev;
@@ -684,6 +703,7 @@ static void device_destroy(softcxi_device *dev)
     for (int i = 0; i < dev->nold; i++)
         scx_xaes_clear(&dev->old[i].x);
     scx_gen_close(dev);
+    scx_keydb_free(dev->keydb);
     EVP_CIPHER_CTX_free(dev->gcm);
     EVP_CIPHER_CTX_free(dev->data_gcm);
     for (size_t i = 0; i < 3; i++)

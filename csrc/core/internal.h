@@ -53,6 +53,8 @@
 #define SCX_LABEL_AUDIT "softcxi/v1/audit"
 #define SCX_LABEL_STORAGE "softcxi/v1/storage"
 #define SCX_LABEL_USERS "softcxi/v1/users" /* from the device key, not the MBK */
+/* The audit log and the internal key database are sealed with keys from the
+ * device key too, so that they outlive an MBK rotation. */
 
 /* ---- errors ------------------------------------------------------------ */
 
@@ -178,6 +180,64 @@ int scx_mbk_split_files(const uint8_t mbk[32], unsigned m, unsigned n, int schem
 int scx_mbk_combine_files(uint8_t mbk[32], const char *const *paths,
                           const char *const *passwords, size_t k, softcxi_error *err);
 
+/* ---- the internal key database (keydb.c) -------------------------------- */
+
+#ifndef SCX_KEYDB_DEFAULT_LIMIT
+#define SCX_TYPE_KEYDB 0x30u /* <dir>/keys.db, the internal key database */
+#define SCX_KEYDB_DEFAULT_LIMIT ((size_t)8 << 20) /* bytes of key data */
+#define SCX_KEYDB_ENTRY_OVERHEAD 16u /* counted per entry on top of its blob */
+
+typedef struct scx_keydb scx_keydb;
+
+/* Open the database in dir (missing keys.db = empty database).  limit_bytes
+ * 0 means SCX_KEYDB_DEFAULT_LIMIT. */
+int scx_keydb_open(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
+                   size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
+void scx_keydb_free(scx_keydb *db);
+/* Re-read keys.db if another process changed it (when not: an fstat and a
+ * 48-byte read). */
+int scx_keydb_reload(scx_keydb *db, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* SOFTCXI_FLAG_OVERWRITE replaces an entry of the same address, else
+ * EEXIST; EFULL when the limit would be exceeded (file untouched). */
+int scx_keydb_put(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
+                  int has_specifier, const uint8_t *blob, size_t blob_len, unsigned flags,
+                  softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* *blob points into db: valid until the next call on db. */
+int scx_keydb_get(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
+                  int has_specifier, const uint8_t **blob, size_t *blob_len,
+                  softcxi_error *err) SOFTCXI_MUST_CHECK;
+int scx_keydb_delete(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
+                     int has_specifier, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* A non-zero return from cb stops the walk and is returned. */
+typedef int (*scx_keydb_cb)(void *ctx, const char *group, const char *name, uint32_t specifier,
+                            int has_specifier, const uint8_t *blob, size_t blob_len);
+int scx_keydb_list(scx_keydb *db, scx_keydb_cb cb, void *ctx, softcxi_error *err);
+size_t scx_keydb_used(const scx_keydb *db);
+size_t scx_keydb_limit(const scx_keydb *db);
+uint64_t scx_keydb_generation(const scx_keydb *db);
+/* The sealed file bytes (OPENSSL_free them), and restore from such an image
+ * (must open under this storage key; replaces the database atomically). */
+int scx_keydb_export(scx_keydb *db, uint8_t **image, size_t *len,
+                     softcxi_error *err) SOFTCXI_MUST_CHECK;
+int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len,
+                     softcxi_error *err) SOFTCXI_MUST_CHECK;
+#endif
+
+/* ---- the audit log (audit.c) -------------------------------------------- */
+
+#ifndef SCX_AUDIT_FIELD_MAX
+#define SCX_AUDIT_FIELD_MAX 1024
+#endif
+
+typedef int (*scx_audit_cb)(void *ctx, uint64_t seq, int64_t time, const char *event,
+                            const char *subject, const char *detail);
+int scx_audit_append(const char *dir, const uint8_t key[32], const char *event,
+                     const char *subject, const char *detail, softcxi_error *err);
+int scx_audit_read(const char *dir, const uint8_t key[32], scx_audit_cb cb, void *ctx,
+                   softcxi_error *err);
+int scx_audit_verify(const char *dir, const uint8_t key[32], uint64_t *records,
+                     softcxi_error *err);
+
 /* ---- device, keys, cache ----------------------------------------------- */
 
 /* What a key without its private half (a verify-only blob) may do. */
@@ -215,6 +275,8 @@ typedef struct scx_secrets {
     uint8_t blob_key[32];
     uint8_t state_key[32]; /* seals users.db; derived from the device key */
     uint8_t rest_key[32];  /* seals device.mbk; derived from the device key */
+    uint8_t audit_key[32]; /* MACs the audit log; from the device key */
+    uint8_t storage_key[32]; /* seals keys.db; from the device key */
     uint8_t old_mbk[SCX_MAX_OLD_MBKS][32];
 } scx_secrets;
 
@@ -262,6 +324,8 @@ struct softcxi_device {
      * changes the device state; compared on each call (one memory load). */
     volatile uint64_t *gen_map;
     uint64_t generation;
+    scx_keydb *keydb; /* opened on first use */
+    size_t keydb_limit;
 };
 
 struct softcxi_session {
@@ -281,6 +345,17 @@ int scx_gen_open(softcxi_device *dev, softcxi_error *err);
 void scx_gen_close(softcxi_device *dev);
 /* The xaes context that opens blobs sealed under kcv, or NULL. */
 scx_xaes *scx_mbk_for(softcxi_device *dev, const uint8_t kcv[SCX_KCV_LEN]);
+
+/* Append an audit record (no-op for in-memory devices); fails closed. */
+int scx_audit(softcxi_session *s, const char *event, const char *subject, const char *detail);
+/* Who is logged on as administrator, for audit details. */
+void scx_admins(const softcxi_session *s, char *out, size_t cap);
+/* Store a sealed blob as an internal key; out becomes its handle. */
+int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_template *t,
+                       unsigned flags);
+/* Internal key handles ('I' ...): resolved to the stored blob. */
+int scx_handle_resolve(softcxi_session *s, const uint8_t *h, size_t len, const uint8_t **blob,
+                       size_t *blob_len);
 
 int scx_users_create(const softcxi_device *dev, const char *admin, const char *password,
                      unsigned cost, softcxi_error *err);

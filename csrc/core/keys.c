@@ -401,11 +401,10 @@ done:
 
 static int check_flags(unsigned flags, softcxi_error *err)
 {
-    if (flags & SOFTCXI_FLAG_EXTERNAL)
+    if ((flags & ~(SOFTCXI_FLAG_EXTERNAL | SOFTCXI_FLAG_OVERWRITE)) == 0)
         return 0;
-    return scx_fail(err, SOFTCXI_EINVAL,
-                    "key_generate: flags must include FLAG_EXTERNAL (internal keys need the "
-                    "device key database)");
+    return scx_fail(err, SOFTCXI_EINVAL, "key_generate: unknown flags 0x%x",
+                    flags & ~(SOFTCXI_FLAG_EXTERNAL | SOFTCXI_FLAG_OVERWRITE));
 }
 
 int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
@@ -421,9 +420,15 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
         (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "key_generate")) != 0 ||
         (rc = scx_device_sync(s)) != 0)
         return rc;
+    if (!(flags & SOFTCXI_FLAG_EXTERNAL) && (!t.name || !*t.name))
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "template.name: an internal key needs a name (its address)");
     sealer z = {&dev->xblob, dev->gcm, &dev->pool, dev->kcv};
     EVP_PKEY_CTX *gen = uses_gen_ctx(t.algo) ? gen_ctx(dev, &t) : NULL;
     rc = generate_one(gen, &z, blob, &t, &s->err);
+    /* Without FLAG_EXTERNAL the blob goes into the device; a handle comes back. */
+    if (rc == 0 && !(flags & SOFTCXI_FLAG_EXTERNAL))
+        rc = scx_store_internal(s, blob, &t, flags);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -492,6 +497,10 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     int stop = 0, rc;
 
     memset(blobs, 0, n * sizeof *blobs);
+    if (!(flags & SOFTCXI_FLAG_EXTERNAL))
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "bulk_generate: FLAG_EXTERNAL is required (the internal database "
+                        "holds 8 MiB: bulk keys belong outside)");
     if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
         (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "bulk_generate")) != 0 ||
         (rc = scx_device_sync(s)) != 0)
@@ -578,6 +587,13 @@ static EVP_PKEY *ec_from_scalar(const scx_curve_def *c, const uint8_t *d, size_t
     return pk;
 }
 
+/* Encrypted PEM is refused rather than prompting on a terminal. */
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf, (void)size, (void)rwflag, (void)u;
+    return -1;
+}
+
 static EVP_PKEY *parse_key(const uint8_t *data, size_t len, int format, int *is_public)
 {
     EVP_PKEY *pk = NULL;
@@ -588,8 +604,8 @@ static EVP_PKEY *parse_key(const uint8_t *data, size_t len, int format, int *is_
     if (pem) {
         BIO *b = BIO_new_mem_buf(data, (int)len);
         if (b)
-            pk = *is_public ? PEM_read_bio_PUBKEY(b, NULL, NULL, NULL)
-                            : PEM_read_bio_PrivateKey(b, NULL, NULL, NULL);
+            pk = *is_public ? PEM_read_bio_PUBKEY(b, NULL, no_passphrase, NULL)
+                            : PEM_read_bio_PrivateKey(b, NULL, no_passphrase, NULL);
         BIO_free(b);
     } else {
         const unsigned char *p = data;
@@ -749,6 +765,8 @@ int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
         goto done;
     }
     rc = scx_seal_key(s, blob, &t, pub, pub_len, sec, sec_len);
+    if (rc == 0 && !(flags & SOFTCXI_FLAG_EXTERNAL))
+        rc = scx_store_internal(s, blob, &t, flags);
 done:
     EVP_PKEY_free(pk);
     OPENSSL_secure_clear_free(sec, sec_cap);
@@ -941,6 +959,8 @@ int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t l
     int rc = scx_device_sync(s); /* an MBK retired elsewhere is never served */
     if (rc)
         return rc;
+    if (len > 0 && blob[0] == 0x49 && (rc = scx_handle_resolve(s, blob, len, &blob, &len)) != 0)
+        return rc; /* an internal key's handle: its blob comes from the database */
     scx_cache *c = &s->dev->cache;
     size_t base = 0;
     if (c->capacity) {
@@ -994,7 +1014,12 @@ int softcxi_key_info_check(softcxi_session *s, softcxi_key_info *info, const uin
                      size_t blob_len)
 {
     scx_key *k;
-    int rc = scx_key_get(s, &k, blob, blob_len);
+    int rc = 0;
+    /* A handle: read the stored blob (valid until the next database call). */
+    if (blob_len > 0 && blob[0] == 0x49 &&
+        (rc = scx_handle_resolve(s, blob, blob_len, &blob, &blob_len)) != 0)
+        return rc;
+    rc = scx_key_get(s, &k, blob, blob_len);
     if (rc)
         return rc;
     rc = scx_access_key(s, k->info.group, k->info.group_len, "key_info");

@@ -188,6 +188,14 @@ int softcxi_mbk_generate(softcxi_session *s, const softcxi_mbk_req *req)
         return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "mbk_generate: random generator failed");
     rc = scx_mbk_split_files(mbk, req->m, req->n, req->scheme ? req->scheme : SOFTCXI_SHARES_SHAMIR,
                              req->paths, req->passwords, req->kdf_cost, &s->err);
+    uint8_t kcv[SCX_KCV_LEN];
+    char detail[300], by[200], hex[17];
+    if (rc == 0 && scx_kcv(kcv, mbk) == 0) {
+        scx_hex(hex, kcv, SCX_KCV_LEN);
+        scx_admins(s, by, sizeof by);
+        snprintf(detail, sizeof detail, "%u of %u shares %s", req->m, req->n, by);
+        rc = scx_audit(s, "mbk_generate", hex, detail);
+    }
     OPENSSL_cleanse(mbk, sizeof mbk);
     if (rc == 0)
         scx_ok(&s->err);
@@ -243,6 +251,12 @@ int softcxi_mbk_import(softcxi_session *s, const char *const *paths,
         return rc;
     import_arg a = {mbk};
     rc = change_state(s, do_import, &a);
+    if (rc == 0) {
+        char by[200], hex[17];
+        scx_hex(hex, s->dev->kcv, SCX_KCV_LEN);
+        scx_admins(s, by, sizeof by);
+        rc = scx_audit(s, "mbk_import", hex, by);
+    }
     OPENSSL_cleanse(mbk, sizeof mbk);
     if (rc == 0)
         scx_ok(&s->err);
@@ -283,6 +297,12 @@ int softcxi_mbk_retire(softcxi_session *s, const uint8_t kcv[8])
     uint8_t k[SCX_KCV_LEN];
     memcpy(k, kcv, SCX_KCV_LEN);
     rc = change_state(s, do_retire, k);
+    if (rc == 0) {
+        char by[200], hex[17];
+        scx_hex(hex, k, SCX_KCV_LEN);
+        scx_admins(s, by, sizeof by);
+        rc = scx_audit(s, "mbk_retire", hex, by);
+    }
     if (rc == 0)
         scx_ok(&s->err);
     return rc;

@@ -194,6 +194,7 @@ typedef struct softcxi_open_req {
                             $SOFTCXI_CONFIG_DIR, $XDG_CONFIG_HOME/softcxi or
                             ~/.config/softcxi, then devices/<id>.key */
     long cache_entries;  /* opened-key cache size; < 0: default, 0: off */
+    size_t keydb_limit;  /* bytes of internal key data; 0: 8 MiB */
 } softcxi_open_req;
 
 /* Open the device at req->path (ENOTFOUND when there is none: see
@@ -263,6 +264,33 @@ typedef int (*softcxi_user_cb)(void *ctx, const softcxi_user_info *user);
 SOFTCXI_MUST_CHECK int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req);
 SOFTCXI_MUST_CHECK int softcxi_user_delete(softcxi_session *s, const char *name);
 SOFTCXI_MUST_CHECK int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx);
+
+/* ---- internal keys (the device's key database, CXIKEY.db) -------------- */
+
+/* key_generate / key_import without SOFTCXI_FLAG_EXTERNAL store the key in
+ * the device (addressed by group, name, specifier; SOFTCXI_FLAG_OVERWRITE
+ * replaces) and return a handle instead of a blob: a short byte string
+ * starting with 'I' that every operation accepts where it takes a blob.
+ * The database holds 8 MiB of key data (keydb_limit); past that, EFULL. */
+SOFTCXI_MUST_CHECK int softcxi_key_open(softcxi_session *s, softcxi_buf *handle, const char *group,
+                                        const char *name, uint32_t specifier, int has_specifier);
+SOFTCXI_MUST_CHECK int softcxi_key_delete(softcxi_session *s, const uint8_t *handle,
+                                          size_t len);
+typedef int (*softcxi_key_cb)(void *ctx, const char *group, const char *name, uint32_t specifier,
+                              int has_specifier);
+/* The internal keys of the groups the logged-on users may use. */
+SOFTCXI_MUST_CHECK int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, void *ctx);
+/* Bytes of key data used and the limit. */
+SOFTCXI_MUST_CHECK int softcxi_keydb_usage(softcxi_session *s, size_t *used, size_t *limit);
+
+/* ---- the audit log ------------------------------------------------------ */
+
+typedef int (*softcxi_audit_cb)(void *ctx, uint64_t seq, int64_t time, const char *event,
+                                const char *subject, const char *detail);
+/* Read the log (every record's MAC chain checked); administrators. */
+SOFTCXI_MUST_CHECK int softcxi_audit_log(softcxi_session *s, softcxi_audit_cb cb, void *ctx);
+/* 0 and *records when intact, ETAMPER naming the first bad record. */
+SOFTCXI_MUST_CHECK int softcxi_audit_verify(softcxi_session *s, uint64_t *records);
 
 /* ---- the MBK ------------------------------------------------------------ */
 

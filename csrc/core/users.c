@@ -401,9 +401,15 @@ int softcxi_logon_pass(softcxi_session *s, const char *name, const char *passwor
     user *u = find_user(&us, name);
     int64_t now = (int64_t)time(NULL);
     if (!u) {
-        rc = scx_fail(&s->err, SOFTCXI_EAUTH, "logon_pass: unknown user or wrong password for '%s'",
-                      name);
+        /* The same work as for a known user: timing does not tell who exists. */
+        uint8_t salt[SALT_LEN] = {0};
+        (void)verifier(v, password, salt, SCX_KDF_COST);
+        rc = scx_audit(s, "logon-failed", name, "unknown user");
+        if (rc == 0)
+            rc = scx_fail(&s->err, SOFTCXI_EAUTH,
+                          "logon_pass: unknown user or wrong password for '%s'", name);
     } else if (u->locked_until > now) {
+        (void)scx_audit(s, "logon-failed", name, "locked out");
         rc = scx_fail(&s->err, SOFTCXI_EAUTH,
                       "logon_pass: user '%s' is locked out for %lld more seconds after %u failed "
                       "logons",
@@ -419,6 +425,8 @@ int softcxi_logon_pass(softcxi_session *s, const char *name, const char *passwor
             u->locked_until = now + (wait > LOCK_MAX ? LOCK_MAX : wait);
         }
         int src = users_save(dev, &us, &s->err);
+        if (src == 0)
+            src = scx_audit(s, "logon-failed", name, "wrong password");
         rc = src ? src
                  : scx_fail(&s->err, SOFTCXI_EAUTH,
                             "logon_pass: unknown user or wrong password for '%s'", name);
@@ -428,6 +436,8 @@ int softcxi_logon_pass(softcxi_session *s, const char *name, const char *passwor
             u->locked_until = 0;
             rc = users_save(dev, &us, &s->err);
         }
+        if (rc == 0)
+            rc = scx_audit(s, "logon", name, u->role == SCX_ROLE_ADMIN ? "admin" : "user");
         if (rc == 0) {
             scx_logon *l = &s->logons[s->nlogons++];
             snprintf(l->name, sizeof l->name, "%s", u->name);
@@ -457,7 +467,9 @@ static int group_matches(const char *patterns, const char *group, size_t group_l
     while (*p) {
         const char *end = strchr(p, ',');
         size_t n = end ? (size_t)(end - p) : strlen(p);
-        if (n > 0 && p[n - 1] == '*') {
+        if (n == 0) {
+            /* an empty entry (",iot") names no group */
+        } else if (p[n - 1] == '*') {
             if (group_len >= n - 1 && memcmp(group, p, n - 1) == 0)
                 return 1;
         } else if (n == group_len && memcmp(group, p, n) == 0) {
@@ -553,6 +565,11 @@ int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req)
     }
     users_free(&us);
     users_unlock(lock);
+    if (rc == 0) {
+        char by[200];
+        scx_admins(s, by, sizeof by);
+        rc = scx_audit(s, "user_add", req->name, by);
+    }
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -590,6 +607,11 @@ int softcxi_user_delete(softcxi_session *s, const char *name)
     }
     users_free(&us);
     users_unlock(lock);
+    if (rc == 0) {
+        char by[200];
+        scx_admins(s, by, sizeof by);
+        rc = scx_audit(s, "user_delete", name, by);
+    }
     if (rc == 0)
         scx_ok(&s->err);
     return rc;

@@ -357,6 +357,9 @@ static int l_open(lua_State *L)
     req.path = luaL_checkstring(L, 1);
     req.keyfile = luaL_optstring(L, 2, NULL);
     req.cache_entries = (long)luaL_optinteger(L, 3, -1);
+    lua_Integer limit = luaL_optinteger(L, 4, 0);
+    luaL_argcheck(L, limit >= 0, 4, "keydb_limit must be >= 0");
+    req.keydb_limit = (size_t)limit;
     /* The userdata first, so a raised error cannot strand the device. */
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;
@@ -977,7 +980,114 @@ static int m_key_rewrap(lua_State *L)
     return 2;
 }
 
+/* key_open(group, name [, specifier]) -> handle */
+static int m_key_open(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *group = luaL_checkstring(L, 2), *name = luaL_checkstring(L, 3);
+    int has_spec = !lua_isnoneornil(L, 4);
+    lua_Integer spec = luaL_optinteger(L, 4, 0);
+    luaL_argcheck(L, spec >= 0 && spec <= 0xFFFFFFFF, 4, "specifier out of range");
+    softcxi_buf h = {0};
+    if (softcxi_key_open(ls->s, &h, group, name, (uint32_t)spec, has_spec) != 0)
+        return session_error(L, ls);
+    push_buf(L, &h);
+    return 1;
+}
+
+static int m_key_delete(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *h = check_bytes(L, 2, &len);
+    if (softcxi_key_delete(ls->s, h, len) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_key(void *ctx, const char *group, const char *name, uint32_t spec, int has_spec)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, group);
+    lua_setfield(L, -2, "group");
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "name");
+    if (has_spec) {
+        lua_pushinteger(L, (lua_Integer)spec);
+        lua_setfield(L, -2, "specifier");
+    }
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+static int m_key_list(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_key_list(ls->s, push_key, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
+static int m_keydb_usage(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t used = 0, limit = 0;
+    if (softcxi_keydb_usage(ls->s, &used, &limit) != 0)
+        return session_error(L, ls);
+    lua_pushinteger(L, (lua_Integer)used);
+    lua_pushinteger(L, (lua_Integer)limit);
+    return 2;
+}
+
+static int push_record(void *ctx, uint64_t seq, int64_t t, const char *event,
+                       const char *subject, const char *detail)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, (lua_Integer)seq);
+    lua_setfield(L, -2, "seq");
+    lua_pushinteger(L, (lua_Integer)t);
+    lua_setfield(L, -2, "time");
+    lua_pushstring(L, event);
+    lua_setfield(L, -2, "event");
+    lua_pushstring(L, subject);
+    lua_setfield(L, -2, "subject");
+    lua_pushstring(L, detail);
+    lua_setfield(L, -2, "detail");
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+static int m_audit_log(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_audit_log(ls->s, push_record, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
+static int m_audit_verify(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    uint64_t n = 0;
+    if (softcxi_audit_verify(ls->s, &n) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    lua_pushinteger(L, (lua_Integer)n);
+    return 2;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"key_open", m_key_open},
+    {"key_delete", m_key_delete},
+    {"key_list", m_key_list},
+    {"keydb_usage", m_keydb_usage},
+    {"audit_log", m_audit_log},
+    {"audit_verify", m_audit_verify},
     {"mbk_generate", m_mbk_generate},
     {"mbk_import", m_mbk_import},
     {"mbk_retire", m_mbk_retire},

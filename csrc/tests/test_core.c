@@ -610,7 +610,7 @@ static void test_users(void)
     softcxi_init_req init = {dir, key, "ADMIN", "admin-password", 10};
     CHECK_RC(softcxi_device_init(&init, &err), 0);
     CHECK_RC(softcxi_device_init(&init, &err), SOFTCXI_EEXIST);
-    softcxi_open_req req = {dir, key, -1};
+    softcxi_open_req req = {dir, key, -1, 0};
     softcxi_session *s = file_session(&req, 1);
     if (!s)
         return;
@@ -658,7 +658,7 @@ static void test_device_files(void)
     current = "device files";
     tmp_path(dir, sizeof dir, "dev");
     tmp_path(key, sizeof key, "keys/dev.key");
-    softcxi_open_req req = {dir, key, -1};
+    softcxi_open_req req = {dir, key, -1, 0};
     CHECK_RC(softcxi_device_open(&dev, &req, &err), SOFTCXI_ENOTFOUND); /* no init yet */
     softcxi_init_req init = {dir, key, "ADMIN", "admin-password", 10};
     CHECK_RC(softcxi_device_init(&init, &err), 0);
@@ -695,7 +695,7 @@ static void test_device_files(void)
     /* Another device's key file: named KCVs. */
     tmp_path(dir2, sizeof dir2, "dev2");
     tmp_path(key2, sizeof key2, "keys/dev2.key");
-    softcxi_open_req req2 = {dir2, key2, -1};
+    softcxi_open_req req2 = {dir2, key2, -1, 0};
     softcxi_init_req init2 = {dir2, key2, "ADMIN", "admin-password", 10};
     CHECK_RC(softcxi_device_init(&init2, &err), 0);
     req.keyfile = key2;

@@ -63,8 +63,9 @@ function _M.open(opts)
     if type(opts) ~= "table" or type(opts.path) ~= "string" then
         error("softcxi.open: expects { path = DIR [, keyfile = FILE] [, cache = N] }", 2)
     end
-    check_fields(opts, { path = true, keyfile = true, cache = true }, "softcxi.open")
-    return core.open(opts.path, opts.keyfile, opts.cache)
+    check_fields(opts, { path = true, keyfile = true, cache = true, keydb_limit = true },
+        "softcxi.open")
+    return core.open(opts.path, opts.keyfile, opts.cache, opts.keydb_limit)
 end
 
 --- A blob's attributes read without the MBK: info.verified is false.

@@ -1,0 +1,256 @@
+/*
+ * internal_keys.c - keys kept in the device (the internal key database,
+ * keydb.c) and the handles that name them, plus the device's use of the
+ * audit log (audit.c).
+ *
+ * A handle is what key_generate without FLAG_EXTERNAL and key_open return:
+ *
+ *   'I' 0x01 | u8 group_len, group | u8 name_len, name | u8 has_spec | u32 spec
+ *
+ * It names a key; it holds nothing secret.  Every operation that takes a
+ * blob takes a handle too: scx_key_get resolves it to the blob stored in
+ * the database (sealed under the MBK like any other), so the key never
+ * leaves the device and deleting it from the database ends it.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define HANDLE_MAGIC 0x49u /* 'I' */
+#define HANDLE_VERSION 1u
+
+/* ---- the database ------------------------------------------------------ */
+
+static int keydb(softcxi_session *s, scx_keydb **out)
+{
+    softcxi_device *dev = s->dev;
+    int rc;
+    if (!dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "this device keeps no internal keys");
+    if (!dev->keydb)
+        rc = scx_keydb_open(&dev->keydb, dev->path, dev->sec->storage_key, dev->keydb_limit,
+                            &s->err);
+    else /* another process may have changed it */
+        rc = scx_keydb_reload(dev->keydb, &s->err);
+    *out = dev->keydb;
+    return rc;
+}
+
+static size_t handle_make(uint8_t *h, size_t cap, const char *group, const char *name,
+                          uint32_t spec, int has_spec)
+{
+    size_t gl = group ? strlen(group) : 0, nl = name ? strlen(name) : 0;
+    if (gl > 255 || nl > 255 || 2 + 1 + gl + 1 + nl + 5 > cap)
+        return 0;
+    size_t k = 0;
+    h[k++] = HANDLE_MAGIC, h[k++] = HANDLE_VERSION;
+    h[k++] = (uint8_t)gl, memcpy(h + k, group, gl), k += gl;
+    h[k++] = (uint8_t)nl, memcpy(h + k, name, nl), k += nl;
+    h[k++] = (uint8_t)(has_spec ? 1 : 0);
+    for (int i = 0; i < 4; i++)
+        h[k++] = (uint8_t)(spec >> (24 - 8 * i));
+    return k;
+}
+
+typedef struct address {
+    char group[256], name[256];
+    uint32_t spec;
+    int has_spec;
+} address;
+
+static int handle_parse(address *a, const uint8_t *h, size_t len)
+{
+    size_t k = 2;
+    if (len < 2 + 1 + 1 + 5 || h[0] != HANDLE_MAGIC || h[1] != HANDLE_VERSION)
+        return -1;
+    size_t gl = h[k++];
+    if (len - k < gl + 1)
+        return -1;
+    memcpy(a->group, h + k, gl), a->group[gl] = '\0', k += gl;
+    size_t nl = h[k++];
+    if (len - k != nl + 5 || memchr(a->group, 0, gl))
+        return -1;
+    memcpy(a->name, h + k, nl), a->name[nl] = '\0', k += nl;
+    if (memchr(a->name, 0, nl) || h[k] > 1)
+        return -1;
+    a->has_spec = h[k++];
+    a->spec = (uint32_t)h[k] << 24 | (uint32_t)h[k + 1] << 16 | (uint32_t)h[k + 2] << 8 | h[k + 3];
+    return 0;
+}
+
+int scx_handle_resolve(softcxi_session *s, const uint8_t *h, size_t len, const uint8_t **blob,
+                       size_t *blob_len)
+{
+    address a;
+    scx_keydb *db;
+    if (handle_parse(&a, h, len) != 0)
+        return scx_fail(&s->err, SOFTCXI_EFORMAT, "not a softcxi internal key handle");
+    int rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_get(db, a.group, a.name, a.spec, a.has_spec, blob, blob_len, &s->err);
+    return rc;
+}
+
+/* Store a freshly sealed blob as an internal key and hand back its handle. */
+int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_template *t,
+                       unsigned flags)
+{
+    scx_keydb *db;
+    uint8_t h[600];
+    if (!t->name || !*t->name) {
+        softcxi_buf_free(out);
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "template.name: an internal key needs a name (its address)");
+    }
+    size_t hl = handle_make(h, sizeof h, t->group ? t->group : "", t->name, t->specifier,
+                            t->has_specifier);
+    int rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_put(db, t->group ? t->group : "", t->name, t->specifier, t->has_specifier,
+                           out->data, out->len, flags, &s->err);
+    softcxi_buf_free(out);
+    if (rc)
+        return rc;
+    if (!hl || !(out->data = OPENSSL_memdup(h, hl)))
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "out of memory");
+    out->len = hl;
+    return 0;
+}
+
+int softcxi_key_open(softcxi_session *s, softcxi_buf *handle, const char *group, const char *name,
+                     uint32_t specifier, int has_specifier)
+{
+    scx_keydb *db;
+    const uint8_t *blob;
+    size_t blob_len, gl = group ? strlen(group) : 0;
+    uint8_t h[600];
+    handle->data = NULL, handle->len = 0, handle->secret = 0;
+    int rc = scx_access_key(s, group, gl, "key_open");
+    if (rc == 0)
+        rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_get(db, group ? group : "", name ? name : "", specifier, has_specifier,
+                           &blob, &blob_len, &s->err);
+    if (rc)
+        return rc;
+    size_t hl = handle_make(h, sizeof h, group ? group : "", name ? name : "", specifier,
+                            has_specifier);
+    if (!hl || !(handle->data = OPENSSL_memdup(h, hl)))
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "out of memory");
+    handle->len = hl;
+    scx_ok(&s->err);
+    return 0;
+}
+
+int softcxi_key_delete(softcxi_session *s, const uint8_t *handle, size_t len)
+{
+    address a;
+    scx_keydb *db;
+    if (handle_parse(&a, handle, len) != 0)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "key_delete: not an internal key handle");
+    int rc = scx_access_key(s, a.group, strlen(a.group), "key_delete");
+    if (rc == 0)
+        rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_delete(db, a.group, a.name, a.spec, a.has_spec, &s->err);
+    if (rc == 0)
+        rc = scx_audit(s, "key_delete", a.name, a.group);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+typedef struct list_ctx {
+    softcxi_session *s;
+    softcxi_key_cb cb;
+    void *ctx;
+} list_ctx;
+
+static int list_one(void *p, const char *group, const char *name, uint32_t spec, int has_spec,
+                    const uint8_t *blob, size_t blob_len)
+{
+    list_ctx *l = p;
+    (void)blob, (void)blob_len;
+    softcxi_error keep = l->s->err;
+    /* Only the groups the logged-on users may use are listed. */
+    int ok = scx_access_key(l->s, group, strlen(group), "key_list") == 0;
+    l->s->err = keep;
+    return ok ? l->cb(l->ctx, group, name, spec, has_spec) : 0;
+}
+
+int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, void *ctx)
+{
+    scx_keydb *db;
+    if (s->nlogons == 0 && !s->dev->open_access)
+        return scx_fail(&s->err, SOFTCXI_EAUTH, "key_list: log on first (logon_pass)");
+    int rc = keydb(s, &db);
+    list_ctx l = {s, cb, ctx};
+    if (rc == 0)
+        rc = scx_keydb_list(db, list_one, &l, &s->err);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+int softcxi_keydb_usage(softcxi_session *s, size_t *used, size_t *limit)
+{
+    scx_keydb *db;
+    int rc = keydb(s, &db);
+    if (rc)
+        return rc;
+    *used = scx_keydb_used(db);
+    *limit = scx_keydb_limit(db);
+    scx_ok(&s->err);
+    return 0;
+}
+
+/* ---- audit ------------------------------------------------------------- */
+
+void scx_admins(const softcxi_session *s, char *out, size_t cap)
+{
+    size_t k = 0;
+    out[0] = '\0';
+    for (int i = 0; i < s->nlogons && k + 1 < cap; i++) {
+        if (s->logons[i].role != SCX_ROLE_ADMIN)
+            continue;
+        int w = snprintf(out + k, cap - k, "%s%s", k ? "," : "by ", s->logons[i].name);
+        if (w < 0)
+            break;
+        k += (size_t)w;
+    }
+}
+
+int scx_audit(softcxi_session *s, const char *event, const char *subject, const char *detail)
+{
+    if (!s->dev->path)
+        return 0;
+    return scx_audit_append(s->dev->path, s->dev->sec->audit_key, event, subject, detail,
+                            &s->err);
+}
+
+int softcxi_audit_log(softcxi_session *s, softcxi_audit_cb cb, void *ctx)
+{
+    int rc = scx_access_admin(s, "audit_log");
+    if (rc)
+        return rc;
+    if (!s->dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "audit_log: this device keeps no log");
+    rc = scx_audit_read(s->dev->path, s->dev->sec->audit_key, cb, ctx, &s->err);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
+
+int softcxi_audit_verify(softcxi_session *s, uint64_t *records)
+{
+    int rc = scx_access_admin(s, "audit_verify");
+    if (rc)
+        return rc;
+    if (!s->dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "audit_verify: this device keeps no log");
+    rc = scx_audit_verify(s->dev->path, s->dev->sec->audit_key, records, &s->err);
+    if (rc == 0)
+        scx_ok(&s->err);
+    return rc;
+}
