@@ -1,6 +1,7 @@
 -- Provisioning throughput: P-256 keys generated and sealed on worker threads
 -- (bulk_generate alone), against the same keys provisioned into a store
--- (softcxi.provision: existence check, bulk_generate, pipelined put_many).
+-- (softcxi.provision: existence check, bulk_generate, pipelined put_many),
+-- then the rewrap of the whole store after an MBK rotation (softcxi.rewrap).
 --
 --   lua5.4 bench/provision.lua STORE_URL [COUNT [BATCH]]
 --
@@ -13,6 +14,7 @@ local softcxi = require "softcxi"
 local sys = require "softcxi.sys"
 local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
+local rewrap = require "softcxi.rewrap"
 
 local url = arg[1] or error("usage: provision.lua STORE_URL [COUNT [BATCH]]")
 local count = tonumber(arg[2] or "") or 100000
@@ -66,6 +68,19 @@ print(("provision into_store %.0f"):format(count / prov_s))
 print(("provision stored %d skipped %d"):format(r.stored, r.skipped))
 print("provision rss " .. table.concat(marks, " "))
 print(("provision ratio %.2f (provision time / generation time; target <= 1.30)"):format(prov_s / gen_s))
+-- 3. an MBK rotation, then every blob of the store rewrapped (compare-and-set)
+local admin = assert(softcxi.open { path = root .. "/state", keyfile = root .. "/keys/dev.key" })
+assert(admin:logon_pass("ADMIN", "bench-admin-password"))
+local shares = { root .. "/share1", root .. "/share2" }
+local pws = { "bench-share-one", "bench-share-two" }
+assert(admin:mbk_generate { m = 2, shares = shares, passwords = pws, kdf_cost = 10 })
+assert(admin:mbk_import { shares = shares, passwords = pws })
+t0 = sys.monotonic()
+local rw = assert(rewrap.run { hsm = hsm, store = store, page = 1000 })
+local rw_s = sys.monotonic() - t0
+print(("provision rewrap %.0f (%d rewrapped, %d conflicts; target >= 50000/s in Redis)")
+    :format(rw.seen / rw_s, rw.rewrapped, rw.conflicts))
+admin:close()
 store:close()
 hsm:close()
 os.execute("rm -rf '" .. root .. "'")

@@ -1,0 +1,93 @@
+-- softcxi.rewrap: a whole store moved to the current MBK after a rotation.
+local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+local softcxi = H.softcxi
+local provision = require "softcxi.provision"
+local rewrap = require "softcxi.rewrap"
+local store_mod = require "softcxi.store"
+
+describe("rewrap", function()
+    local dev, hsm, admin, root, store
+
+    setup(function()
+        dev = H.new_device()
+        hsm = dev.hsm
+        admin = assert(softcxi.open { path = dev.path, keyfile = dev.keyfile })
+        assert(admin:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
+        root = H.tmpdir()
+        store = assert(store_mod.open("file:" .. root .. "/store"))
+    end)
+
+    teardown(function()
+        store:close()
+        admin:close()
+        H.destroy(dev)
+        H.rm_rf(root)
+    end)
+
+    it("moves every blob to the new MBK, resumably, and then the old MBK can go", function()
+        assert(provision.run { hsm = hsm, store = store, count = 60, batch = 25,
+            name_format = "d%02d", template = { algo = "ec", group = "iot" } })
+        local old_kcv = admin:mbk_info().current
+        local shares, pws = {}, { "share-pw-one", "share-pw-two" }
+        for i = 1, 2 do shares[i] = root .. "/s" .. i end
+        assert(admin:mbk_generate { m = 2, shares = shares, passwords = pws, kdf_cost = 10 })
+        assert(admin:mbk_import { shares = shares, passwords = pws })
+        local new_kcv = admin:mbk_info().current
+
+        -- someone replaces d07 after rewrap read it: compare-and-set leaves it alone
+        local ids = {}
+        for i = 1, 60 do ids[i] = ("iot/d%02d"):format(i) end
+        local snapshot = assert(store:get_many(ids))
+        local theirs = assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec", group = "iot",
+            name = "d07" }))
+        assert(store:put("iot/d07", theirs, { overwrite = true }))
+        local stale = setmetatable({
+            get_many = function(_, want)
+                local out = {}
+                for _, id in ipairs(want) do out[id] = snapshot[id] end
+                return out
+            end,
+        }, { __index = function(_, k)
+            local v = store[k]
+            if type(v) == "function" then return function(_, ...) return v(store, ...) end end
+            return v
+        end })
+        local pages = 0
+        local r = assert(rewrap.run { hsm = hsm, store = stale, page = 16,
+            on_progress = function() pages = pages + 1 end })
+        assert.are.equal(60, r.seen)
+        assert.are.equal(59, r.rewrapped)
+        assert.are.equal(1, r.conflicts)
+        assert.is_true(pages >= 4)
+        assert.are.equal(theirs, store:get("iot/d07"))
+        for i = 1, 60 do
+            local blob = assert(store:get(("iot/d%02d"):format(i)))
+            assert.are.equal(new_kcv, softcxi.key_info(blob).kcv)
+        end
+
+        local again = assert(rewrap.run { hsm = hsm, store = store })
+        assert.are.equal(0, again.rewrapped)
+        assert.are.equal(60, again.current)
+
+        assert(admin:mbk_retire(old_kcv))
+        for i = 1, 60 do
+            assert(hsm:sign(assert(store:get(("iot/d%02d"):format(i))), "ecdsa-sha256", "m"))
+        end
+    end)
+
+    it("a blob of a retired MBK is skipped and counted, not fatal", function()
+        local s2 = assert(store_mod.open("file:" .. root .. "/store2"))
+        local other = H.new_device()
+        local foreign = assert(other.hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec",
+            group = "iot", name = "foreign" }))
+        assert(s2:put(nil, foreign))
+        assert(s2:put(nil, assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec",
+            group = "iot", name = "mine" }))))
+        local r = assert(rewrap.run { hsm = hsm, store = s2 })
+        assert.are.equal(2, r.seen)
+        assert.are.equal(1, r.skipped)
+        assert.are.equal(1, r.current)
+        s2:close()
+        H.destroy(other)
+    end)
+end)
