@@ -106,18 +106,8 @@
 
 /* ---- the API (moves to internal.h) --------------------------------------- */
 
-#ifndef SCX_AUDIT_FIELD_MAX
-#define SCX_AUDIT_FIELD_MAX 1024
-#endif
-
-typedef int (*scx_audit_cb)(void *ctx, uint64_t seq, int64_t time, const char *event,
-                            const char *subject, const char *detail);
-int scx_audit_append(const char *dir, const uint8_t key[32], const char *event,
-                     const char *subject, const char *detail, softcxi_error *err);
-int scx_audit_read(const char *dir, const uint8_t key[32], scx_audit_cb cb, void *ctx,
-                   softcxi_error *err);
-int scx_audit_verify(const char *dir, const uint8_t key[32], uint64_t *records,
-                     softcxi_error *err);
+/* The API (scx_audit_append, scx_audit_read, scx_audit_verify) is declared in
+ * internal.h. */
 
 /* ---- constants ------------------------------------------------------------ */
 

@@ -92,46 +92,7 @@
  * Copy this block verbatim into internal.h (section "internal key
  * database"); the guard then keeps this copy out.
  */
-#ifndef SCX_KEYDB_DEFAULT_LIMIT
-#define SCX_TYPE_KEYDB 0x30u /* <dir>/keys.db, the internal key database */
-#define SCX_KEYDB_DEFAULT_LIMIT ((size_t)8 << 20) /* bytes of key data */
-#define SCX_KEYDB_ENTRY_OVERHEAD 16u /* counted per entry on top of its blob */
-
-typedef struct scx_keydb scx_keydb;
-
-/* Open the database in dir (missing keys.db = empty database).  limit_bytes
- * 0 means SCX_KEYDB_DEFAULT_LIMIT. */
-int scx_keydb_open(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
-                   size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
-void scx_keydb_free(scx_keydb *db);
-/* Re-read keys.db if another process changed it (when not: an fstat and a
- * 48-byte read). */
-int scx_keydb_reload(scx_keydb *db, softcxi_error *err) SOFTCXI_MUST_CHECK;
-/* SOFTCXI_FLAG_OVERWRITE replaces an entry of the same address, else
- * EEXIST; EFULL when the limit would be exceeded (file untouched). */
-int scx_keydb_put(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                  int has_specifier, const uint8_t *blob, size_t blob_len, unsigned flags,
-                  softcxi_error *err) SOFTCXI_MUST_CHECK;
-/* *blob points into db: valid until the next call on db. */
-int scx_keydb_get(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                  int has_specifier, const uint8_t **blob, size_t *blob_len,
-                  softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_delete(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                     int has_specifier, softcxi_error *err) SOFTCXI_MUST_CHECK;
-/* A non-zero return from cb stops the walk and is returned. */
-typedef int (*scx_keydb_cb)(void *ctx, const char *group, const char *name, uint32_t specifier,
-                            int has_specifier, const uint8_t *blob, size_t blob_len);
-int scx_keydb_list(scx_keydb *db, scx_keydb_cb cb, void *ctx, softcxi_error *err);
-size_t scx_keydb_used(const scx_keydb *db);
-size_t scx_keydb_limit(const scx_keydb *db);
-uint64_t scx_keydb_generation(const scx_keydb *db);
-/* The sealed file bytes (OPENSSL_free them), and restore from such an image
- * (must open under this storage key; replaces the database atomically). */
-int scx_keydb_export(scx_keydb *db, uint8_t **image, size_t *len,
-                     softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len,
-                     softcxi_error *err) SOFTCXI_MUST_CHECK;
-#endif
+/* The API is declared in internal.h. */
 /* ---- end of the block for internal.h ----------------------------------- */
 
 #define DB_FILE "keys.db"

@@ -24,42 +24,9 @@
 #include <time.h>
 #include <unistd.h>
 
-/* The audit API; identical to the declarations that move into internal.h
- * (C11 allows a typedef and prototypes to be repeated). */
-typedef int (*scx_audit_cb)(void *ctx, uint64_t seq, int64_t time, const char *event,
-                            const char *subject, const char *detail);
-int scx_audit_append(const char *dir, const uint8_t key[32], const char *event,
-                     const char *subject, const char *detail, softcxi_error *err);
-int scx_audit_read(const char *dir, const uint8_t key[32], scx_audit_cb cb, void *ctx,
-                   softcxi_error *err);
-int scx_audit_verify(const char *dir, const uint8_t key[32], uint64_t *records,
-                     softcxi_error *err);
+#include "check.h"
 
-static int passed, failed;
-static const char *current;
-
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (cond) {                                                                      \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s\n", __FILE__, __LINE__, current, #cond); \
-        }                                                                                \
-    } while (0)
-
-#define CHECK_RC(expr, want)                                                             \
-    do {                                                                                 \
-        int rc_ = (expr);                                                                \
-        if (rc_ == (want)) {                                                             \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s = %s (%s), want %s\n", __FILE__,        \
-                    __LINE__, current, #expr, softcxi_code_name(rc_), err.msg,           \
-                    softcxi_code_name(want));                                            \
-        }                                                                                \
-    } while (0)
+#define CHECK_RC(expr, want) CHECK_RC_MSG(expr, want, err.msg)
 
 /* err.msg contains s */
 #define CHECK_MSG(s)                                                                     \

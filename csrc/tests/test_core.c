@@ -24,30 +24,9 @@
 #include <time.h>
 #include <unistd.h>
 
-static int passed, failed;
-static const char *current;
+#include "check.h"
 
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (cond) {                                                                      \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s\n", __FILE__, __LINE__, current, #cond); \
-        }                                                                                \
-    } while (0)
-
-#define CHECK_RC(expr, want)                                                             \
-    do {                                                                                 \
-        int rc_ = (expr);                                                                \
-        if (rc_ == (want)) {                                                             \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s = %s, want %s\n", __FILE__, __LINE__,   \
-                    current, #expr, softcxi_code_name(rc_), softcxi_code_name(want));    \
-        }                                                                                \
-    } while (0)
+#define CHECK_RC(expr, want) CHECK_RC_MSG(expr, want, "")
 
 static char tmproot[512];
 

@@ -33,60 +33,11 @@
 #include <unistd.h>
 
 /* Until internal.h carries the block from the top of keydb.c. */
-#ifndef SCX_KEYDB_DEFAULT_LIMIT
-#define SCX_TYPE_KEYDB 0x30u
-#define SCX_KEYDB_DEFAULT_LIMIT ((size_t)8 << 20)
-#define SCX_KEYDB_ENTRY_OVERHEAD 16u
-typedef struct scx_keydb scx_keydb;
-int scx_keydb_open(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
-                   size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
-void scx_keydb_free(scx_keydb *db);
-int scx_keydb_reload(scx_keydb *db, softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_put(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                  int has_specifier, const uint8_t *blob, size_t blob_len, unsigned flags,
-                  softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_get(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                  int has_specifier, const uint8_t **blob, size_t *blob_len,
-                  softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_delete(scx_keydb *db, const char *group, const char *name, uint32_t specifier,
-                     int has_specifier, softcxi_error *err) SOFTCXI_MUST_CHECK;
-typedef int (*scx_keydb_cb)(void *ctx, const char *group, const char *name, uint32_t specifier,
-                            int has_specifier, const uint8_t *blob, size_t blob_len);
-int scx_keydb_list(scx_keydb *db, scx_keydb_cb cb, void *ctx, softcxi_error *err);
-size_t scx_keydb_used(const scx_keydb *db);
-size_t scx_keydb_limit(const scx_keydb *db);
-uint64_t scx_keydb_generation(const scx_keydb *db);
-int scx_keydb_export(scx_keydb *db, uint8_t **image, size_t *len,
-                     softcxi_error *err) SOFTCXI_MUST_CHECK;
-int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len,
-                     softcxi_error *err) SOFTCXI_MUST_CHECK;
-#endif
+/* The API is declared in internal.h. */
 
-static int passed, failed;
-static const char *current;
+#include "check.h"
 
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (cond) {                                                                      \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s\n", __FILE__, __LINE__, current, #cond); \
-        }                                                                                \
-    } while (0)
-
-#define CHECK_RC(expr, want)                                                             \
-    do {                                                                                 \
-        int rc_ = (expr);                                                                \
-        if (rc_ == (want)) {                                                             \
-            passed++;                                                                    \
-        } else {                                                                         \
-            failed++;                                                                    \
-            fprintf(stderr, "FAIL %s:%d [%s]: %s = %s (%s), want %s\n", __FILE__,        \
-                    __LINE__, current, #expr, softcxi_code_name(rc_), err.msg,           \
-                    softcxi_code_name(want));                                            \
-        }                                                                                \
-    } while (0)
+#define CHECK_RC(expr, want) CHECK_RC_MSG(expr, want, err.msg)
 
 #define BLOB_LEN 200
 #define COST (BLOB_LEN + SCX_KEYDB_ENTRY_OVERHEAD)
