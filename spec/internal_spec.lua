@@ -135,7 +135,11 @@ describe("audit log", function()
         H.writefile(log, text:gsub("[^\n]*\n$", ""))
         msg = H.expect_err("ETAMPER", admin:audit_verify())
         assert.matches("cut off", msg, 1, true)
+        -- an administrative action the log cannot record does not happen
+        H.expect_err("ETAMPER", admin:user_add { name = "ghost", password = "ghost-password",
+            kdf_cost = H.KDF_COST })
         H.writefile(log, text)
         assert(admin:audit_verify())
+        for _, u in ipairs(assert(admin:user_list())) do assert.are_not.equal("ghost", u.name) end
     end)
 end)

@@ -32,6 +32,8 @@ describe("mbk", function()
         H.expect_err("EAUTH", app_a:mbk_generate { m = 2, shares = shares, passwords = PW })
         kcv0 = admin_a:mbk_info().current
         blob0 = assert(app_a:key_generate(EXT, { algo = "ec", name = "old", group = "iot" }))
+        -- an internal key too: it must survive the rotation below
+        assert(app_a:key_generate(0, { algo = "ec", name = "inside", group = "iot" }))
         assert.are.equal(kcv0, softcxi.key_info(blob0).kcv)
         assert(admin_a:mbk_generate { m = 2, shares = shares, passwords = PW, kdf_cost = 10 })
         for i = 1, 3 do
@@ -105,6 +107,10 @@ describe("mbk", function()
         H.expect_err("EINVAL", admin_a:mbk_retire("xyz"))
         assert(admin_a:mbk_retire(kcv0))
         assert.are.same({}, admin_a:mbk_info().older)
+        -- the device rewrapped its own keys at import: the internal key still works
+        local inside = assert(app_a:key_open("iot", "inside"))
+        assert(app_a:sign(inside, "ecdsa-sha256", "m"))
+        assert.are.equal(admin_a:mbk_info().current, assert(app_a:key_info(inside)).kcv)
         H.expect_err("EMBK", app_a:sign(blob0, "ecdsa-sha256", "m"))
         H.expect_err("EMBK", app_a:key_rewrap(blob0))
         assert(app_a:sign(rewrapped, "ecdsa-sha256", "m"))

@@ -639,6 +639,12 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
     if (rc == SOFTCXI_ENOTFOUND)
         rc = scx_fail(err, SOFTCXI_ENOTFOUND,
                       "open: no device in %s (softcxi.init creates one)", dev->path);
+    /* The counter is read before device.mbk is read again below: a change
+     * made in between is then seen at the first call. */
+    if (rc == 0)
+        rc = scx_gen_open(dev, err);
+    if (rc == 0)
+        rc = read_state(dev, state, &state_len, file, err);
     if (rc)
         goto fail;
 
@@ -657,8 +663,6 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
                 rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "deriving the device's keys failed");
         }
         OPENSSL_cleanse(devkey, sizeof devkey);
-        if (rc == 0)
-            rc = scx_gen_open(dev, err);
         if (rc == 0)
             rc = unseal_state(dev, state, state_len, err);
         if (rc)

@@ -348,8 +348,19 @@ scx_xaes *scx_mbk_for(softcxi_device *dev, const uint8_t kcv[SCX_KCV_LEN]);
 
 /* Append an audit record (no-op for in-memory devices); fails closed. */
 int scx_audit(softcxi_session *s, const char *event, const char *subject, const char *detail);
+/* An administrative action is recorded before it is carried out (a log
+ * that cannot take the record stops it); a failure is recorded after. */
+int scx_audit_request(softcxi_session *s, const char *event, const char *subject);
+void scx_audit_outcome(softcxi_session *s, const char *event, const char *subject, int rc);
 /* Who is logged on as administrator, for audit details. */
 void scx_admins(const softcxi_session *s, char *out, size_t cap);
+/* Rewrap (mbk.c, internal_keys.c). */
+int scx_rewrap_blob(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
+                    int *changed, int check_access);
+int scx_internal_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *handle,
+                        size_t len, int *changed);
+int scx_internal_rewrap_all(softcxi_session *s, size_t *moved);
+int scx_internal_count_under(softcxi_session *s, const uint8_t kcv[SCX_KCV_LEN], size_t *n);
 /* Store a sealed blob as an internal key; out becomes its handle. */
 int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_template *t,
                        unsigned flags);

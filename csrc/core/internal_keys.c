@@ -149,13 +149,15 @@ int softcxi_key_delete(softcxi_session *s, const uint8_t *handle, size_t len)
     scx_keydb *db;
     if (handle_parse(&a, handle, len) != 0)
         return scx_fail(&s->err, SOFTCXI_EINVAL, "key_delete: not an internal key handle");
+    char subject[520];
+    snprintf(subject, sizeof subject, "%s/%s", a.group, a.name);
     int rc = scx_access_key(s, a.group, strlen(a.group), "key_delete");
-    if (rc == 0)
-        rc = keydb(s, &db);
-    if (rc == 0)
+    if (rc == 0) /* recorded before it happens: a log that cannot take it stops it */
+        rc = scx_audit(s, "key_delete", subject, s->nlogons ? s->logons[0].name : "");
+    if (rc == 0 && (rc = keydb(s, &db)) == 0) {
         rc = scx_keydb_delete(db, a.group, a.name, a.spec, a.has_spec, &s->err);
-    if (rc == 0)
-        rc = scx_audit(s, "key_delete", a.name, a.group);
+        scx_audit_outcome(s, "key_delete", subject, rc);
+    }
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -229,6 +231,25 @@ int scx_audit(softcxi_session *s, const char *event, const char *subject, const 
                             &s->err);
 }
 
+int scx_audit_request(softcxi_session *s, const char *event, const char *subject)
+{
+    char by[200];
+    scx_admins(s, by, sizeof by);
+    return scx_audit(s, event, subject, by[0] ? by : "requested");
+}
+
+void scx_audit_outcome(softcxi_session *s, const char *event, const char *subject, int rc)
+{
+    if (rc == 0)
+        return;
+    /* Best effort, and the caller's error stays what it was. */
+    softcxi_error keep = s->err;
+    char what[64];
+    snprintf(what, sizeof what, "%s-failed", event);
+    (void)scx_audit(s, what, subject, softcxi_code_name(rc));
+    s->err = keep;
+}
+
 int softcxi_audit_log(softcxi_session *s, softcxi_audit_cb cb, void *ctx)
 {
     int rc = scx_access_admin(s, "audit_log");
@@ -252,5 +273,130 @@ int softcxi_audit_verify(softcxi_session *s, uint64_t *records)
     rc = scx_audit_verify(s->dev->path, s->dev->sec->audit_key, records, &s->err);
     if (rc == 0)
         scx_ok(&s->err);
+    return rc;
+}
+
+/* ---- internal keys across an MBK rotation -------------------------------- */
+
+int scx_internal_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *handle, size_t len,
+                        int *changed)
+{
+    address a;
+    scx_keydb *db;
+    const uint8_t *blob;
+    size_t blob_len;
+    softcxi_buf fresh = {0};
+    if (handle_parse(&a, handle, len) != 0)
+        return scx_fail(&s->err, SOFTCXI_EFORMAT, "not a softcxi internal key handle");
+    int rc = scx_access_key(s, a.group, strlen(a.group), "key_rewrap");
+    if (rc == 0)
+        rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_get(db, a.group, a.name, a.spec, a.has_spec, &blob, &blob_len, &s->err);
+    if (rc == 0)
+        rc = scx_rewrap_blob(s, &fresh, blob, blob_len, changed, 1);
+    if (rc == 0 && *changed)
+        rc = scx_keydb_put(db, a.group, a.name, a.spec, a.has_spec, fresh.data, fresh.len,
+                           SOFTCXI_FLAG_OVERWRITE, &s->err);
+    softcxi_buf_free(&fresh);
+    if (rc)
+        return rc;
+    if (!(out->data = OPENSSL_memdup(handle, len)))
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "out of memory");
+    out->len = len;
+    return 0;
+}
+
+/* Copies of every entry, so the database can be written while walking. */
+typedef struct entry_copy {
+    address a;
+    uint8_t *blob;
+    size_t len;
+} entry_copy;
+
+typedef struct copy_ctx {
+    entry_copy *e;
+    size_t n, cap;
+    int oom;
+} copy_ctx;
+
+static int copy_one(void *p, const char *group, const char *name, uint32_t spec, int has_spec,
+                    const uint8_t *blob, size_t blob_len)
+{
+    copy_ctx *c = p;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? 2 * c->cap : 64;
+        entry_copy *e = OPENSSL_realloc(c->e, cap * sizeof *e);
+        if (!e) {
+            c->oom = 1;
+            return 1;
+        }
+        c->e = e, c->cap = cap;
+    }
+    entry_copy *e = &c->e[c->n];
+    snprintf(e->a.group, sizeof e->a.group, "%s", group);
+    snprintf(e->a.name, sizeof e->a.name, "%s", name);
+    e->a.spec = spec, e->a.has_spec = has_spec;
+    if (!(e->blob = OPENSSL_memdup(blob, blob_len))) {
+        c->oom = 1;
+        return 1;
+    }
+    e->len = blob_len;
+    c->n++;
+    return 0;
+}
+
+static void copies_free(copy_ctx *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        OPENSSL_free(c->e[i].blob);
+    OPENSSL_free(c->e);
+}
+
+static int copy_all(softcxi_session *s, copy_ctx *c)
+{
+    scx_keydb *db;
+    memset(c, 0, sizeof *c);
+    if (!s->dev->path)
+        return 0; /* an in-memory device keeps no internal keys */
+    int rc = keydb(s, &db);
+    if (rc == 0)
+        rc = scx_keydb_list(db, copy_one, c, &s->err);
+    if (c->oom)
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "out of memory walking the key database");
+    return rc;
+}
+
+int scx_internal_rewrap_all(softcxi_session *s, size_t *moved)
+{
+    copy_ctx c;
+    scx_keydb *db;
+    *moved = 0;
+    int rc = copy_all(s, &c);
+    for (size_t i = 0; rc == 0 && i < c.n; i++) {
+        softcxi_buf fresh = {0};
+        int changed = 0;
+        rc = scx_rewrap_blob(s, &fresh, c.e[i].blob, c.e[i].len, &changed, 0);
+        if (rc == 0 && changed && (rc = keydb(s, &db)) == 0) {
+            rc = scx_keydb_put(db, c.e[i].a.group, c.e[i].a.name, c.e[i].a.spec,
+                               c.e[i].a.has_spec, fresh.data, fresh.len, SOFTCXI_FLAG_OVERWRITE,
+                               &s->err);
+            *moved += rc == 0;
+        }
+        softcxi_buf_free(&fresh);
+    }
+    copies_free(&c);
+    return rc;
+}
+
+int scx_internal_count_under(softcxi_session *s, const uint8_t kcv[SCX_KCV_LEN], size_t *n)
+{
+    copy_ctx c;
+    *n = 0;
+    int rc = copy_all(s, &c);
+    for (size_t i = 0; rc == 0 && i < c.n; i++)
+        if (c.e[i].len >= 12 && memcmp(c.e[i].blob + 4, kcv, SCX_KCV_LEN) == 0)
+            (*n)++;
+    copies_free(&c);
     return rc;
 }

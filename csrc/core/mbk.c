@@ -184,18 +184,21 @@ int softcxi_mbk_generate(softcxi_session *s, const softcxi_mbk_req *req)
     int rc = scx_access_admin(s, "mbk_generate");
     if (rc)
         return rc;
+    char what[64];
+    snprintf(what, sizeof what, "%u of %u shares", req->m, req->n);
+    if ((rc = scx_audit_request(s, "mbk_generate", what)) != 0)
+        return rc;
     if (RAND_priv_bytes(mbk, sizeof mbk) != 1)
         return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "mbk_generate: random generator failed");
     rc = scx_mbk_split_files(mbk, req->m, req->n, req->scheme ? req->scheme : SOFTCXI_SHARES_SHAMIR,
                              req->paths, req->passwords, req->kdf_cost, &s->err);
     uint8_t kcv[SCX_KCV_LEN];
-    char detail[300], by[200], hex[17];
-    if (rc == 0 && scx_kcv(kcv, mbk) == 0) {
+    char hex[17];
+    if (rc == 0 && scx_kcv(kcv, mbk) == 0) { /* which MBK the shares hold */
         scx_hex(hex, kcv, SCX_KCV_LEN);
-        scx_admins(s, by, sizeof by);
-        snprintf(detail, sizeof detail, "%u of %u shares %s", req->m, req->n, by);
-        rc = scx_audit(s, "mbk_generate", hex, detail);
+        rc = scx_audit(s, "mbk_generated", hex, what);
     }
+    scx_audit_outcome(s, "mbk_generate", what, rc);
     OPENSSL_cleanse(mbk, sizeof mbk);
     if (rc == 0)
         scx_ok(&s->err);
@@ -249,14 +252,25 @@ int softcxi_mbk_import(softcxi_session *s, const char *const *paths,
         return rc;
     if ((rc = scx_mbk_combine_files(mbk, paths, passwords, k, &s->err)) != 0)
         return rc;
+    uint8_t kcv[SCX_KCV_LEN];
+    char hex[17];
+    if (scx_kcv(kcv, mbk) != 0) {
+        OPENSSL_cleanse(mbk, sizeof mbk);
+        return scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "mbk_import: check value failed");
+    }
+    scx_hex(hex, kcv, SCX_KCV_LEN);
+    if ((rc = scx_audit_request(s, "mbk_import", hex)) != 0) {
+        OPENSSL_cleanse(mbk, sizeof mbk);
+        return rc;
+    }
     import_arg a = {mbk};
     rc = change_state(s, do_import, &a);
-    if (rc == 0) {
-        char by[200], hex[17];
-        scx_hex(hex, s->dev->kcv, SCX_KCV_LEN);
-        scx_admins(s, by, sizeof by);
-        rc = scx_audit(s, "mbk_import", hex, by);
-    }
+    /* The device's own keys follow at once: they must never be stranded
+     * under an MBK that gets retired. */
+    size_t moved = 0;
+    if (rc == 0)
+        rc = scx_internal_rewrap_all(s, &moved);
+    scx_audit_outcome(s, "mbk_import", hex, rc);
     OPENSSL_cleanse(mbk, sizeof mbk);
     if (rc == 0)
         scx_ok(&s->err);
@@ -296,13 +310,23 @@ int softcxi_mbk_retire(softcxi_session *s, const uint8_t kcv[8])
         return rc;
     uint8_t k[SCX_KCV_LEN];
     memcpy(k, kcv, SCX_KCV_LEN);
-    rc = change_state(s, do_retire, k);
-    if (rc == 0) {
-        char by[200], hex[17];
+    size_t still = 0;
+    if ((rc = scx_internal_count_under(s, k, &still)) != 0)
+        return rc;
+    if (still) {
+        char hex[17];
         scx_hex(hex, k, SCX_KCV_LEN);
-        scx_admins(s, by, sizeof by);
-        rc = scx_audit(s, "mbk_retire", hex, by);
+        return scx_fail(&s->err, SOFTCXI_EPOLICY,
+                        "mbk_retire: %zu internal keys are still sealed under MBK %s "
+                        "(key_rewrap them first)",
+                        still, hex);
     }
+    char hexk[17];
+    scx_hex(hexk, k, SCX_KCV_LEN);
+    if ((rc = scx_audit_request(s, "mbk_retire", hexk)) != 0)
+        return rc;
+    rc = change_state(s, do_retire, k);
+    scx_audit_outcome(s, "mbk_retire", hexk, rc);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -325,8 +349,10 @@ int softcxi_mbk_info(softcxi_session *s, uint8_t kcvs[][8], size_t cap, size_t *
 
 /* ---- rewrap ------------------------------------------------------------ */
 
-int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
-                       int *changed)
+/* Re-seal one blob under the current MBK; check_access = 0 for the device's
+ * own internal keys (rewrapped by an administrator during mbk_import). */
+int scx_rewrap_blob(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
+                    int *changed, int check_access)
 {
     softcxi_device *dev = s->dev;
     scx_frame f;
@@ -336,13 +362,11 @@ int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *blob
 
     out->data = NULL, out->len = 0, out->secret = 0;
     *changed = 0;
-    if ((rc = scx_device_sync(s)) != 0)
-        return rc;
     if ((rc = scx_frame_parse(&f, &info, blob, len, &s->err)) != 0)
         return rc;
     if (f.type != SCX_TYPE_KEY)
         return scx_fail(&s->err, SOFTCXI_EFORMAT, "key_rewrap: not a key blob");
-    if ((rc = scx_access_key(s, info.group, info.group_len, "key_rewrap")) != 0)
+    if (check_access && (rc = scx_access_key(s, info.group, info.group_len, "key_rewrap")) != 0)
         return rc;
     scx_xaes *from = scx_mbk_for(dev, f.kcv);
     if (!from) {
@@ -390,4 +414,17 @@ done:
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
+}
+
+int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
+                       int *changed)
+{
+    int rc = scx_device_sync(s);
+    out->data = NULL, out->len = 0, out->secret = 0;
+    *changed = 0;
+    if (rc)
+        return rc;
+    if (len > 0 && blob[0] == 0x49) /* an internal key: rewrapped where it is stored */
+        return scx_internal_rewrap(s, out, blob, len, changed);
+    return scx_rewrap_blob(s, out, blob, len, changed, 1);
 }

@@ -140,7 +140,9 @@ static int password_key(uint8_t key[32], const char *password, const uint8_t sal
 {
     EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
     EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
-    uint64_t n = (uint64_t)1 << cost, maxmem = (uint64_t)1 << 30;
+    uint64_t n = (uint64_t)1 << cost;
+    /* scrypt needs 128 * r * N bytes (and a little more): allow exactly that. */
+    uint64_t maxmem = 128u * 8u * (n + 2) + ((uint64_t)1 << 20);
     uint32_t r = 8, p = 1;
     OSSL_PARAM params[7];
     params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
@@ -226,8 +228,8 @@ int scx_mbk_split_files(const uint8_t mbk[32], unsigned m, unsigned n, int schem
         return scx_fail(err, SOFTCXI_ENOMEM, "mbk shares: out of secure memory");
     if (cost == 0)
         cost = SOFTCXI_SHARE_COST_DEFAULT;
-    if (cost < 10 || cost > 22) {
-        rc = scx_fail(err, SOFTCXI_EINVAL, "mbk shares: scrypt cost 2^%u is out of 2^10..2^22",
+    if (cost < 10 || cost > 20) {
+        rc = scx_fail(err, SOFTCXI_EINVAL, "mbk shares: scrypt cost 2^%u is out of 2^10..2^20",
                       cost);
         goto done;
     }
@@ -308,7 +310,7 @@ static int read_share(uint8_t share[SHARE_LEN], share_meta *meta, const char *pa
         tlv_u8(f.attrs, f.attrs_len, A_SCHEME, &meta->scheme) ||
         tlv_u8(f.attrs, f.attrs_len, A_INDEX, &meta->index) ||
         tlv_u8(f.attrs, f.attrs_len, A_M, &meta->m) || tlv_u8(f.attrs, f.attrs_len, A_N, &meta->n) ||
-        tlv_u8(f.attrs, f.attrs_len, A_COST, &cost) || cost < 10 || cost > 22 ||
+        tlv_u8(f.attrs, f.attrs_len, A_COST, &cost) || cost < 10 || cost > 20 ||
         meta->index < 1 || meta->index > meta->n || meta->m < 1 || meta->m > meta->n)
         return scx_fail(err, SOFTCXI_EFORMAT, "%s is not a softcxi MBK share file", path);
     memcpy(meta->kcv, f.kcv, SCX_KCV_LEN);

@@ -384,8 +384,10 @@ SOFTCXI_MUST_CHECK int softcxi_public_key_read(softcxi_buf *out, const uint8_t *
 SOFTCXI_MUST_CHECK int softcxi_public_key(softcxi_session *s, softcxi_buf *out,
                                           const uint8_t *blob, size_t blob_len, int fmt);
 
-/* Generate a key.  flags must hold SOFTCXI_FLAG_EXTERNAL until the internal
- * key database exists; the blob comes back in *blob. */
+/* Generate a key.  With SOFTCXI_FLAG_EXTERNAL the blob comes back in *blob;
+ * without it the key is stored in the device (the template's group, name
+ * and specifier are its address; SOFTCXI_FLAG_OVERWRITE replaces) and *blob
+ * receives its handle. */
 SOFTCXI_MUST_CHECK int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob,
                                             unsigned flags, const softcxi_template *t);
 

@@ -84,7 +84,9 @@ static int verifier(uint8_t out[VERIFIER_LEN], const char *password, const uint8
 {
     EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
     EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
-    uint64_t n = (uint64_t)1 << cost, maxmem = (uint64_t)1 << 30;
+    uint64_t n = (uint64_t)1 << cost;
+    /* scrypt needs 128 * r * N bytes (and a little more): allow exactly that. */
+    uint64_t maxmem = 128u * 8u * (n + 2) + ((uint64_t)1 << 20);
     uint32_t r = 8, p = 1;
     OSSL_PARAM params[7];
     params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
@@ -536,10 +538,13 @@ int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req)
     if (req->groups && !valid_groups(req->groups))
         return scx_fail(&s->err, SOFTCXI_EINVAL, "user_add: groups '%s' is not a list of names",
                         req->groups);
+    if ((rc = scx_audit_request(s, "user_add", req->name)) != 0)
+        return rc;
     if ((lock = users_lock(dev, &s->err)) < 0)
         return s->err.code;
     if ((rc = users_load(dev, &us, &s->err)) != 0) {
         users_unlock(lock);
+        scx_audit_outcome(s, "user_add", req->name, rc);
         return rc;
     }
     if (find_user(&us, req->name)) {
@@ -565,11 +570,7 @@ int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req)
     }
     users_free(&us);
     users_unlock(lock);
-    if (rc == 0) {
-        char by[200];
-        scx_admins(s, by, sizeof by);
-        rc = scx_audit(s, "user_add", req->name, by);
-    }
+    scx_audit_outcome(s, "user_add", req->name, rc);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
@@ -583,10 +584,13 @@ int softcxi_user_delete(softcxi_session *s, const char *name)
 
     if ((rc = scx_access_admin(s, "user_delete")) != 0)
         return rc;
+    if ((rc = scx_audit_request(s, "user_delete", name ? name : "")) != 0)
+        return rc;
     if ((lock = users_lock(dev, &s->err)) < 0)
         return s->err.code;
     if ((rc = users_load(dev, &us, &s->err)) != 0) {
         users_unlock(lock);
+        scx_audit_outcome(s, "user_delete", name ? name : "", rc);
         return rc;
     }
     user *u = find_user(&us, name ? name : "");
@@ -607,11 +611,7 @@ int softcxi_user_delete(softcxi_session *s, const char *name)
     }
     users_free(&us);
     users_unlock(lock);
-    if (rc == 0) {
-        char by[200];
-        scx_admins(s, by, sizeof by);
-        rc = scx_audit(s, "user_delete", name, by);
-    }
+    scx_audit_outcome(s, "user_delete", name ? name : "", rc);
     if (rc == 0)
         scx_ok(&s->err);
     return rc;
