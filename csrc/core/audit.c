@@ -126,32 +126,8 @@
 #define REC_MAX (20 + 20 + 3 * ESC_MAX + 5 + MAC_HEX + 1)
 #define READ_BUF (64 * 1024)
 
-/* ---- small file helpers (as in device.c) ---------------------------------- */
 
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
 
-static int write_all(int fd, const void *buf, size_t n)
-{
-    const uint8_t *p = buf;
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
 /* Read exactly n bytes at off; -1 on error or a short file. */
 static int pread_all(int fd, void *buf, size_t n, off_t off)
@@ -376,7 +352,7 @@ static int count_write(const audit_paths *p, audit_mac *m, uint64_t count,
     if (mac_count(m, buf + 8 + MAC_LEN, count, last) != 0)
         return scx_fail_ssl(err, SOFTCXI_ECRYPTO, "audit: HMAC failed");
     int fd = open(p->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd < 0 || write_all(fd, buf, sizeof buf) != 0 || fsync(fd) != 0) {
+    if (fd < 0 || scx_write_all(fd, buf, sizeof buf) != 0 || fsync(fd) != 0) {
         int e = errno;
         if (fd >= 0)
             close(fd);
@@ -390,7 +366,7 @@ static int count_write(const audit_paths *p, audit_mac *m, uint64_t count,
         return scx_fail(err, SOFTCXI_EIO, "audit: renaming %s to %s: %s", p->tmp, p->count,
                         strerror(e));
     }
-    if (fsync_dir(p->dir) != 0)
+    if (scx_fsync_dir(p->dir) != 0)
         return scx_fail(err, SOFTCXI_EIO, "audit: fsync %s: %s", p->dir, strerror(errno));
     return 0;
 }
@@ -735,7 +711,7 @@ int scx_audit_append(const char *dir, const uint8_t key[32], const char *event,
     scx_hex(rec + plen, mac, MAC_LEN);
     rec[plen + MAC_HEX] = '\n';
 
-    if (write_all(fd, rec, plen + MAC_HEX + 1) != 0 || fsync(fd) != 0) {
+    if (scx_write_all(fd, rec, plen + MAC_HEX + 1) != 0 || fsync(fd) != 0) {
         int e = errno;
         /* Leave no half record behind; if this fails too the next append
          * drops the fragment. */
@@ -744,7 +720,7 @@ int scx_audit_append(const char *dir, const uint8_t key[32], const char *event,
         rc = scx_fail(err, SOFTCXI_EIO, "audit: appending to %s: %s", p.log, strerror(e));
         goto done;
     }
-    if (created && fsync_dir(p.dir) != 0) {
+    if (created && scx_fsync_dir(p.dir) != 0) {
         rc = scx_fail(err, SOFTCXI_EIO, "audit: fsync %s: %s", p.dir, strerror(errno));
         goto done;
     }

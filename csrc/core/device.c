@@ -50,29 +50,7 @@ static int mkdirs(const char *path, mode_t mode)
     return 0;
 }
 
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
 
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
 /* Read a whole small file; returns bytes read or -1 (errno set). */
 static ssize_t read_small(int fd, uint8_t *buf, size_t cap)
@@ -256,12 +234,12 @@ static int create_keyfile(const char *path, const uint8_t key[32], softcxi_error
     buf[0] = SCX_MAGIC, buf[1] = SCX_VERSION, buf[2] = SCX_TYPE_DEVICE_KEY, buf[3] = 0;
     int rc = scx_kcv(buf + 4, key);
     memcpy(buf + 4 + SCX_KCV_LEN, key, 32);
-    if (rc == 0 && (write_all(fd, buf, sizeof buf) != 0 || fsync(fd) != 0))
+    if (rc == 0 && (scx_write_all(fd, buf, sizeof buf) != 0 || fsync(fd) != 0))
         rc = scx_fail(err, SOFTCXI_EIO, "writing device key file %s: %s", path, strerror(errno));
     OPENSSL_cleanse(buf, sizeof buf);
     close(fd);
     if (rc == 0 && slash && slash != dir)
-        (void)fsync_dir(dir);
+        (void)scx_fsync_dir(dir);
     if (rc)
         unlink(path);
     return rc;
@@ -464,7 +442,7 @@ static int create_state(softcxi_device *dev, const char *file, const softcxi_ini
     size_t total = SCX_HDR_LEN + alen + 32 + SCX_TAG_LEN;
     snprintf(tmp, sizeof tmp, "%s/.%s.%ld.tmp", dev->path, STATE_FILE, (long)getpid());
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0 || write_all(fd, out, total) != 0 || fsync(fd) != 0) {
+    if (fd < 0 || scx_write_all(fd, out, total) != 0 || fsync(fd) != 0) {
         rc = scx_fail(err, SOFTCXI_EIO, "writing %s: %s", tmp, strerror(errno));
         unlink(tmp);
         goto done;
@@ -479,7 +457,7 @@ static int create_state(softcxi_device *dev, const char *file, const softcxi_ini
         goto done;
     }
     unlink(tmp);
-    (void)fsync_dir(dev->path);
+    (void)scx_fsync_dir(dev->path);
     wrote_key = 0; /* the device now depends on it */
 done:
     if (fd >= 0)
@@ -510,7 +488,7 @@ int scx_write_file_atomic(const char *path, const char *tmp, const uint8_t *data
                           softcxi_error *err)
 {
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0 || write_all(fd, data, len) != 0 || fsync(fd) != 0) {
+    if (fd < 0 || scx_write_all(fd, data, len) != 0 || fsync(fd) != 0) {
         int e = errno;
         if (fd >= 0)
             close(fd);
@@ -528,7 +506,7 @@ int scx_write_file_atomic(const char *path, const char *tmp, const uint8_t *data
     char *slash = strrchr(dir, '/');
     if (slash) {
         *slash = '\0';
-        (void)fsync_dir(slash == dir ? "/" : dir);
+        (void)scx_fsync_dir(slash == dir ? "/" : dir);
     }
     return 0;
 }

@@ -81,6 +81,9 @@ void scx_locked_free(void *p, size_t len);
 void scx_secure_heap_init(void);
 
 void scx_hex(char *out, const uint8_t *in, size_t len); /* out: 2*len+1 */
+/* Files: write everything (EINTR-safe); fsync a directory (after a rename). */
+int scx_write_all(int fd, const void *buf, size_t n);
+int scx_fsync_dir(const char *dir);
 
 /* ---- primitives -------------------------------------------------------- */
 
@@ -107,6 +110,9 @@ int scx_xaes_open(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *pt, const uint8_t *
 /* HMAC-SHA256(key, label): the derivation behind every labelled key. */
 int scx_label_key(uint8_t out[32], const uint8_t key[32], const char *label);
 int scx_kcv(uint8_t kcv[SCX_KCV_LEN], const uint8_t key[32]);
+/* scrypt(password, salt, N = 2^cost, r = 8, p = 1): share files, verifiers. */
+int scx_scrypt(uint8_t *out, size_t out_len, const char *password, const uint8_t *salt,
+               size_t salt_len, unsigned cost);
 
 /* Batched randomness for public values (salts, IVs): one RAND_bytes per
  * 4 KiB, thrown away when the process forks. */

@@ -184,29 +184,7 @@ static char *joinpath(const char *a, const char *b)
     return p;
 }
 
-static int fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
 
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
 
 static int read_all(int fd, uint8_t *p, size_t n)
 {
@@ -586,7 +564,7 @@ static int write_atomic(const scx_keydb *db, const uint8_t *img, size_t len, sof
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return scx_fail(err, SOFTCXI_EIO, "internal key database: %s: %s", tmp, strerror(errno));
-    if (write_all(fd, img, len) != 0 || fsync(fd) != 0) {
+    if (scx_write_all(fd, img, len) != 0 || fsync(fd) != 0) {
         int e = errno;
         close(fd);
         unlink(tmp);
@@ -599,7 +577,7 @@ static int write_atomic(const scx_keydb *db, const uint8_t *img, size_t len, sof
         return scx_fail(err, SOFTCXI_EIO, "internal key database: replacing %s: %s", db->file,
                         strerror(e));
     }
-    (void)fsync_dir(db->dir);
+    (void)scx_fsync_dir(db->dir);
     return 0;
 }
 

@@ -138,26 +138,7 @@ int scx_shares_combine(uint8_t secret[SHARE_LEN], const uint8_t shares[][SHARE_L
 static int password_key(uint8_t key[32], const char *password, const uint8_t salt[SCX_SALT_LEN],
                         unsigned cost)
 {
-    EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
-    EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
-    uint64_t n = (uint64_t)1 << cost;
-    /* scrypt needs 128 * r * N bytes (and a little more): allow exactly that. */
-    uint64_t maxmem = 128u * 8u * (n + 2) + ((uint64_t)1 << 20);
-    uint32_t r = 8, p = 1;
-    OSSL_PARAM params[7];
-    params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
-                                                  (void *)(uintptr_t)password, strlen(password));
-    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)(uintptr_t)salt,
-                                                  SCX_SALT_LEN);
-    params[2] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_N, &n);
-    params[3] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_R, &r);
-    params[4] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_P, &p);
-    params[5] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_MAXMEM, &maxmem);
-    params[6] = OSSL_PARAM_construct_end();
-    int ok = c && EVP_KDF_derive(c, key, 32, params) == 1;
-    EVP_KDF_CTX_free(c);
-    EVP_KDF_free(kdf);
-    return ok ? 0 : SOFTCXI_ECRYPTO;
+    return scx_scrypt(key, 32, password, salt, SCX_SALT_LEN, cost);
 }
 
 static void tlv(uint8_t *out, size_t *off, unsigned tag, const uint8_t *v, size_t n)

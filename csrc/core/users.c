@@ -82,26 +82,7 @@ static void users_free(users *us)
 static int verifier(uint8_t out[VERIFIER_LEN], const char *password, const uint8_t salt[SALT_LEN],
                     unsigned cost)
 {
-    EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
-    EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
-    uint64_t n = (uint64_t)1 << cost;
-    /* scrypt needs 128 * r * N bytes (and a little more): allow exactly that. */
-    uint64_t maxmem = 128u * 8u * (n + 2) + ((uint64_t)1 << 20);
-    uint32_t r = 8, p = 1;
-    OSSL_PARAM params[7];
-    params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
-                                                  (void *)(uintptr_t)password, strlen(password));
-    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)(uintptr_t)salt,
-                                                  SALT_LEN);
-    params[2] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_N, &n);
-    params[3] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_R, &r);
-    params[4] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_P, &p);
-    params[5] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_MAXMEM, &maxmem);
-    params[6] = OSSL_PARAM_construct_end();
-    int ok = c && EVP_KDF_derive(c, out, VERIFIER_LEN, params) == 1;
-    EVP_KDF_CTX_free(c);
-    EVP_KDF_free(kdf);
-    return ok ? 0 : SOFTCXI_ECRYPTO;
+    return scx_scrypt(out, VERIFIER_LEN, password, salt, SALT_LEN, cost);
 }
 
 static int set_password(user *u, const char *password, unsigned cost, softcxi_error *err)

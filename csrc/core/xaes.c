@@ -13,6 +13,7 @@
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/hmac.h>
+#include <openssl/kdf.h>
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <string.h>
@@ -163,4 +164,29 @@ int scx_rnd_public(scx_rndpool *p, uint8_t *out, size_t len)
     memset(p->buf + p->pos, 0, len);
     p->pos += len;
     return 0;
+}
+
+int scx_scrypt(uint8_t *out, size_t out_len, const char *password, const uint8_t *salt,
+               size_t salt_len, unsigned cost)
+{
+    EVP_KDF *kdf = EVP_KDF_fetch(NULL, OSSL_KDF_NAME_SCRYPT, NULL);
+    EVP_KDF_CTX *c = kdf ? EVP_KDF_CTX_new(kdf) : NULL;
+    uint64_t n = (uint64_t)1 << cost;
+    /* scrypt needs 128 * r * N bytes (and a little more): allow exactly that. */
+    uint64_t maxmem = 128u * 8u * (n + 2) + ((uint64_t)1 << 20);
+    uint32_t r = 8, p = 1;
+    OSSL_PARAM params[7];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PASSWORD,
+                                                  (void *)(uintptr_t)password, strlen(password));
+    params[1] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_SALT, (void *)(uintptr_t)salt,
+                                                  salt_len);
+    params[2] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_N, &n);
+    params[3] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_R, &r);
+    params[4] = OSSL_PARAM_construct_uint32(OSSL_KDF_PARAM_SCRYPT_P, &p);
+    params[5] = OSSL_PARAM_construct_uint64(OSSL_KDF_PARAM_SCRYPT_MAXMEM, &maxmem);
+    params[6] = OSSL_PARAM_construct_end();
+    int ok = c && EVP_KDF_derive(c, out, out_len, params) == 1;
+    EVP_KDF_CTX_free(c);
+    EVP_KDF_free(kdf);
+    return ok ? 0 : SOFTCXI_ECRYPTO;
 }

@@ -75,25 +75,25 @@ function _M.run(opts)
             return nil, "provision.run: reading batch at key " .. (done + 1) .. ": " .. tostring(err),
                 code, report
         end
-        local todo_names, todo_ids = {}, {}
+        local missing_names, missing_ids = {}, {}
         for i = 1, n do
             if have[ids[i]] == nil then
-                todo_names[#todo_names + 1] = names[i]
-                todo_ids[#todo_ids + 1] = ids[i]
+                missing_names[#missing_names + 1] = names[i]
+                missing_ids[#missing_ids + 1] = ids[i]
             end
         end
-        report.skipped = report.skipped + (n - #todo_names)
-        if #todo_names > 0 then
+        report.skipped = report.skipped + (n - #missing_names)
+        if #missing_names > 0 then
             local blobs
-            blobs, err, code = hsm:bulk_generate(flags, template, #todo_names,
-                { names = todo_names, threads = opts.threads })
+            blobs, err, code = hsm:bulk_generate(flags, template, #missing_names,
+                { names = missing_names, threads = opts.threads })
             if not blobs then
                 return nil, "provision.run: generating batch at key " .. (done + 1) .. ": " .. err,
                     code, report
             end
             report.generated = report.generated + #blobs
             local items = {}
-            for i = 1, #blobs do items[i] = { id = todo_ids[i], blob = blobs[i] } end
+            for i = 1, #blobs do items[i] = { id = missing_ids[i], blob = blobs[i] } end
             -- skip_existing: another writer may have stored an id meanwhile
             local stored, skipped_or_err, c, confirmed = store:put_many(items, { skip_existing = true })
             if not stored then
