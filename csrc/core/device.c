@@ -646,7 +646,8 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
         if (rc)
             goto fail;
     }
-    if ((rc = device_finish(dev, req->cache_entries, err)) != 0)
+    if ((rc = device_finish(dev, req->cache_entries, err)) != 0 ||
+        (rc = scx_revoked_reload(dev, err)) != 0)
         goto fail;
     dev->keydb_limit = req->keydb_limit;
     free(file);
@@ -686,6 +687,7 @@ static void device_destroy(softcxi_device *dev)
         scx_xaes_clear(&dev->old[i].x);
     scx_gen_close(dev);
     scx_keydb_free(dev->keydb);
+    OPENSSL_free(dev->revoked);
     EVP_CIPHER_CTX_free(dev->gcm);
     EVP_CIPHER_CTX_free(dev->data_gcm);
     for (size_t i = 0; i < 3; i++)

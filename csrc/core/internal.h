@@ -20,6 +20,7 @@
 #define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
 #define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
 #define SCX_TYPE_USERS 0x12u      /* users.db, sealed under the device key */
+#define SCX_TYPE_REVOKED 0x13u    /* revoked.db, sealed under the storage key */
 #define SCX_TYPE_MBK_SHARE 0x20u  /* one MBK key share, sealed under its password */
 
 #define SCX_KCV_LEN 8
@@ -263,6 +264,7 @@ typedef struct scx_key {
     size_t sym_len;
     uint64_t stamp;
     int cached;
+    uint8_t id[32]; /* SHA-256 of the attributes: the key across copies */
 } scx_key;
 
 typedef struct scx_cache {
@@ -331,6 +333,8 @@ struct softcxi_device {
     volatile uint64_t *gen_map;
     uint64_t generation;
     scx_keydb *keydb; /* opened on first use */
+    uint8_t (*revoked)[32]; /* ids of revoked keys (revoke.c) */
+    size_t nrevoked;
     size_t keydb_limit;
 };
 
@@ -367,6 +371,10 @@ int scx_internal_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *han
                         size_t len, int *changed);
 int scx_internal_rewrap_all(softcxi_session *s, size_t *moved);
 int scx_internal_count_under(softcxi_session *s, const uint8_t kcv[SCX_KCV_LEN], size_t *n);
+/* Revocation (revoke.c). */
+int scx_key_id(uint8_t id[32], const uint8_t *attrs, size_t len);
+int scx_revoked_reload(softcxi_device *dev, softcxi_error *err);
+int scx_is_revoked(const softcxi_device *dev, const uint8_t id[32]);
 /* Store a sealed blob as an internal key; out becomes its handle. */
 int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_template *t,
                        unsigned flags);

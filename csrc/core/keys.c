@@ -894,6 +894,10 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
         k->sym = sec;
         k->sym_len = f.ct_len;
     }
+    if ((rc = scx_key_id(k->id, f.attrs, f.attrs_len)) != 0) {
+        rc = scx_fail_ssl(&s->err, rc, "blob of key %s: digest failed", REF(&k->info));
+        goto fail;
+    }
     k->info.verified = 1;
     *out = k;
     return 0;
@@ -954,6 +958,13 @@ static void cache_trim(scx_cache *c)
     }
 }
 
+static int revoked_check(softcxi_session *s, scx_key *k)
+{
+    if (!s->dev->nrevoked || !scx_is_revoked(s->dev, k->id))
+        return 0;
+    return scx_fail(&s->err, SOFTCXI_EREVOKED, "key %s was revoked", REF(&k->info));
+}
+
 int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t len)
 {
     int rc = scx_device_sync(s); /* an MBK retired elsewhere is never served */
@@ -971,12 +982,17 @@ int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t l
                 k->stamp = ++c->clock;
                 c->hits++;
                 *out = k;
-                return 0;
+                return revoked_check(s, k);
             }
         }
         c->misses++;
     }
     rc = open_key(s, out, blob, len);
+    if (rc == 0 && (rc = revoked_check(s, *out)) != 0) {
+        scx_key_free(*out);
+        *out = NULL;
+        return rc;
+    }
     if (rc || !c->capacity)
         return rc;
     size_t victim = base;
@@ -995,9 +1011,8 @@ int scx_key_get(softcxi_session *s, scx_key **out, const uint8_t *blob, size_t l
     c->slot[victim] = *out;
     c->entries++;
     cache_trim(c);
-    if (!c->slot[victim]) { /* trimmed away at once: hand it over uncached */
-        return open_key(s, out, blob, len);
-    }
+    if (!c->slot[victim]) /* trimmed away at once: hand it over uncached */
+        return open_key(s, out, blob, len); /* (checked for revocation above) */
     return 0;
 }
 

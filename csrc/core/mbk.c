@@ -125,6 +125,8 @@ int scx_device_sync(softcxi_session *s)
     scx_cache_init(&dev->cache, cap);
     int rc = scx_state_reload(dev, &s->err);
     if (rc == 0)
+        rc = scx_revoked_reload(dev, &s->err);
+    if (rc == 0)
         dev->generation = now;
     return rc;
 }

@@ -58,7 +58,8 @@ typedef enum softcxi_code {
     SOFTCXI_EPERM = -11,    /* unsafe file permissions */
     SOFTCXI_ECRYPTO = -12,  /* OpenSSL failed */
     SOFTCXI_ENOMEM = -13,
-    SOFTCXI_EACCESS = -14  /* logged on, but not for this key's group */
+    SOFTCXI_EACCESS = -14, /* logged on, but not for this key's group */
+    SOFTCXI_EREVOKED = -15 /* the key is on the device's revocation list */
 } softcxi_code;
 
 #define SOFTCXI_ERRSTR_MAX 256
@@ -282,6 +283,17 @@ typedef int (*softcxi_key_cb)(void *ctx, const char *group, const char *name, ui
 SOFTCXI_MUST_CHECK int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, void *ctx);
 /* Bytes of key data used and the limit. */
 SOFTCXI_MUST_CHECK int softcxi_keydb_usage(softcxi_session *s, size_t *used, size_t *limit);
+
+/* ---- revocation ---------------------------------------------------------- */
+
+/* Revoke the key of a blob (or handle): every copy, and every rewrap of it,
+ * fails with EREVOKED in every process from the next call on.  Allowed to
+ * administrators and to users of the key's group; recorded in the audit. */
+SOFTCXI_MUST_CHECK int softcxi_key_revoke(softcxi_session *s, const uint8_t *blob, size_t len,
+                                          const char *reason);
+typedef int (*softcxi_revoked_cb)(void *ctx, const char *id_hex, int64_t time,
+                                  const char *group, const char *name, const char *reason);
+SOFTCXI_MUST_CHECK int softcxi_key_revoked(softcxi_session *s, softcxi_revoked_cb cb, void *ctx);
 
 /* ---- the audit log ------------------------------------------------------ */
 

@@ -19,7 +19,7 @@
 
 static const char *const code_names[] = {
     "OK",      "EINVAL", "EFORMAT", "ETAMPER", "EMBK",    "EPOLICY", "EAUTH",
-    "ENOTFOUND", "EFULL", "EEXIST", "EIO",     "EPERM",   "ECRYPTO", "ENOMEM", "EACCESS",
+    "ENOTFOUND", "EFULL", "EEXIST", "EIO",     "EPERM",   "ECRYPTO", "ENOMEM", "EACCESS", "EREVOKED",
 };
 
 const char *softcxi_code_name(int code)

@@ -1081,7 +1081,49 @@ static int m_audit_verify(lua_State *L)
     return 2;
 }
 
+static int m_key_revoke(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    const char *reason = luaL_optstring(L, 3, "");
+    if (softcxi_key_revoke(ls->s, blob, len, reason) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_revoked(void *ctx, const char *id, int64_t t, const char *group, const char *name,
+                        const char *reason)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, id);
+    lua_setfield(L, -2, "id");
+    lua_pushinteger(L, (lua_Integer)t);
+    lua_setfield(L, -2, "time");
+    lua_pushstring(L, group);
+    lua_setfield(L, -2, "group");
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, reason);
+    lua_setfield(L, -2, "reason");
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    return 0;
+}
+
+static int m_key_revoked(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_key_revoked(ls->s, push_revoked, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"key_revoke", m_key_revoke},
+    {"key_revoked", m_key_revoked},
     {"key_open", m_key_open},
     {"key_delete", m_key_delete},
     {"key_list", m_key_list},
