@@ -271,7 +271,9 @@ int softcxi_key_info_read(softcxi_key_info *info, const uint8_t *blob, size_t bl
     int rc = scx_frame_parse(&f, info, blob, blob_len, err);
     if (rc)
         return rc;
-    if (f.type != SCX_TYPE_KEY)
+    /* A key backup carries the key's attributes too: it can be identified
+     * (info->type says which it is), but no operation takes it. */
+    if (f.type != SCX_TYPE_KEY && f.type != SCX_TYPE_KEY_BACKUP)
         return scx_fail(err, SOFTCXI_EFORMAT, "not a key blob (blob type 0x%02x)", f.type);
     scx_ok(err);
     return 0;

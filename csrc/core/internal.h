@@ -50,6 +50,7 @@
 /* Labels for everything derived from the MBK: one key, many purposes. */
 #define SCX_LABEL_KCV "softcxi/v1/kcv"
 #define SCX_LABEL_BLOB_KEY "softcxi/v1/blob/key"
+#define SCX_LABEL_KEY_BACKUP "softcxi/v1/blob/key-backup"
 #define SCX_LABEL_DEVICE_MBK "softcxi/v1/blob/device-mbk"
 #define SCX_LABEL_AUDIT "softcxi/v1/audit"
 #define SCX_LABEL_STORAGE "softcxi/v1/storage"

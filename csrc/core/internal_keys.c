@@ -400,3 +400,175 @@ int scx_internal_count_under(softcxi_session *s, const uint8_t kcv[SCX_KCV_LEN],
     copies_free(&c);
     return rc;
 }
+
+/* ---- key backup and restore --------------------------------------------- */
+
+/* A key backup is a v1 frame of type 0x02 sealed under a key derived from
+ * the MBK with its own label: it restores on any device that holds the same
+ * MBK (current or older).  The sealed payload is the key's address and its
+ * stored blob (itself sealed under the MBK):
+ *   u8 group_len, group | u8 name_len, name | u8 has_spec | u32 spec | blob
+ * The attribute block of the backup repeats the key's, so a backup can be
+ * identified without the MBK. */
+
+static int backup_key(scx_xaes *x, const uint8_t mbk[32])
+{
+    uint8_t k[32];
+    int rc = scx_label_key(k, mbk, SCX_LABEL_KEY_BACKUP);
+    if (rc == 0)
+        rc = scx_xaes_init(x, k);
+    OPENSSL_cleanse(k, sizeof k);
+    return rc;
+}
+
+/* The MBK of kcv (current or older), or NULL. */
+static const uint8_t *mbk_of(const softcxi_device *dev, const uint8_t *kcv)
+{
+    if (memcmp(kcv, dev->kcv, SCX_KCV_LEN) == 0)
+        return dev->sec->mbk;
+    for (int i = 0; i < dev->nold; i++)
+        if (memcmp(kcv, dev->old[i].kcv, SCX_KCV_LEN) == 0)
+            return dev->sec->old_mbk[i];
+    return NULL;
+}
+
+int softcxi_key_backup(softcxi_session *s, softcxi_buf *out, const uint8_t *handle, size_t len)
+{
+    softcxi_device *dev = s->dev;
+    address a;
+    scx_keydb *db;
+    const uint8_t *blob;
+    size_t blob_len;
+    scx_frame f;
+    softcxi_key_info info;
+    uint8_t salt[SCX_SALT_LEN], *payload = NULL;
+    scx_xaes x;
+    int rc, have_x = 0;
+
+    out->data = NULL, out->len = 0, out->secret = 0;
+    if (handle_parse(&a, handle, len) != 0)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "key_backup: not an internal key handle");
+    if ((rc = scx_device_sync(s)) != 0 ||
+        (rc = scx_access_key(s, a.group, strlen(a.group), "key_backup")) != 0 ||
+        (rc = keydb(s, &db)) != 0 ||
+        (rc = scx_keydb_get(db, a.group, a.name, a.spec, a.has_spec, &blob, &blob_len,
+                            &s->err)) != 0 ||
+        (rc = scx_frame_parse(&f, &info, blob, blob_len, &s->err)) != 0)
+        return rc;
+    if (info.export_policy == SOFTCXI_EXPORT_DENY_BACKUP)
+        return scx_fail(&s->err, SOFTCXI_EPOLICY,
+                        "key_backup: key %s has export policy deny-backup", REF(&info));
+    size_t gl = strlen(a.group), nl = strlen(a.name);
+    size_t plen = 1 + gl + 1 + nl + 5 + blob_len, k = 0;
+    size_t total = SCX_HDR_LEN + f.attrs_len + plen + SCX_TAG_LEN;
+    if (plen > SCX_MAX_SECRET || !(payload = OPENSSL_malloc(plen)) ||
+        !(out->data = OPENSSL_malloc(total)))
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "key_backup: out of memory");
+    if (rc == 0) {
+        payload[k++] = (uint8_t)gl, memcpy(payload + k, a.group, gl), k += gl;
+        payload[k++] = (uint8_t)nl, memcpy(payload + k, a.name, nl), k += nl;
+        payload[k++] = (uint8_t)a.has_spec;
+        for (int i = 0; i < 4; i++)
+            payload[k++] = (uint8_t)(a.spec >> (24 - 8 * i));
+        memcpy(payload + k, blob, blob_len);
+        if (scx_rnd_public(&dev->pool, salt, sizeof salt) != 0 ||
+            backup_key(&x, dev->sec->mbk) != 0)
+            rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_backup: sealing failed");
+        else
+            have_x = 1;
+    }
+    if (rc == 0 && scx_frame_seal(out->data, SCX_TYPE_KEY_BACKUP, dev->kcv, salt, f.attrs,
+                                  f.attrs_len, payload, plen, &x, dev->gcm) != 0)
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_backup: sealing failed");
+    if (have_x)
+        scx_xaes_clear(&x);
+    OPENSSL_free(payload);
+    if (rc) {
+        softcxi_buf_free(out);
+        return rc;
+    }
+    out->len = total;
+    scx_ok(&s->err);
+    return 0;
+}
+
+int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle, unsigned flags,
+                        const uint8_t *backup, size_t len)
+{
+    softcxi_device *dev = s->dev;
+    scx_frame f;
+    softcxi_key_info info;
+    scx_xaes x;
+    uint8_t *pt = NULL, none[1];
+    int rc;
+
+    handle->data = NULL, handle->len = 0, handle->secret = 0;
+    if ((rc = scx_device_sync(s)) != 0 ||
+        (rc = scx_frame_parse(&f, &info, backup, len, &s->err)) != 0)
+        return rc;
+    if (f.type != SCX_TYPE_KEY_BACKUP)
+        return scx_fail(&s->err, SOFTCXI_EFORMAT, "key_restore: not a key backup");
+    const uint8_t *mbk = mbk_of(dev, f.kcv);
+    if (!mbk) {
+        char want[17], have[17];
+        scx_hex(want, f.kcv, SCX_KCV_LEN);
+        scx_hex(have, dev->kcv, SCX_KCV_LEN);
+        return scx_fail(&s->err, SOFTCXI_EMBK,
+                        "key_restore: the backup of key %s was made under MBK %s; this device "
+                        "holds %s",
+                        REF(&info), want, have);
+    }
+    if ((rc = scx_access_key(s, info.group, info.group_len, "key_restore")) != 0)
+        return rc;
+    if (!(pt = OPENSSL_malloc(f.ct_len ? f.ct_len : 1)) || backup_key(&x, mbk) != 0) {
+        OPENSSL_free(pt);
+        return scx_fail_ssl(&s->err, SOFTCXI_ENOMEM, "key_restore: out of memory");
+    }
+    rc = scx_xaes_open(&x, dev->gcm, f.ct_len ? pt : none, f.ct, f.ct_len, f.tag, f.salt, backup,
+                       f.aad_len);
+    scx_xaes_clear(&x);
+    if (rc) {
+        OPENSSL_free(pt);
+        return scx_fail(&s->err, SOFTCXI_ETAMPER,
+                        "key_restore: the backup of key %s fails authentication", REF(&info));
+    }
+    /* address, then the stored blob */
+    softcxi_template t = {0};
+    char group[256], name[256];
+    size_t k = 0, n = f.ct_len;
+    int ok = n >= 1 && (size_t)pt[0] + 1 <= n;
+    if (ok) {
+        size_t gl = pt[k++];
+        memcpy(group, pt + k, gl), group[gl] = '\0', k += gl;
+        ok = n - k >= 1;
+        size_t nl = ok ? pt[k++] : 0;
+        ok = ok && n - k >= nl + 5;
+        if (ok) {
+            memcpy(name, pt + k, nl), name[nl] = '\0', k += nl;
+            t.has_specifier = pt[k++] != 0;
+            t.specifier = (uint32_t)pt[k] << 24 | (uint32_t)pt[k + 1] << 16 |
+                          (uint32_t)pt[k + 2] << 8 | pt[k + 3];
+            k += 4;
+        }
+    }
+    softcxi_buf stored = {0};
+    int changed = 0;
+    if (!ok || k >= n)
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT, "key_restore: the backup's content is malformed");
+    else /* under the current MBK, whatever MBK the backup was made under */
+        rc = scx_rewrap_blob(s, &stored, pt + k, n - k, &changed, 0);
+    OPENSSL_free(pt);
+    if (rc)
+        return rc;
+    t.group = group, t.name = name;
+    rc = scx_store_internal(s, &stored, &t, flags & SOFTCXI_FLAG_OVERWRITE);
+    if (rc == 0)
+        rc = scx_audit(s, "key_restore", name, group);
+    if (rc == 0) {
+        *handle = stored;
+        scx_ok(&s->err);
+    } else {
+        softcxi_buf_free(&stored);
+    }
+    return rc;
+}

@@ -284,6 +284,15 @@ SOFTCXI_MUST_CHECK int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, v
 /* Bytes of key data used and the limit. */
 SOFTCXI_MUST_CHECK int softcxi_keydb_usage(softcxi_session *s, size_t *used, size_t *limit);
 
+/* A backup of an internal key (export policy permitting), sealed under the
+ * MBK: it restores into the internal database of any device holding that
+ * MBK, at the same address (SOFTCXI_FLAG_OVERWRITE replaces).  *handle
+ * receives the restored key's handle. */
+SOFTCXI_MUST_CHECK int softcxi_key_backup(softcxi_session *s, softcxi_buf *backup,
+                                          const uint8_t *handle, size_t len);
+SOFTCXI_MUST_CHECK int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle,
+                                           unsigned flags, const uint8_t *backup, size_t len);
+
 /* ---- revocation ---------------------------------------------------------- */
 
 /* Revoke the key of a blob (or handle): every copy, and every rewrap of it,

@@ -332,6 +332,8 @@ static void push_info(lua_State *L, const softcxi_key_info *i)
     lua_setfield(L, -2, "kcv");
     lua_pushinteger(L, i->version);
     lua_setfield(L, -2, "version");
+    lua_pushstring(L, i->type == 2 ? "key-backup" : "key");
+    lua_setfield(L, -2, "type");
     lua_pushinteger(L, (lua_Integer)i->blob_len);
     lua_setfield(L, -2, "blob_size");
     lua_pushboolean(L, i->verified);
@@ -1121,7 +1123,35 @@ static int m_key_revoked(lua_State *L)
     return 1;
 }
 
+static int m_key_backup(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len;
+    const uint8_t *h = check_bytes(L, 2, &len);
+    softcxi_buf out = {0};
+    if (softcxi_key_backup(ls->s, &out, h, len) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out);
+    return 1;
+}
+
+/* key_restore(flags, backup) -> handle */
+static int m_key_restore(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_Integer flags = luaL_checkinteger(L, 2);
+    size_t len;
+    const uint8_t *b = check_bytes(L, 3, &len);
+    softcxi_buf h = {0};
+    if (softcxi_key_restore(ls->s, &h, (unsigned)flags, b, len) != 0)
+        return session_error(L, ls);
+    push_buf(L, &h);
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"key_backup", m_key_backup},
+    {"key_restore", m_key_restore},
     {"key_revoke", m_key_revoke},
     {"key_revoked", m_key_revoked},
     {"key_open", m_key_open},
