@@ -383,6 +383,7 @@ int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_templ
 int scx_handle_resolve(softcxi_session *s, const uint8_t *h, size_t len, const uint8_t **blob,
                        size_t *blob_len);
 
+int scx_users_count(softcxi_session *s, size_t *n);
 int scx_users_create(const softcxi_device *dev, const char *admin, const char *password,
                      unsigned cost, softcxi_error *err);
 /* 0, or EAUTH / EACCESS with the message set. */

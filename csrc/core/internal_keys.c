@@ -572,3 +572,30 @@ int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle, unsigned flags,
     }
     return rc;
 }
+
+/* ---- state -------------------------------------------------------------- */
+
+int softcxi_get_state(softcxi_session *s, softcxi_state *st)
+{
+    softcxi_device *dev = s->dev;
+    int rc = scx_device_sync(s);
+    memset(st, 0, sizeof *st);
+    if (rc)
+        return rc;
+    st->version = SOFTCXI_VERSION_STRING;
+    st->id = dev->id;
+    memcpy(st->kcv, dev->kcv, SCX_KCV_LEN);
+    st->older_mbks = (unsigned)dev->nold;
+    st->generation = dev->generation;
+    st->revoked = dev->nrevoked;
+    st->logged_on = (unsigned)s->nlogons;
+    if (dev->path) {
+        scx_keydb *db;
+        if ((rc = scx_users_count(s, &st->users)) != 0 || (rc = keydb(s, &db)) != 0)
+            return rc;
+        st->keydb_used = scx_keydb_used(db);
+        st->keydb_limit = scx_keydb_limit(db);
+    }
+    scx_ok(&s->err);
+    return 0;
+}

@@ -293,6 +293,20 @@ SOFTCXI_MUST_CHECK int softcxi_key_backup(softcxi_session *s, softcxi_buf *backu
 SOFTCXI_MUST_CHECK int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle,
                                            unsigned flags, const uint8_t *backup, size_t len);
 
+/* ---- state (CXI GetState) ----------------------------------------------- */
+
+typedef struct softcxi_state {
+    const char *version, *id;
+    uint8_t kcv[8];        /* the current MBK */
+    unsigned older_mbks;   /* held for opening older blobs */
+    uint64_t generation;   /* bumped by every change of device state */
+    size_t users, revoked;
+    size_t keydb_used, keydb_limit;
+    unsigned logged_on;    /* users logged on to this session */
+} softcxi_state;
+
+SOFTCXI_MUST_CHECK int softcxi_get_state(softcxi_session *s, softcxi_state *st);
+
 /* ---- revocation ---------------------------------------------------------- */
 
 /* Revoke the key of a blob (or handle): every copy, and every rewrap of it,

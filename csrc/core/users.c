@@ -617,3 +617,12 @@ int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx)
     scx_ok(&s->err);
     return 0;
 }
+
+int scx_users_count(softcxi_session *s, size_t *n)
+{
+    users us;
+    int rc = users_load(s->dev, &us, &s->err);
+    *n = rc == 0 ? us.n : 0;
+    users_free(&us);
+    return rc;
+}

@@ -1149,7 +1149,44 @@ static int m_key_restore(lua_State *L)
     return 1;
 }
 
+/* get_state() -> table */
+static int m_get_state(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_state st;
+    char hex[17];
+    if (softcxi_get_state(ls->s, &st) != 0)
+        return session_error(L, ls);
+    for (int i = 0; i < 8; i++)
+        snprintf(hex + 2 * i, 3, "%02x", st.kcv[i]);
+    lua_createtable(L, 0, 10);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "initialised");
+    lua_pushstring(L, st.version);
+    lua_setfield(L, -2, "version");
+    lua_pushstring(L, st.id);
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, hex);
+    lua_setfield(L, -2, "mbk");
+    lua_pushinteger(L, (lua_Integer)st.older_mbks);
+    lua_setfield(L, -2, "older_mbks");
+    lua_pushinteger(L, (lua_Integer)st.generation);
+    lua_setfield(L, -2, "generation");
+    lua_pushinteger(L, (lua_Integer)st.users);
+    lua_setfield(L, -2, "users");
+    lua_pushinteger(L, (lua_Integer)st.revoked);
+    lua_setfield(L, -2, "revoked");
+    lua_pushinteger(L, (lua_Integer)st.keydb_used);
+    lua_setfield(L, -2, "keydb_used");
+    lua_pushinteger(L, (lua_Integer)st.keydb_limit);
+    lua_setfield(L, -2, "keydb_limit");
+    lua_pushinteger(L, (lua_Integer)st.logged_on);
+    lua_setfield(L, -2, "logged_on");
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"get_state", m_get_state},
     {"key_backup", m_key_backup},
     {"key_restore", m_key_restore},
     {"key_revoke", m_key_revoke},
