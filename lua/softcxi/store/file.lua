@@ -386,7 +386,7 @@ end
 -- twice in rows.  Returns stored, skipped | nil, err, code, stored (a
 -- system error: nothing after it is confirmed).
 function _M:_commit(rows, mode, fails)
-    local files, markers, stale, todo = {}, {}, {}, {}
+    local files, markers, stale, to_write = {}, {}, {}, {}
     local stored, skipped = 0, 0
     for _, r in ipairs(rows) do
         -- cur: the blob stored (nil when none, or unreadable); taken: the name exists
@@ -414,14 +414,14 @@ function _M:_commit(rows, mode, fails)
         elseif cur == r.blob then
             stored = stored + 1 -- already there
         else
-            todo[#todo + 1] = r
+            to_write[#to_write + 1] = r
             files[#files + 1] = { r.loc.path, r.data, not taken }
             for _, m in ipairs(r.markers) do markers[#markers + 1] = m end
-            if cur then stale[#todo] = self:_stale_markers(r, cur) end
+            if cur then stale[#to_write] = self:_stale_markers(r, cur) end
         end
     end
     local n, err, code, placed = 0, nil, nil, 0
-    if #todo > 0 then
+    if #to_write > 0 then
         n, err, code, placed = write_many(files, { markers = markers, sync = self.sync })
     end
     placed = n or placed or 0
@@ -431,12 +431,12 @@ function _M:_commit(rows, mode, fails)
     if not n then
         -- Markers made for rows that were not placed, and whose id holds no
         -- blob, would only be skipped by find: remove them.
-        for i = placed + 1, #todo do
-            if not fstat(todo[i].loc.path) then
-                for _, m in ipairs(todo[i].markers) do unlink(m[1]) end
+        for i = placed + 1, #to_write do
+            if not fstat(to_write[i].loc.path) then
+                for _, m in ipairs(to_write[i].markers) do unlink(m[1]) end
             end
         end
-        local bad = todo[placed + 1]
+        local bad = to_write[placed + 1]
         return nil, (bad and "'" .. bad.id .. "': " or "") .. err, code, stored + placed
     end
     return stored + n, skipped

@@ -206,12 +206,12 @@ end
 -- node; follow redirections.  Returns res [, msg, code] as the transport contract says.
 function Router:pipeline(cmds, opts)
     local res, err, code = {}, nil, nil
-    local todo, ask = {}, {}
-    for i = 1, #cmds do todo[i] = i end
+    local pending, ask = {}, {}
+    for i = 1, #cmds do pending[i] = i end
     local backoff = 0.01
     for round = 1, MAX_ROUNDS do
         local groups, order = {}, {}
-        for _, i in ipairs(todo) do
+        for _, i in ipairs(pending) do
             local addr = ask[i] or self:addr_of(cmds[i].key)
             local g = groups[addr]
             if not g then
@@ -270,7 +270,7 @@ function Router:pipeline(cmds, opts)
             hiredis.sleep(backoff)
             backoff = math_min(backoff * 2, 0.5)
         end
-        todo, ask = again, nask
+        pending, ask = again, nask
     end
     return res, err, code
 end
