@@ -540,24 +540,42 @@ static int device_finish(softcxi_device *dev, long cache_entries, softcxi_error 
     return 0;
 }
 
+/* What init and open start with: a device with its paths, and the path of
+ * its device.mbk in *file (free it). */
+static int device_prepare(softcxi_device **out, char **file, const char *op, const char *path,
+                          const char *keyfile, softcxi_error *err)
+{
+    *out = NULL;
+    *file = NULL;
+    if (!path || !*path)
+        return scx_fail(err, SOFTCXI_EINVAL, "%s: path (the device state directory) is required",
+                        op);
+    scx_secure_heap_init();
+    softcxi_device *dev = device_alloc();
+    if (!dev)
+        return scx_fail(err, SOFTCXI_ENOMEM, "%s: out of memory", op);
+    dev->path = strdup(path);
+    dev->keyfile = keyfile ? strdup(keyfile) : NULL;
+    *file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
+    if (!dev->path || !*file || (keyfile && !dev->keyfile)) {
+        free(*file);
+        *file = NULL;
+        softcxi_device_free(dev);
+        return scx_fail(err, SOFTCXI_ENOMEM, "%s: out of memory", op);
+    }
+    *out = dev;
+    return 0;
+}
+
 int softcxi_device_init(const softcxi_init_req *req, softcxi_error *err)
 {
     char *file = NULL;
     int rc, lock = -1;
+    softcxi_device *dev;
 
-    if (!req || !req->path || !*req->path)
-        return scx_fail(err, SOFTCXI_EINVAL, "init: path (the device state directory) is required");
-    scx_secure_heap_init();
-    softcxi_device *dev = device_alloc();
-    if (!dev)
-        return scx_fail(err, SOFTCXI_ENOMEM, "init: out of memory");
-    dev->path = strdup(req->path);
-    dev->keyfile = req->keyfile ? strdup(req->keyfile) : NULL;
-    file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
-    if (!dev->path || !file || (req->keyfile && !dev->keyfile)) {
-        rc = scx_fail(err, SOFTCXI_ENOMEM, "init: out of memory");
-        goto done;
-    }
+    if ((rc = device_prepare(&dev, &file, "init", req ? req->path : NULL,
+                             req ? req->keyfile : NULL, err)) != 0)
+        return rc;
     if (mkdirs(dev->path, 0700) != 0) {
         rc = scx_fail(err, SOFTCXI_EIO, "init: cannot create %s: %s", dev->path, strerror(errno));
         goto done;
@@ -597,22 +615,12 @@ int softcxi_device_open(softcxi_device **out, const softcxi_open_req *req, softc
     size_t state_len = 0;
     char *file = NULL;
     int rc;
+    softcxi_device *dev;
 
     *out = NULL;
-    if (!req || !req->path || !*req->path)
-        return scx_fail(err, SOFTCXI_EINVAL, "open: path (the device state directory) is required");
-    scx_secure_heap_init();
-
-    softcxi_device *dev = device_alloc();
-    if (!dev)
-        return scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
-    dev->path = strdup(req->path);
-    dev->keyfile = req->keyfile ? strdup(req->keyfile) : NULL;
-    file = dev->path ? joinpath(dev->path, STATE_FILE) : NULL;
-    if (!dev->path || !file || (req->keyfile && !dev->keyfile)) {
-        rc = scx_fail(err, SOFTCXI_ENOMEM, "open: out of memory");
-        goto fail;
-    }
+    if ((rc = device_prepare(&dev, &file, "open", req ? req->path : NULL,
+                             req ? req->keyfile : NULL, err)) != 0)
+        return rc;
     rc = read_state(dev, state, &state_len, file, err);
     if (rc == SOFTCXI_ENOTFOUND)
         rc = scx_fail(err, SOFTCXI_ENOTFOUND,
