@@ -275,6 +275,25 @@ static void set_str(lua_State *L, const char *k, const char *v, size_t n)
     }
 }
 
+/* t[k] = v for the table on top of the stack. */
+static void set_cstr(lua_State *L, const char *k, const char *v)
+{
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_int(lua_State *L, const char *k, lua_Integer v)
+{
+    lua_pushinteger(L, v);
+    lua_setfield(L, -2, k);
+}
+
+/* Append the table on top of the stack to the array below it. */
+static void append(lua_State *L)
+{
+    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+}
+
 static void push_info(lua_State *L, const softcxi_key_info *i)
 {
     static const char hex[] = "0123456789abcdef";
@@ -465,22 +484,14 @@ static int m_device_info(lua_State *L)
     for (int i = 0; i < 8; i++)
         snprintf(hex + 2 * i, 3, "%02x", kcv[i]);
     lua_createtable(L, 0, 8);
-    lua_pushstring(L, softcxi_device_id(dev));
-    lua_setfield(L, -2, "id");
-    lua_pushstring(L, hex);
-    lua_setfield(L, -2, "kcv");
-    lua_pushstring(L, softcxi_device_keyfile(dev));
-    lua_setfield(L, -2, "keyfile");
-    lua_pushinteger(L, (lua_Integer)st.hits);
-    lua_setfield(L, -2, "cache_hits");
-    lua_pushinteger(L, (lua_Integer)st.misses);
-    lua_setfield(L, -2, "cache_misses");
-    lua_pushinteger(L, (lua_Integer)st.evictions);
-    lua_setfield(L, -2, "cache_evictions");
-    lua_pushinteger(L, (lua_Integer)st.entries);
-    lua_setfield(L, -2, "cache_entries");
-    lua_pushinteger(L, (lua_Integer)st.capacity);
-    lua_setfield(L, -2, "cache_capacity");
+    set_cstr(L, "id", softcxi_device_id(dev));
+    set_cstr(L, "kcv", hex);
+    set_cstr(L, "keyfile", softcxi_device_keyfile(dev));
+    set_int(L, "cache_hits", (lua_Integer)st.hits);
+    set_int(L, "cache_misses", (lua_Integer)st.misses);
+    set_int(L, "cache_evictions", (lua_Integer)st.evictions);
+    set_int(L, "cache_entries", (lua_Integer)st.entries);
+    set_int(L, "cache_capacity", (lua_Integer)st.capacity);
     return 1;
 }
 
@@ -832,19 +843,13 @@ static int push_user(void *ctx, const softcxi_user_info *u)
 {
     lua_State *L = ctx;
     lua_createtable(L, 0, 6);
-    lua_pushstring(L, u->name);
-    lua_setfield(L, -2, "name");
-    lua_pushstring(L, u->role);
-    lua_setfield(L, -2, "role");
-    lua_pushinteger(L, (lua_Integer)u->level);
-    lua_setfield(L, -2, "level");
-    lua_pushstring(L, u->groups);
-    lua_setfield(L, -2, "groups");
-    lua_pushinteger(L, (lua_Integer)u->failures);
-    lua_setfield(L, -2, "failures");
-    lua_pushinteger(L, (lua_Integer)u->locked_until);
-    lua_setfield(L, -2, "locked_until");
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    set_cstr(L, "name", u->name);
+    set_cstr(L, "role", u->role);
+    set_int(L, "level", (lua_Integer)u->level);
+    set_cstr(L, "groups", u->groups);
+    set_int(L, "failures", (lua_Integer)u->failures);
+    set_int(L, "locked_until", (lua_Integer)u->locked_until);
+    append(L);
     return 0;
 }
 
@@ -1012,15 +1017,12 @@ static int push_key(void *ctx, const char *group, const char *name, uint32_t spe
 {
     lua_State *L = ctx;
     lua_createtable(L, 0, 3);
-    lua_pushstring(L, group);
-    lua_setfield(L, -2, "group");
-    lua_pushstring(L, name);
-    lua_setfield(L, -2, "name");
+    set_cstr(L, "group", group);
+    set_cstr(L, "name", name);
     if (has_spec) {
-        lua_pushinteger(L, (lua_Integer)spec);
-        lua_setfield(L, -2, "specifier");
+        set_int(L, "specifier", (lua_Integer)spec);
     }
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    append(L);
     return 0;
 }
 
@@ -1049,17 +1051,12 @@ static int push_record(void *ctx, uint64_t seq, int64_t t, const char *event,
 {
     lua_State *L = ctx;
     lua_createtable(L, 0, 5);
-    lua_pushinteger(L, (lua_Integer)seq);
-    lua_setfield(L, -2, "seq");
-    lua_pushinteger(L, (lua_Integer)t);
-    lua_setfield(L, -2, "time");
-    lua_pushstring(L, event);
-    lua_setfield(L, -2, "event");
-    lua_pushstring(L, subject);
-    lua_setfield(L, -2, "subject");
-    lua_pushstring(L, detail);
-    lua_setfield(L, -2, "detail");
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    set_int(L, "seq", (lua_Integer)seq);
+    set_int(L, "time", (lua_Integer)t);
+    set_cstr(L, "event", event);
+    set_cstr(L, "subject", subject);
+    set_cstr(L, "detail", detail);
+    append(L);
     return 0;
 }
 
@@ -1100,17 +1097,12 @@ static int push_revoked(void *ctx, const char *id, int64_t t, const char *group,
 {
     lua_State *L = ctx;
     lua_createtable(L, 0, 5);
-    lua_pushstring(L, id);
-    lua_setfield(L, -2, "id");
-    lua_pushinteger(L, (lua_Integer)t);
-    lua_setfield(L, -2, "time");
-    lua_pushstring(L, group);
-    lua_setfield(L, -2, "group");
-    lua_pushstring(L, name);
-    lua_setfield(L, -2, "name");
-    lua_pushstring(L, reason);
-    lua_setfield(L, -2, "reason");
-    lua_rawseti(L, -2, (int)lua_rawlen(L, -2) + 1);
+    set_cstr(L, "id", id);
+    set_int(L, "time", (lua_Integer)t);
+    set_cstr(L, "group", group);
+    set_cstr(L, "name", name);
+    set_cstr(L, "reason", reason);
+    append(L);
     return 0;
 }
 
@@ -1162,26 +1154,16 @@ static int m_get_state(lua_State *L)
     lua_createtable(L, 0, 10);
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "initialised");
-    lua_pushstring(L, st.version);
-    lua_setfield(L, -2, "version");
-    lua_pushstring(L, st.id);
-    lua_setfield(L, -2, "id");
-    lua_pushstring(L, hex);
-    lua_setfield(L, -2, "mbk");
-    lua_pushinteger(L, (lua_Integer)st.older_mbks);
-    lua_setfield(L, -2, "older_mbks");
-    lua_pushinteger(L, (lua_Integer)st.generation);
-    lua_setfield(L, -2, "generation");
-    lua_pushinteger(L, (lua_Integer)st.users);
-    lua_setfield(L, -2, "users");
-    lua_pushinteger(L, (lua_Integer)st.revoked);
-    lua_setfield(L, -2, "revoked");
-    lua_pushinteger(L, (lua_Integer)st.keydb_used);
-    lua_setfield(L, -2, "keydb_used");
-    lua_pushinteger(L, (lua_Integer)st.keydb_limit);
-    lua_setfield(L, -2, "keydb_limit");
-    lua_pushinteger(L, (lua_Integer)st.logged_on);
-    lua_setfield(L, -2, "logged_on");
+    set_cstr(L, "version", st.version);
+    set_cstr(L, "id", st.id);
+    set_cstr(L, "mbk", hex);
+    set_int(L, "older_mbks", (lua_Integer)st.older_mbks);
+    set_int(L, "generation", (lua_Integer)st.generation);
+    set_int(L, "users", (lua_Integer)st.users);
+    set_int(L, "revoked", (lua_Integer)st.revoked);
+    set_int(L, "keydb_used", (lua_Integer)st.keydb_used);
+    set_int(L, "keydb_limit", (lua_Integer)st.keydb_limit);
+    set_int(L, "logged_on", (lua_Integer)st.logged_on);
     return 1;
 }
 
