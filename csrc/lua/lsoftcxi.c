@@ -275,6 +275,18 @@ static void set_str(lua_State *L, const char *k, const char *v, size_t n)
     }
 }
 
+/* A key check value as 16 hex digits (out: 17 bytes). */
+static const char *kcv_hex(char out[17], const uint8_t kcv[8])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (int k = 0; k < 8; k++) {
+        out[2 * k] = digits[kcv[k] >> 4];
+        out[2 * k + 1] = digits[kcv[k] & 15];
+    }
+    out[16] = '\0';
+    return out;
+}
+
 /* t[k] = v for the table on top of the stack. */
 static void set_cstr(lua_State *L, const char *k, const char *v)
 {
@@ -296,7 +308,6 @@ static void append(lua_State *L)
 
 static void push_info(lua_State *L, const softcxi_key_info *i)
 {
-    static const char hex[] = "0123456789abcdef";
     char kcv[17];
     lua_createtable(L, 0, 16);
     if (softcxi_algo_name(i->algo)) {
@@ -342,13 +353,7 @@ static void push_info(lua_State *L, const softcxi_key_info *i)
         lua_pushlstring(L, (const char *)i->pub, i->pub_len);
         lua_setfield(L, -2, "public_key");
     }
-    for (int k = 0; k < 8; k++) {
-        kcv[2 * k] = hex[i->kcv[k] >> 4];
-        kcv[2 * k + 1] = hex[i->kcv[k] & 15];
-    }
-    kcv[16] = '\0';
-    lua_pushstring(L, kcv);
-    lua_setfield(L, -2, "kcv");
+    set_cstr(L, "kcv", kcv_hex(kcv, i->kcv));
     lua_pushinteger(L, i->version);
     lua_setfield(L, -2, "version");
     lua_pushstring(L, i->type == 2 ? "key-backup" : "key");
@@ -481,8 +486,7 @@ static int m_device_info(lua_State *L)
     char hex[17];
     softcxi_cache_stats_get(ls->s, &st);
     softcxi_device_kcv(dev, kcv);
-    for (int i = 0; i < 8; i++)
-        snprintf(hex + 2 * i, 3, "%02x", kcv[i]);
+    kcv_hex(hex, kcv);
     lua_createtable(L, 0, 8);
     set_cstr(L, "id", softcxi_device_id(dev));
     set_cstr(L, "kcv", hex);
@@ -956,9 +960,7 @@ static int m_mbk_info(lua_State *L)
     lua_createtable(L, 0, 2);
     lua_createtable(L, (int)n, 0);
     for (size_t i = 0; i < n; i++) {
-        for (int j = 0; j < 8; j++)
-            snprintf(hex + 2 * j, 3, "%02x", kcvs[i][j]);
-        lua_pushstring(L, hex);
+        lua_pushstring(L, kcv_hex(hex, kcvs[i]));
         if (i == 0) {
             lua_pushvalue(L, -1);
             lua_setfield(L, -4, "current");
@@ -1149,8 +1151,7 @@ static int m_get_state(lua_State *L)
     char hex[17];
     if (softcxi_get_state(ls->s, &st) != 0)
         return session_error(L, ls);
-    for (int i = 0; i < 8; i++)
-        snprintf(hex + 2 * i, 3, "%02x", st.kcv[i]);
+    kcv_hex(hex, st.kcv);
     lua_createtable(L, 0, 10);
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "initialised");
