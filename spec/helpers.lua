@@ -168,6 +168,31 @@ function H.new_device(opts)
     return dev
 end
 
+local CHILD_SIGN = [[
+local softcxi = require "softcxi"
+local h = assert(softcxi.open { path = arg[1], keyfile = arg[2] })
+assert(h:logon_pass(arg[3], arg[4]))
+local f = assert(io.open(arg[5], "rb")); local blob = f:read("*a"); f:close()
+local _, _, code = h:sign(blob, "ecdsa-sha256", "m")
+io.write(tostring(code))
+]]
+
+--- In a new process of the same interpreter: open dev, log the application
+-- user on, sign with blob.  Returns the error code it got ("nil" on success)
+-- after asserting the child itself ran cleanly.
+function H.child_sign_code(dev, blob)
+    local bf, script = dev.root .. "/child.blob", dev.root .. "/child.lua"
+    H.writefile(bf, blob)
+    H.writefile(script, CHILD_SIGN)
+    local env = "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
+        .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
+    local rc, out = H.run(env .. H.q(H.interpreter()) .. " " .. H.q(script) .. " "
+        .. H.q(dev.path) .. " " .. H.q(dev.keyfile) .. " " .. H.q(H.USER) .. " "
+        .. H.q(H.USER_PASSWORD) .. " " .. H.q(bf))
+    assert(rc == 0, out)
+    return out
+end
+
 --- Close the device's session (if any) and remove its files.
 function H.destroy(dev)
     if not dev then return end

@@ -115,23 +115,6 @@ describe("mbk", function()
         H.expect_err("EMBK", app_a:key_rewrap(blob0))
         assert(app_a:sign(rewrapped, "ecdsa-sha256", "m"))
         -- and in a process started now
-        local bf = shares_dir .. "/blob0"
-        H.writefile(bf, blob0)
-        local script = shares_dir .. "/child.lua"
-        H.writefile(script, [[
-local softcxi = require "softcxi"
-local h = assert(softcxi.open { path = arg[1], keyfile = arg[2] })
-assert(h:logon_pass(arg[3], arg[4]))
-local f = assert(io.open(arg[5], "rb")); local blob = f:read("*a"); f:close()
-local _, _, code = h:sign(blob, "ecdsa-sha256", "m")
-io.write(tostring(code))
-]])
-        local env = "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
-            .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
-        local rc, out = H.run(env .. H.q(H.interpreter()) .. " " .. H.q(script) .. " "
-            .. H.q(a.path) .. " " .. H.q(a.keyfile) .. " " .. H.q(H.USER) .. " "
-            .. H.q(H.USER_PASSWORD) .. " " .. H.q(bf))
-        assert.are.equal(0, rc, out)
-        assert.matches("EMBK", out, 1, true)
+        assert.are.equal("EMBK", H.child_sign_code(a, blob0))
     end)
 end)

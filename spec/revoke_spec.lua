@@ -30,24 +30,7 @@ describe("key_revoke", function()
         assert.are.equal("lost-device", list[1].name)
         assert.are.equal("device stolen", list[1].reason)
         -- a process started now
-        local bf = dev.root .. "/revoked.blob"
-        H.writefile(bf, blob)
-        local script = dev.root .. "/child.lua"
-        H.writefile(script, [[
-local softcxi = require "softcxi"
-local h = assert(softcxi.open { path = arg[1], keyfile = arg[2] })
-assert(h:logon_pass(arg[3], arg[4]))
-local f = assert(io.open(arg[5], "rb")); local blob = f:read("*a"); f:close()
-local _, _, code = h:sign(blob, "ecdsa-sha256", "m")
-io.write(tostring(code))
-]])
-        local env = "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
-            .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
-        local rc, out = H.run(env .. H.q(H.interpreter()) .. " " .. H.q(script) .. " "
-            .. H.q(dev.path) .. " " .. H.q(dev.keyfile) .. " " .. H.q(H.USER) .. " "
-            .. H.q(H.USER_PASSWORD) .. " " .. H.q(bf))
-        assert.are.equal(0, rc, out)
-        assert.are.equal("EREVOKED", out)
+        assert.are.equal("EREVOKED", H.child_sign_code(dev, blob))
         other:close()
     end)
 
