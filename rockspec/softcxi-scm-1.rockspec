@@ -14,7 +14,8 @@ on the device and come back sealed under its Master Backup Key as blobs that
 the application stores; every sign/decrypt hands the blob back.]],
    license = "MIT",
 }
-dependencies = { "lua >= 5.1" }
+-- argparse and lua-cjson come from Debian (lua-argparse, lua-cjson): hence --deps-mode=none.
+dependencies = { "lua >= 5.1", "argparse >= 0.7", "lua-cjson >= 2.1" }
 build = {
    type = "cmake",
    variables = {
@@ -24,9 +25,11 @@ build = {
       SOFTCXI_TESTS = "OFF",
       SOFTCXI_LUAJIT = "OFF",
       SOFTCXI_INSTALL_LIB = "OFF", -- a rock carries the Lua module only
+      SOFTCXI_INSTALL_BIN = "OFF", -- LuaRocks installs the command itself (build.install.bin)
       LUA_INCDIR = "$(LUA_INCDIR)",
       INSTALL_CMOD = "$(LIBDIR)",
       INSTALL_LMOD = "$(LUADIR)",
    },
+   install = { bin = { softcxi = "bin/softcxi" } },
 }
 test = { type = "command", command = "./run test" }
