@@ -344,6 +344,11 @@ struct softcxi_session {
     softcxi_error err;
     scx_logon logons[SCX_MAX_LOGONS];
     int nlogons;
+    /* logon_sign: the challenge handed out and not yet answered */
+    uint8_t challenge[32];
+    char challenge_user[SCX_USER_NAME_MAX + 1];
+    int64_t challenge_time;
+    int has_challenge;
 };
 
 /* MBK lifecycle (mbk.c). */

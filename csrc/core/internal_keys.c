@@ -589,6 +589,8 @@ int softcxi_get_state(softcxi_session *s, softcxi_state *st)
     st->generation = dev->generation;
     st->revoked = dev->nrevoked;
     st->logged_on = (unsigned)s->nlogons;
+    st->mbk_loaded = 1; /* a device does not open without its MBK */
+    st->initialised = dev->path != NULL;
     if (dev->path) {
         scx_keydb *db;
         if ((rc = scx_users_count(s, &st->users)) != 0 || (rc = keydb(s, &db)) != 0)

@@ -244,6 +244,27 @@ SOFTCXI_MUST_CHECK int softcxi_logon_pass(softcxi_session *s, const char *name,
                                           const char *password);
 void softcxi_logoff(softcxi_session *s);
 
+/* Logon by key (CXI LogonSign): the device hands out a fresh random
+ * challenge, as the exact message to sign,
+ *   "softcxi-logon-v1" 00 | device id (32 hex) | 00 | name | 00 | 32 random bytes
+ * and checks the signature against the public key stored for the user
+ * (ECDSA-SHA256 DER for EC P-256, Ed25519 otherwise).  A challenge is good
+ * for one answer within 120 s, in the session that asked for it.  A wrong
+ * signature counts toward the lockout and is audited, like a wrong
+ * password.  softcxi_logon_answer signs a challenge with a private key
+ * (PEM or DER, unencrypted) on the user's side; softcxi_logon_sign does the
+ * three steps in one call.  The private key is the user's credential: the
+ * core reads it, signs and frees it, and keeps nothing. */
+SOFTCXI_MUST_CHECK int softcxi_logon_challenge(softcxi_session *s, softcxi_buf *msg,
+                                               const char *name);
+SOFTCXI_MUST_CHECK int softcxi_logon_response(softcxi_session *s, const char *name,
+                                              const uint8_t *sig, size_t sig_len);
+SOFTCXI_MUST_CHECK int softcxi_logon_answer(softcxi_buf *sig, const uint8_t *msg, size_t msg_len,
+                                            const uint8_t *key, size_t key_len,
+                                            softcxi_error *err);
+SOFTCXI_MUST_CHECK int softcxi_logon_sign(softcxi_session *s, const char *name,
+                                          const uint8_t *key, size_t key_len);
+
 typedef struct softcxi_user_req {
     const char *name;
     const char *password;
@@ -251,7 +272,24 @@ typedef struct softcxi_user_req {
     unsigned level;  /* 0..2 */
     const char *groups; /* "iot,fleet-*" ("*": every group) */
     unsigned kdf_cost;  /* 0: 15 */
+    const uint8_t *pubkey; /* logon key (SPKI PEM/DER, EC P-256 or Ed25519) or NULL; */
+    size_t pubkey_len;     /* a user needs a password, a pubkey or both */
 } softcxi_user_req;
+
+/* Change a user: each field left NULL (level < 0, unlock 0) stays as it
+ * is.  Administrators (level 2 in all) may change anything of anyone; a
+ * logged-on user may change his own password and logon key.  EPOLICY when
+ * the administrators' levels would no longer reach the threshold. */
+typedef struct softcxi_user_set_req {
+    const char *name;
+    const char *password;
+    const uint8_t *pubkey;
+    size_t pubkey_len;
+    const char *groups;
+    int level;         /* 0..2, or < 0: unchanged */
+    int unlock;        /* 1: clear the failed-logon count and the lockout */
+    unsigned kdf_cost; /* 0: 15 */
+} softcxi_user_set_req;
 
 typedef struct softcxi_user_info {
     const char *name, *role;
@@ -259,10 +297,12 @@ typedef struct softcxi_user_info {
     const char *groups;
     uint32_t failures;
     int64_t locked_until;
+    int has_password, has_pubkey;
 } softcxi_user_info;
 typedef int (*softcxi_user_cb)(void *ctx, const softcxi_user_info *user);
 
 SOFTCXI_MUST_CHECK int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req);
+SOFTCXI_MUST_CHECK int softcxi_user_set(softcxi_session *s, const softcxi_user_set_req *req);
 SOFTCXI_MUST_CHECK int softcxi_user_delete(softcxi_session *s, const char *name);
 SOFTCXI_MUST_CHECK int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx);
 
@@ -303,9 +343,17 @@ typedef struct softcxi_state {
     size_t users, revoked;
     size_t keydb_used, keydb_limit;
     unsigned logged_on;    /* users logged on to this session */
+    int initialised;       /* a device made by softcxi_device_init (0: in memory) */
+    int mbk_loaded;        /* an MBK is loaded (always, once the device opened) */
 } softcxi_state;
 
 SOFTCXI_MUST_CHECK int softcxi_get_state(softcxi_session *s, softcxi_state *st);
+
+/* The files of the device's state directory (CXI ListFiles): regular files
+ * in name order, with size in bytes and modification time.  Any logged-on
+ * user. */
+typedef int (*softcxi_file_cb)(void *ctx, const char *name, uint64_t size, int64_t mtime);
+SOFTCXI_MUST_CHECK int softcxi_list_files(softcxi_session *s, softcxi_file_cb cb, void *ctx);
 
 /* ---- revocation ---------------------------------------------------------- */
 

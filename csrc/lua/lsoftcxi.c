@@ -805,6 +805,57 @@ static int m_logon_pass(lua_State *L)
     return 1;
 }
 
+/* logon_sign(name, key) -> true: challenge, signature and check in one
+ * call; key is the user's private key (PEM or DER), his credential. */
+static int m_logon_sign(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *name = luaL_checkstring(L, 2);
+    size_t len;
+    const uint8_t *key = check_bytes(L, 3, &len);
+    if (softcxi_logon_sign(ls->s, name, key, len) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* logon_challenge(name) -> message to sign */
+static int m_logon_challenge(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_buf msg = {0};
+    if (softcxi_logon_challenge(ls->s, &msg, luaL_checkstring(L, 2)) != 0)
+        return session_error(L, ls);
+    push_buf(L, &msg);
+    return 1;
+}
+
+/* logon_response(name, signature) -> true */
+static int m_logon_response(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *name = luaL_checkstring(L, 2);
+    size_t len;
+    const uint8_t *sig = check_bytes(L, 3, &len);
+    if (softcxi_logon_response(ls->s, name, sig, len) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* softcxi.core.logon_answer(message, key) -> signature (the user's side) */
+static int l_logon_answer(lua_State *L)
+{
+    size_t mlen, klen;
+    const uint8_t *msg = check_bytes(L, 1, &mlen), *key = check_bytes(L, 2, &klen);
+    softcxi_buf sig = {0};
+    softcxi_error err;
+    if (softcxi_logon_answer(&sig, msg, mlen, key, klen, &err) != 0)
+        return push_error(L, &err);
+    push_buf(L, &sig);
+    return 1;
+}
+
 static int m_logoff(lua_State *L)
 {
     lsession *ls = check_session(L);
@@ -812,14 +863,15 @@ static int m_logoff(lua_State *L)
     return 0;
 }
 
-/* user_add(name, password, role, level, groups, kdf_cost|nil) -> true */
+/* user_add(name, password|nil, role, level, groups, kdf_cost|nil, pubkey|nil) -> true */
 static int m_user_add(lua_State *L)
 {
     lsession *ls = check_session(L);
     softcxi_user_req req = {0};
     static const char *const roles[] = {"admin", "user", NULL};
     req.name = luaL_checkstring(L, 2);
-    req.password = luaL_checkstring(L, 3);
+    req.password = luaL_optstring(L, 3, NULL);
+    req.pubkey = opt_bytes(L, 8, &req.pubkey_len);
     req.role = luaL_checkoption(L, 4, "user", roles) == 0 ? SOFTCXI_ROLE_ADMIN : SOFTCXI_ROLE_USER;
     lua_Integer level = luaL_optinteger(L, 5, 1);
     luaL_argcheck(L, level >= 0 && level <= 2, 5, "level is 0, 1 or 2");
@@ -829,6 +881,28 @@ static int m_user_add(lua_State *L)
     luaL_argcheck(L, cost >= 0 && cost <= 30, 7, "kdf_cost out of range");
     req.kdf_cost = (unsigned)cost;
     if (softcxi_user_add(ls->s, &req) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* user_set(name, password|nil, pubkey|nil, groups|nil, level|nil, unlock, kdf_cost|nil) */
+static int m_user_set(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_user_set_req req = {0};
+    req.name = luaL_checkstring(L, 2);
+    req.password = luaL_optstring(L, 3, NULL);
+    req.pubkey = opt_bytes(L, 4, &req.pubkey_len);
+    req.groups = luaL_optstring(L, 5, NULL);
+    lua_Integer level = luaL_optinteger(L, 6, -1);
+    luaL_argcheck(L, level >= -1 && level <= 2, 6, "level is 0, 1 or 2");
+    req.level = (int)level;
+    req.unlock = lua_toboolean(L, 7);
+    lua_Integer cost = luaL_optinteger(L, 8, 0);
+    luaL_argcheck(L, cost >= 0 && cost <= 30, 8, "kdf_cost out of range");
+    req.kdf_cost = (unsigned)cost;
+    if (softcxi_user_set(ls->s, &req) != 0)
         return session_error(L, ls);
     lua_pushboolean(L, 1);
     return 1;
@@ -853,6 +927,10 @@ static int push_user(void *ctx, const softcxi_user_info *u)
     set_cstr(L, "groups", u->groups);
     set_int(L, "failures", (lua_Integer)u->failures);
     set_int(L, "locked_until", (lua_Integer)u->locked_until);
+    lua_pushboolean(L, u->has_password);
+    lua_setfield(L, -2, "password");
+    lua_pushboolean(L, u->has_pubkey);
+    lua_setfield(L, -2, "pubkey");
     append(L);
     return 0;
 }
@@ -1152,9 +1230,11 @@ static int m_get_state(lua_State *L)
     if (softcxi_get_state(ls->s, &st) != 0)
         return session_error(L, ls);
     kcv_hex(hex, st.kcv);
-    lua_createtable(L, 0, 10);
-    lua_pushboolean(L, 1);
+    lua_createtable(L, 0, 12);
+    lua_pushboolean(L, st.initialised);
     lua_setfield(L, -2, "initialised");
+    lua_pushboolean(L, st.mbk_loaded);
+    lua_setfield(L, -2, "mbk_loaded");
     set_cstr(L, "version", st.version);
     set_cstr(L, "id", st.id);
     set_cstr(L, "mbk", hex);
@@ -1168,7 +1248,33 @@ static int m_get_state(lua_State *L)
     return 1;
 }
 
+static int push_file(void *ctx, const char *name, uint64_t size, int64_t mtime)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 3);
+    set_cstr(L, "name", name);
+    set_int(L, "size", (lua_Integer)size);
+    set_int(L, "mtime", (lua_Integer)mtime);
+    append(L);
+    return 0;
+}
+
+/* list_files() -> { { name =, size =, mtime = }, ... } */
+static int m_list_files(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_list_files(ls->s, push_file, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"list_files", m_list_files},
+    {"logon_sign", m_logon_sign},
+    {"logon_challenge", m_logon_challenge},
+    {"logon_response", m_logon_response},
+    {"user_set", m_user_set},
     {"get_state", m_get_state},
     {"key_backup", m_key_backup},
     {"key_restore", m_key_restore},
@@ -1214,6 +1320,7 @@ static const luaL_Reg session_methods[] = {
 static const luaL_Reg module_functions[] = {
     {"open", l_open},
     {"init", l_init},
+    {"logon_answer", l_logon_answer},
     {"key_info", l_key_info},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},

@@ -126,18 +126,75 @@ function methods:key_import(flags, template, data, format)
     return c_key_import(self, flags, template, data, format)
 end
 
-local c_user_add = methods.user_add
-local USER_OPTS = { name = true, password = true, role = true, level = true, groups = true,
-    kdf_cost = true }
+local c_user_add, c_user_set = methods.user_add, methods.user_set
+local USER_OPTS = { name = true, password = true, pubkey = true, role = true, level = true,
+    groups = true, kdf_cost = true }
+local USER_SET_OPTS = { name = true, password = true, pubkey = true, level = true,
+    groups = true, unlock = true, kdf_cost = true }
 
---- user_add{ name =, password =, role = "user" | "admin", level = 1,
+local function group_list(groups)
+    if type(groups) == "table" then return table.concat(groups, ",") end
+    return groups
+end
+
+--- user_add{ name =, password = | pubkey = PEM, role = "user" | "admin", level = 1,
 -- groups = { "iot", "fleet-*" } } -> true.  Needs administrators of level 2.
+-- pubkey (an EC P-256 or Ed25519 public key, PEM or SPKI DER) lets the user
+-- log on with logon_sign; a user has a password, a pubkey or both.
 function methods:user_add(u)
     if type(u) ~= "table" then error("user_add: expects a table", 2) end
     check_fields(u, USER_OPTS, "user_add")
-    local groups = u.groups
-    if type(groups) == "table" then groups = table.concat(groups, ",") end
-    return c_user_add(self, u.name, u.password, u.role, u.level, groups, u.kdf_cost)
+    return c_user_add(self, u.name, u.password, u.role, u.level, group_list(u.groups),
+        u.kdf_cost, u.pubkey)
+end
+
+--- user_set{ name = [, password =] [, pubkey =] [, groups =] [, level =]
+-- [, unlock = true] } -> true.  Administrators change anything of anyone; a
+-- logged-on user may change his own password or pubkey.
+function methods:user_set(u)
+    if type(u) ~= "table" then error("user_set: expects a table", 2) end
+    check_fields(u, USER_SET_OPTS, "user_set")
+    return c_user_set(self, u.name, u.password, u.pubkey, group_list(u.groups), u.level,
+        u.unlock and true or false, u.kdf_cost)
+end
+
+local c_logon_sign = methods.logon_sign
+
+-- Key data or the name of a file holding it: PEM starts with "-----BEGIN",
+-- DER with a SEQUENCE (0x30) and holds bytes no file name has.
+local function key_data(key, fn)
+    if type(key) ~= "string" then error(fn .. ": key must be PEM/DER data or a file name", 3) end
+    if key:find("^%-%-%-%-%-BEGIN ") or (key:byte(1) == 0x30 and key:find("%z")) then
+        return key
+    end
+    local f, err = io.open(key, "rb")
+    if not f then
+        return nil, fn .. ": cannot read key file '" .. key .. "': " .. tostring(err), "ENOTFOUND"
+    end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+--- logon_sign(name, key) -> true: log on by key.  key is the user's private
+-- key (EC P-256 or Ed25519, PEM or DER, unencrypted) or the name of a file
+-- holding it.  The device hands out a fresh challenge, the key signs it in
+-- C, the device checks it against the user's stored public key.
+function methods:logon_sign(name, key)
+    local data, msg, code = key_data(key, "logon_sign")
+    if not data then
+        c_check(self)
+        return nil, msg, code
+    end
+    return c_logon_sign(self, name, data)
+end
+
+--- softcxi.logon_answer(message, key) -> signature: the user's side of
+-- logon_challenge / logon_response, when the device is elsewhere.
+function _M.logon_answer(message, key)
+    local data, msg, code = key_data(key, "logon_answer")
+    if not data then return nil, msg, code end
+    return core.logon_answer(message, data)
 end
 
 local c_mbk_generate, c_mbk_import = methods.mbk_generate, methods.mbk_import
