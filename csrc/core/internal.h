@@ -16,7 +16,7 @@
 #define SCX_VERSION 1u
 #define SCX_TYPE_KEY 0x01u        /* external key */
 #define SCX_TYPE_KEY_BACKUP 0x02u /* reserved for key_backup */
-#define SCX_TYPE_DB_BACKUP 0x03u  /* reserved for BackupDatabase */
+#define SCX_TYPE_DB_BACKUP 0x03u  /* backup_database: the internal keys, under the MBK */
 #define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
 #define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
 #define SCX_TYPE_USERS 0x12u      /* users.db, sealed under the device key */
@@ -51,6 +51,7 @@
 #define SCX_LABEL_KCV "softcxi/v1/kcv"
 #define SCX_LABEL_BLOB_KEY "softcxi/v1/blob/key"
 #define SCX_LABEL_KEY_BACKUP "softcxi/v1/blob/key-backup"
+#define SCX_LABEL_DB_BACKUP "softcxi/v1/blob/db-backup"
 #define SCX_LABEL_DEVICE_MBK "softcxi/v1/blob/device-mbk"
 #define SCX_LABEL_AUDIT "softcxi/v1/audit"
 #define SCX_LABEL_STORAGE "softcxi/v1/storage"
@@ -229,6 +230,29 @@ int scx_keydb_export(scx_keydb *db, uint8_t **image, size_t *len,
                      softcxi_error *err) SOFTCXI_MUST_CHECK;
 int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len,
                      softcxi_error *err) SOFTCXI_MUST_CHECK;
+
+/* Database backups carry the keys.db payload (count, entries in address
+ * order), sealed under the MBK instead of the storage key. */
+typedef struct scx_keydb_item {
+    const char *group, *name;
+    uint32_t spec;
+    int has_spec;
+    const uint8_t *blob;
+    size_t blob_len;
+} scx_keydb_item;
+/* Encode items (in address order) as a payload; OPENSSL_free *out. */
+int scx_keydb_encode(uint8_t **out, size_t *out_len, const scx_keydb_item *items, size_t n,
+                     softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* Check a whole payload (EFORMAT naming what), then call cb per entry. */
+int scx_keydb_parse(const uint8_t *payload, size_t len, const char *what, scx_keydb_cb cb,
+                    void *ctx, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* Replace the database with a payload's entries, or with MERGE add them to
+ * it (an address in both: EEXIST, or with OVERWRITE the payload's wins).
+ * All or nothing, under the lock; EFULL past the limit. */
+#define SCX_KEYDB_MERGE 1u
+#define SCX_KEYDB_OVERWRITE 2u
+int scx_keydb_restore(scx_keydb *db, const uint8_t *payload, size_t len, const char *what,
+                      unsigned mode, softcxi_error *err) SOFTCXI_MUST_CHECK;
 #endif
 
 /* ---- the audit log (audit.c) -------------------------------------------- */

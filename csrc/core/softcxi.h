@@ -333,6 +333,22 @@ SOFTCXI_MUST_CHECK int softcxi_key_backup(softcxi_session *s, softcxi_buf *backu
 SOFTCXI_MUST_CHECK int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle,
                                            unsigned flags, const uint8_t *backup, size_t len);
 
+/* An image of the whole internal key database, sealed under the current
+ * MBK (CXI BackupDatabase): it restores on any device that holds that MBK.
+ * Keys whose export policy is deny-backup are left out (*skipped counts
+ * them).  Administrators (level 2 in all); audited. */
+SOFTCXI_MUST_CHECK int softcxi_backup_database(softcxi_session *s, softcxi_buf *image,
+                                               size_t *keys, size_t *skipped);
+/* Restore an image (CXI RestoreDatabase): by default it replaces the whole
+ * internal database; with SOFTCXI_RESTORE_MERGE its keys are added to the
+ * ones there (an address in both: EEXIST, or with SOFTCXI_FLAG_OVERWRITE
+ * the image's key replaces it).  Every key is checked and resealed under
+ * the current MBK before anything is written: a damaged, truncated or
+ * foreign image changes nothing.  Administrators; audited. */
+#define SOFTCXI_RESTORE_MERGE 0x10u
+SOFTCXI_MUST_CHECK int softcxi_restore_database(softcxi_session *s, const uint8_t *image,
+                                                size_t len, unsigned flags, size_t *keys);
+
 /* ---- state (CXI GetState) ----------------------------------------------- */
 
 typedef struct softcxi_state {

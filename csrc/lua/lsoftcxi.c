@@ -1221,6 +1221,34 @@ static int m_key_restore(lua_State *L)
     return 1;
 }
 
+/* backup_database() -> image, keys, skipped */
+static int m_backup_database(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_buf image = {0};
+    size_t keys = 0, skipped = 0;
+    if (softcxi_backup_database(ls->s, &image, &keys, &skipped) != 0)
+        return session_error(L, ls);
+    push_buf(L, &image);
+    lua_pushinteger(L, (lua_Integer)keys);
+    lua_pushinteger(L, (lua_Integer)skipped);
+    return 3;
+}
+
+/* restore_database(image [, flags]) -> keys */
+static int m_restore_database(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len, keys = 0;
+    const uint8_t *image = check_bytes(L, 2, &len);
+    lua_Integer flags = luaL_optinteger(L, 3, 0);
+    luaL_argcheck(L, flags >= 0 && flags <= 0xFFFF, 3, "flags out of range");
+    if (softcxi_restore_database(ls->s, image, len, (unsigned)flags, &keys) != 0)
+        return session_error(L, ls);
+    lua_pushinteger(L, (lua_Integer)keys);
+    return 1;
+}
+
 /* get_state() -> table */
 static int m_get_state(lua_State *L)
 {
@@ -1270,6 +1298,8 @@ static int m_list_files(lua_State *L)
 }
 
 static const luaL_Reg session_methods[] = {
+    {"backup_database", m_backup_database},
+    {"restore_database", m_restore_database},
     {"list_files", m_list_files},
     {"logon_sign", m_logon_sign},
     {"logon_challenge", m_logon_challenge},
@@ -1357,5 +1387,7 @@ EXPORT int luaopen_softcxi_core(lua_State *L)
     lua_setfield(L, -2, "FLAG_OVERWRITE");
     lua_pushinteger(L, SOFTCXI_FLAG_EXTERNAL);
     lua_setfield(L, -2, "FLAG_EXTERNAL");
+    lua_pushinteger(L, SOFTCXI_RESTORE_MERGE);
+    lua_setfield(L, -2, "RESTORE_MERGE");
     return 1;
 }

@@ -291,6 +291,138 @@ static void test_list_files_state(void)
     softcxi_session_free(s);
 }
 
+/* ---- database backup ------------------------------------------------------ */
+
+static softcxi_buf internal_key(softcxi_session *s, const char *name, int export_policy)
+{
+    softcxi_template t = {0};
+    softcxi_buf h = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = "g", t.name = name, t.export_policy = export_policy;
+    CHECK_RC(softcxi_key_generate(s, &h, 0, &t), 0);
+    return h;
+}
+
+typedef struct names {
+    char all[512];
+} names;
+
+static int add_name(void *ctx, const char *group, const char *name, uint32_t spec, int has)
+{
+    names *n = ctx;
+    (void)spec, (void)has;
+    size_t k = strlen(n->all);
+    snprintf(n->all + k, sizeof n->all - k, "%s%s/%s", k ? " " : "", group, name);
+    return 0;
+}
+
+static const char *list_keys(softcxi_session *s, names *n)
+{
+    n->all[0] = '\0';
+    CHECK_RC(softcxi_key_list(s, add_name, n), 0);
+    return n->all;
+}
+
+static void test_database_backup(void)
+{
+    char dir1[600], dir2[600], sh[2][700];
+    const char *pws[2] = {"share-pw-one", "share-pw-two"};
+    const char *paths[2] = {sh[0], sh[1]};
+    names n;
+    size_t keys, skipped;
+    current = "backup_database / restore_database";
+    softcxi_session *s = new_device(dir1, sizeof dir1), *s2 = new_device(dir2, sizeof dir2);
+    snprintf(sh[0], sizeof sh[0], "%s/share1", tmproot);
+    snprintf(sh[1], sizeof sh[1], "%s/share2", tmproot);
+    /* Both devices import one MBK from shares. */
+    CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
+    CHECK_RC(softcxi_logon_pass(s2, "ADMIN", "admin-password"), 0);
+    softcxi_mbk_req mr = {2, 2, SOFTCXI_SHARES_SHAMIR, paths, pws, 10};
+    CHECK_RC(softcxi_mbk_generate(s, &mr), 0);
+    CHECK_RC(softcxi_mbk_import(s, paths, pws, 2), 0);
+    CHECK_RC(softcxi_mbk_import(s2, paths, pws, 2), 0);
+    softcxi_logoff(s);
+    softcxi_logoff(s2);
+
+    CHECK_RC(softcxi_logon_pass(s, "app", "app-password"), 0);
+    softcxi_buf h1 = internal_key(s, "a", SOFTCXI_EXPORT_DENY);
+    softcxi_buf h2 = internal_key(s, "b", SOFTCXI_EXPORT_ALLOW);
+    softcxi_buf h3 = internal_key(s, "nb", SOFTCXI_EXPORT_DENY_BACKUP);
+    softcxi_buf image = {0};
+    CHECK_RC(softcxi_backup_database(s, &image, &keys, &skipped), SOFTCXI_EAUTH);
+    CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
+    CHECK_RC(softcxi_backup_database(s, &image, &keys, &skipped), 0);
+    CHECK(keys == 2 && skipped == 1);
+
+    /* The bytes are as docs/blob-format.md says: open them by hand. */
+    softcxi_device *dev = softcxi_session_device(s);
+    CHECK(image.len >= 64 && image.data[0] == 'K' && image.data[1] == 1 && image.data[2] == 3 &&
+          image.data[3] == 0 && memcmp(image.data + 4, dev->kcv, 8) == 0);
+    size_t plen = (size_t)image.data[44] << 24 | (size_t)image.data[45] << 16 |
+                  (size_t)image.data[46] << 8 | image.data[47];
+    CHECK(image.len == 64 + plen);
+    uint8_t k[32], *pt = malloc(plen);
+    scx_xaes x;
+    CHECK(scx_label_key(k, dev->sec->mbk, "softcxi/v1/blob/db-backup") == 0 &&
+          scx_xaes_init(&x, k) == 0);
+    CHECK_RC(scx_xaes_open(&x, dev->gcm, pt, image.data + 48, plen, image.data + 48 + plen,
+                           image.data + 12, image.data, 48),
+             0);
+    CHECK(pt[0] == 0 && pt[1] == 0 && pt[2] == 0 && pt[3] == 2); /* two entries */
+    CHECK(pt[4] == 0 && pt[5] == 1 && pt[6] == 1 && pt[15] == 'g' && pt[16] == 'a');
+    scx_xaes_clear(&x);
+    OPENSSL_cleanse(k, sizeof k);
+    free(pt);
+
+    /* Restores on the second device, replacing what it had. */
+    CHECK_RC(softcxi_logon_pass(s2, "app", "app-password"), 0);
+    softcxi_buf other = internal_key(s2, "other", SOFTCXI_EXPORT_DENY);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len, 0, &keys), SOFTCXI_EAUTH);
+    CHECK_RC(softcxi_logon_pass(s2, "ADMIN", "admin-password"), 0);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len, 0, &keys), 0);
+    CHECK(keys == 2 && !strcmp(list_keys(s2, &n), "g/a g/b"));
+    softcxi_sign_req r = {h1.data, h1.len, SOFTCXI_MECH_ECDSA_SHA256, 0, (const uint8_t *)"m", 1};
+    softcxi_buf sig = {0};
+    CHECK_RC(softcxi_sign(s2, &sig, &r), 0); /* the same handle names the restored key */
+    CHECK_RC(softcxi_verify(s, &r, sig.data, sig.len), 1);
+    /* Merge: a key in both is EEXIST unless FLAG_OVERWRITE; other keys stay. */
+    CHECK_RC(softcxi_key_generate(s2, &other, 0, &(softcxi_template){.algo = SOFTCXI_ALGO_EC,
+                                                                      .group = "g",
+                                                                      .name = "other"}),
+             0);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len, SOFTCXI_RESTORE_MERGE, &keys),
+             SOFTCXI_EEXIST);
+    CHECK(strstr(s2->err.msg, "'g/a'") != NULL);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len,
+                                      SOFTCXI_RESTORE_MERGE | SOFTCXI_FLAG_OVERWRITE, &keys),
+             0);
+    CHECK(!strcmp(list_keys(s2, &n), "g/a g/b g/other"));
+
+    /* Bad images change nothing. */
+    uint8_t *bad = malloc(image.len);
+    memcpy(bad, image.data, image.len);
+    bad[image.len - 20] ^= 1;
+    CHECK_RC(softcxi_restore_database(s2, bad, image.len, 0, &keys), SOFTCXI_ETAMPER);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len - 1, 0, &keys), SOFTCXI_EFORMAT);
+    CHECK(strstr(s2->err.msg, "truncated") != NULL);
+    CHECK_RC(softcxi_restore_database(s2, image.data, 10, 0, &keys), SOFTCXI_EFORMAT);
+    CHECK_RC(softcxi_restore_database(s2, NULL, 0, 0, &keys), SOFTCXI_EFORMAT);
+    bad[image.len - 20] ^= 1;
+    bad[5] ^= 1; /* another MBK's check value */
+    CHECK_RC(softcxi_restore_database(s2, bad, image.len, 0, &keys), SOFTCXI_EMBK);
+    CHECK_RC(softcxi_restore_database(s2, image.data, image.len, 0x100, &keys), SOFTCXI_EINVAL);
+    CHECK(!strcmp(list_keys(s2, &n), "g/a g/b g/other"));
+
+    free(bad);
+    softcxi_buf_free(&sig);
+    softcxi_buf_free(&other);
+    softcxi_buf_free(&image);
+    softcxi_buf_free(&h1);
+    softcxi_buf_free(&h2);
+    softcxi_buf_free(&h3);
+    softcxi_session_free(s);
+    softcxi_session_free(s2);
+}
+
 int main(void)
 {
     const char *base = getenv("SOFTCXI_TEST_TMP");
@@ -303,6 +435,7 @@ int main(void)
     test_logon_sign();
     test_user_set();
     test_list_files_state();
+    test_database_backup();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)

@@ -19,6 +19,7 @@ local _M = {
     _VERSION = core._VERSION,
     FLAG_OVERWRITE = core.FLAG_OVERWRITE, -- CXI_FLAG_KEY_OVERWRITE
     FLAG_EXTERNAL = core.FLAG_EXTERNAL,   -- CXI_FLAG_KEY_EXTERNAL
+    RESTORE_MERGE = core.RESTORE_MERGE,   -- restore_database: add to the keys there
 }
 
 local GCM_IV, GCM_TAG = 12, 16
