@@ -385,6 +385,7 @@ static void test_database_backup(void)
     CHECK_RC(softcxi_sign(s2, &sig, &r), 0); /* the same handle names the restored key */
     CHECK_RC(softcxi_verify(s, &r, sig.data, sig.len), 1);
     /* Merge: a key in both is EEXIST unless FLAG_OVERWRITE; other keys stay. */
+    softcxi_buf_free(&other);
     CHECK_RC(softcxi_key_generate(s2, &other, 0, &(softcxi_template){.algo = SOFTCXI_ALGO_EC,
                                                                       .group = "g",
                                                                       .name = "other"}),
