@@ -289,6 +289,7 @@ typedef struct scx_key {
     size_t sym_len;
     uint64_t stamp;
     int cached;
+    int has_secret; /* 0: a public key only (a verify-only blob) */
     uint8_t id[32]; /* SHA-256 of the attributes: the key across copies */
 } scx_key;
 
@@ -460,6 +461,8 @@ int scx_rsa_pub_parse(const uint8_t *der, size_t len, const uint8_t **n, size_t 
                       const uint8_t **e, size_t *e_len);
 size_t scx_der_rsa_pub(uint8_t *out, size_t cap, const uint8_t *n, size_t n_len,
                        const uint8_t *e, size_t e_len);
+/* A public JWK (EC, OKP, RSA) as SPKI DER; EINVAL naming what is wrong. */
+int scx_jwk_to_spki(softcxi_buf *out, const uint8_t *json, size_t len, softcxi_error *err);
 
 /* Big-endian helpers. */
 static inline void scx_put16(uint8_t *p, unsigned v)

@@ -503,7 +503,8 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
 /* Import a key from outside into a blob.  Formats:
  *  PKCS8  a private key, PKCS#8 (or traditional) DER, or PEM;
  *  SPKI   a public key (SubjectPublicKeyInfo DER or PEM): the blob has no
- *         secret and may only verify (default) or encrypt;
+ *         secret and may only verify (default), encrypt or wrap;
+ *  JWK    a public key as a JSON Web Key (kty EC, OKP or RSA), like SPKI;
  *  RAW    secret bytes, the template saying what they are: an AES or HMAC
  *         key, a 32-byte Ed25519/X25519 private key, an EC private scalar.
  * The template gives name, group, usage, export policy, expiry; its algo,
@@ -511,9 +512,38 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
 #define SOFTCXI_IMPORT_PKCS8 1
 #define SOFTCXI_IMPORT_SPKI 2
 #define SOFTCXI_IMPORT_RAW 3
+#define SOFTCXI_IMPORT_JWK 4 /* a public JWK (EC, OKP, RSA): as SPKI */
 SOFTCXI_MUST_CHECK int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
                                           const softcxi_template *t, const uint8_t *data,
                                           size_t len, int format);
+
+/* ---- export and wrapped import ------------------------------------------ */
+
+/* Wrapping mechanisms.  AUTO picks by the wrapping key: AES -> AES_KWP,
+ * RSA -> RSA_AES_KWP. */
+#define SOFTCXI_WRAP_AUTO 0
+#define SOFTCXI_WRAP_AES_KWP 1     /* RFC 5649 (AES-<n>-WRAP-PAD) under an AES key */
+#define SOFTCXI_WRAP_RSA_AES_KWP 2 /* RSA-OAEP-SHA256(fresh AES-256 key) || RFC 5649 under it */
+const char *softcxi_wrap_name(int mech); /* "aes-kwp", "rsa-aes-kwp", NULL */
+int softcxi_wrap_from_name(const char *name);
+
+/* Export a key (blob or handle) in its outside form: PKCS #8 DER for
+ * asymmetric keys, the key bytes for AES and HMAC keys.  With wrap_blob
+ * (an AES or RSA key with the wrap usage) that form is wrapped by mech, and
+ * the key's export policy must be allow or allow-plain; without, the form
+ * comes back plain (a secret buf), and only for allow-plain.  Users of both
+ * keys' groups; audited before the key leaves. */
+SOFTCXI_MUST_CHECK int softcxi_key_export(softcxi_session *s, softcxi_buf *out,
+                                          const uint8_t *blob, size_t len, int mech,
+                                          const uint8_t *wrap_blob, size_t wrap_len);
+/* Import a key wrapped by key_export (or by any RFC 5649 / CKM_RSA_AES_KEY_WRAP
+ * wrapper) under unwrap_blob (an AES or RSA key with the unwrap usage).  The
+ * unwrapped bytes are PKCS #8, or raw when t->algo is AES or HMAC; then as
+ * softcxi_key_import.  ETAMPER when they do not unwrap. */
+SOFTCXI_MUST_CHECK int softcxi_key_unwrap(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                                          const softcxi_template *t, const uint8_t *data,
+                                          size_t len, int mech, const uint8_t *unwrap_blob,
+                                          size_t unwrap_len);
 
 /* ---- operations -------------------------------------------------------- */
 

@@ -555,25 +555,60 @@ static int m_bulk_generate(lua_State *L)
     return 1;
 }
 
-/* key_import(flags, template, data, format) -> blob */
+/* key_import(flags, template, data, format [, unwrap_key]) -> blob */
 static int m_key_import(lua_State *L)
 {
-    static const char *const formats[] = {"pkcs8", "spki", "raw", NULL};
-    static const int values[] = {SOFTCXI_IMPORT_PKCS8, SOFTCXI_IMPORT_SPKI, SOFTCXI_IMPORT_RAW};
+    static const char *const formats[] = {"pkcs8", "spki", "raw", "jwk", "aes-kwp",
+                                          "rsa-aes-kwp", NULL};
+    static const int values[] = {SOFTCXI_IMPORT_PKCS8, SOFTCXI_IMPORT_SPKI, SOFTCXI_IMPORT_RAW,
+                                 SOFTCXI_IMPORT_JWK, -SOFTCXI_WRAP_AES_KWP,
+                                 -SOFTCXI_WRAP_RSA_AES_KWP};
     lsession *ls = check_session(L);
     lua_Integer flags = luaL_checkinteger(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
-    size_t len;
+    size_t len, ulen = 0;
     const uint8_t *data = check_bytes(L, 4, &len);
     int format = values[luaL_checkoption(L, 5, NULL, formats)];
+    /* negative: a wrapping mechanism, and the unwrapping key comes next */
+    const uint8_t *unwrap = format < 0 ? check_bytes(L, 6, &ulen) : NULL;
     softcxi_template t;
     char msg[200];
     if (read_template(L, 3, &t, msg, sizeof msg, 0) != 0)
         return push_einval(L, msg);
     softcxi_buf blob = {0};
-    if (softcxi_key_import(ls->s, &blob, (unsigned)flags, &t, data, len, format) != 0)
+    int rc = format < 0 ? softcxi_key_unwrap(ls->s, &blob, (unsigned)flags, &t, data, len,
+                                             -format, unwrap, ulen)
+                        : softcxi_key_import(ls->s, &blob, (unsigned)flags, &t, data, len,
+                                             format);
+    if (rc != 0)
         return session_error(L, ls);
     push_buf(L, &blob);
+    return 1;
+}
+
+/* key_export(blob, wrap_key|nil [, mech]) -> wrapped (or plain) key */
+static int m_key_export(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len, wlen = 0;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    const uint8_t *wrap = opt_bytes(L, 3, &wlen);
+    int mech = SOFTCXI_WRAP_AUTO;
+    if (!lua_isnoneornil(L, 4)) {
+        const char *name = luaL_checkstring(L, 4);
+        if ((mech = softcxi_wrap_from_name(name)) < 0) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "key_export: unknown wrapping mechanism '%s' (aes-kwp, "
+                               "rsa-aes-kwp)",
+                            name);
+            lua_pushstring(L, "EINVAL");
+            return 3;
+        }
+    }
+    softcxi_buf out = {0};
+    if (softcxi_key_export(ls->s, &out, blob, len, mech, wrap, wlen) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out); /* wiped once Lua has its copy */
     return 1;
 }
 
@@ -1298,6 +1333,7 @@ static int m_list_files(lua_State *L)
 }
 
 static const luaL_Reg session_methods[] = {
+    {"key_export", m_key_export},
     {"backup_database", m_backup_database},
     {"restore_database", m_restore_database},
     {"list_files", m_list_files},

@@ -424,6 +424,137 @@ static void test_database_backup(void)
     softcxi_session_free(s2);
 }
 
+/* ---- key export, wrapped import, JWK ----------------------------------------- */
+
+static size_t unhex(uint8_t *out, const char *hex)
+{
+    size_t n = strlen(hex) / 2;
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1)
+            return 0;
+        out[i] = (uint8_t)v;
+    }
+    return n;
+}
+
+static softcxi_buf import_raw(softcxi_session *s, int algo, const char *name, const char *hex,
+                              unsigned usage, int export_policy)
+{
+    uint8_t k[64];
+    softcxi_template t = {0};
+    softcxi_buf b = {0};
+    size_t n = unhex(k, hex);
+    t.algo = algo, t.group = "g", t.name = name, t.usage = usage, t.export_policy = export_policy;
+    CHECK_RC(softcxi_key_import(s, &b, SOFTCXI_FLAG_EXTERNAL, &t, k, n, SOFTCXI_IMPORT_RAW), 0);
+    OPENSSL_cleanse(k, sizeof k);
+    return b;
+}
+
+static void test_export(void)
+{
+    char dir[600];
+    uint8_t want[64];
+    current = "key_export, wrapped key_import, JWK";
+    softcxi_session *s = new_device(dir, sizeof dir);
+    CHECK_RC(softcxi_logon_pass(s, "app", "app-password"), 0);
+    /* RFC 5649 section 6, both vectors: a 192-bit KEK wrapping 20 and 7 bytes. */
+    softcxi_buf kek = import_raw(s, SOFTCXI_ALGO_AES, "kek",
+                                 "5840df6e29b02af1ab493b705bf16ea1ae8338f4dcc176a8",
+                                 SOFTCXI_USAGE_WRAP | SOFTCXI_USAGE_UNWRAP, 0);
+    softcxi_buf mac = import_raw(s, SOFTCXI_ALGO_HMAC_SHA256, "mac",
+                                 "c37b7e6492584340bed12207808941155068f738",
+                                 SOFTCXI_USAGE_SIGN | SOFTCXI_USAGE_VERIFY,
+                                 SOFTCXI_EXPORT_ALLOW);
+    softcxi_buf w = {0}, back = {0}, m1 = {0}, m2 = {0}, plain = {0};
+    CHECK_RC(softcxi_key_export(s, &w, mac.data, mac.len, SOFTCXI_WRAP_AES_KWP, kek.data,
+                                kek.len),
+             0);
+    size_t n = unhex(want, "138bdeaa9b8fa7fc61f97742e72248ee5ae6ae5360d1ae6a5f54f373fa543b6a");
+    CHECK(w.len == n && memcmp(w.data, want, n) == 0);
+    /* the wrapped key comes back in as the same key */
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_HMAC_SHA256, t.group = "g", t.name = "mac2";
+    CHECK_RC(softcxi_key_unwrap(s, &back, SOFTCXI_FLAG_EXTERNAL, &t, w.data, w.len,
+                                SOFTCXI_WRAP_AUTO, kek.data, kek.len),
+             0);
+    softcxi_sign_req r1 = {mac.data, mac.len, SOFTCXI_MECH_HMAC_SHA256, 0,
+                           (const uint8_t *)"m", 1};
+    softcxi_sign_req r2 = {back.data, back.len, SOFTCXI_MECH_HMAC_SHA256, 0,
+                           (const uint8_t *)"m", 1};
+    CHECK_RC(softcxi_mac(s, &m1, &r1), 0);
+    CHECK_RC(softcxi_mac(s, &m2, &r2), 0);
+    CHECK(m1.len == 32 && m2.len == 32 && memcmp(m1.data, m2.data, 32) == 0);
+    /* A wrong byte does not unwrap; nothing is made. */
+    w.data[3] ^= 1;
+    softcxi_buf none = {0};
+    CHECK_RC(softcxi_key_unwrap(s, &none, SOFTCXI_FLAG_EXTERNAL, &t, w.data, w.len,
+                                SOFTCXI_WRAP_AES_KWP, kek.data, kek.len),
+             SOFTCXI_ETAMPER);
+    CHECK_MSG("'g/kek'");
+    CHECK(none.data == NULL);
+    /* Plain export needs allow-plain; the result is marked secret. */
+    CHECK_RC(softcxi_key_export(s, &plain, mac.data, mac.len, 0, NULL, 0), SOFTCXI_EPOLICY);
+    CHECK_MSG("'g/mac'");
+    softcxi_buf ap = import_raw(s, SOFTCXI_ALGO_HMAC_SHA256, "ap", "466f7250617369466f7250617369aabb",
+                                SOFTCXI_USAGE_SIGN, SOFTCXI_EXPORT_ALLOW_PLAIN);
+    CHECK_RC(softcxi_key_export(s, &plain, ap.data, ap.len, 0, NULL, 0), 0);
+    CHECK(plain.secret == 1 && plain.len == 16 && plain.data[0] == 0x46);
+    /* The KEK itself (export deny) goes nowhere; an unknown mechanism is EINVAL. */
+    softcxi_buf_free(&w);
+    CHECK_RC(softcxi_key_export(s, &w, kek.data, kek.len, 0, kek.data, kek.len), SOFTCXI_EPOLICY);
+    CHECK_RC(softcxi_key_export(s, &w, mac.data, mac.len, 9, kek.data, kek.len), SOFTCXI_EINVAL);
+    CHECK_RC(softcxi_key_export(s, &w, mac.data, mac.len, SOFTCXI_WRAP_RSA_AES_KWP, kek.data,
+                                kek.len),
+             SOFTCXI_EINVAL);
+
+    /* JWK: good, private, and malformed. */
+    softcxi_buf ec = {0}, jwk = {0}, v = {0};
+    t = (softcxi_template){0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = "g", t.name = "ec";
+    CHECK_RC(softcxi_key_generate(s, &ec, SOFTCXI_FLAG_EXTERNAL, &t), 0);
+    CHECK_RC(softcxi_public_key(s, &jwk, ec.data, ec.len, SOFTCXI_PUB_JWK), 0);
+    t.algo = 0, t.name = "v";
+    CHECK_RC(softcxi_key_import(s, &v, SOFTCXI_FLAG_EXTERNAL, &t, jwk.data, jwk.len,
+                                SOFTCXI_IMPORT_JWK),
+             0);
+    softcxi_key_info info;
+    CHECK_RC(softcxi_key_info_read(&info, v.data, v.len, &s->err), 0);
+    CHECK(info.usage == SOFTCXI_USAGE_VERIFY && info.curve == SOFTCXI_CURVE_P256);
+    static const char *const bad[] = {
+        "{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\","
+        "\"d\":\"nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A\"}",
+        "{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"",
+        "{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHUR\"}",
+        "{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"\\u0000\"}",
+        "{\"a\":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}",
+        "[]",
+        "{\"kty\":\"EC\"}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        softcxi_buf x = {0};
+        CHECK_RC(softcxi_key_import(s, &x, SOFTCXI_FLAG_EXTERNAL, &t, (const uint8_t *)bad[i],
+                                    strlen(bad[i]), SOFTCXI_IMPORT_JWK),
+                 SOFTCXI_EINVAL);
+        softcxi_buf_free(&x);
+    }
+    /* RFC 8037's Ed25519 example public key imports. */
+    const char *ed = "{\"kty\":\"OKP\",\"crv\":\"Ed25519\","
+                     "\"x\":\"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\"}";
+    softcxi_buf edb = {0};
+    CHECK_RC(softcxi_key_import(s, &edb, SOFTCXI_FLAG_EXTERNAL, &t, (const uint8_t *)ed,
+                                strlen(ed), SOFTCXI_IMPORT_JWK),
+             0);
+    n = unhex(want, "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+    CHECK_RC(softcxi_key_info_read(&info, edb.data, edb.len, &s->err), 0);
+    CHECK(info.algo == SOFTCXI_ALGO_ED25519 && info.pub_len == n && !memcmp(info.pub, want, n));
+
+    softcxi_buf bufs[] = {kek, mac, w, back, m1, m2, plain, ap, ec, jwk, v, edb};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        softcxi_buf_free(&bufs[i]);
+    softcxi_session_free(s);
+}
+
 int main(void)
 {
     const char *base = getenv("SOFTCXI_TEST_TMP");
@@ -437,6 +568,7 @@ int main(void)
     test_user_set();
     test_list_files_state();
     test_database_backup();
+    test_export();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)

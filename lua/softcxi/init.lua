@@ -110,21 +110,58 @@ end
 
 local c_key_import = methods.key_import
 
---- key_import(flags, template, data [, format]) -> blob
+local WRAPPED = { ["aes-kwp"] = true, ["rsa-aes-kwp"] = true }
+
+--- key_import(flags, template, data [, format [, unwrap_key]]) -> blob
 -- format "pkcs8" (a private key, DER or PEM), "spki" (a public key: the
--- blob may only verify or encrypt) or "raw" (secret bytes; template.algo
--- says what they are).  PEM input needs no format: its header tells.
-function methods:key_import(flags, template, data, format)
+-- blob may only verify, encrypt or wrap), "jwk" (a public JSON Web Key,
+-- likewise), "raw" (secret bytes; template.algo says what they are), or a
+-- wrapped key: "aes-kwp" / "rsa-aes-kwp", unwrapped inside the device by
+-- unwrap_key (a blob or handle with the unwrap usage).  PEM and JWK input
+-- needs no format: its first bytes tell.
+function methods:key_import(flags, template, data, format, unwrap_key)
     if format == nil and type(data) == "string" then
         if data:find("^%-%-%-%-%-BEGIN PUBLIC KEY") then
             format = "spki"
         elseif data:find("^%-%-%-%-%-BEGIN [%u ]*PRIVATE KEY") then
             format = "pkcs8"
+        elseif data:find("^%s*{") then
+            format = "jwk"
         else
-            error("key_import: give the format ('pkcs8', 'spki' or 'raw') for non-PEM data", 2)
+            error("key_import: give the format ('pkcs8', 'spki', 'jwk', 'raw', 'aes-kwp' or "
+                .. "'rsa-aes-kwp') for this data", 2)
         end
     end
+    if WRAPPED[format] then
+        if type(unwrap_key) ~= "string" then
+            error("key_import: a wrapped key needs the unwrapping key (a blob or handle)", 2)
+        end
+        return c_key_import(self, flags, template, data, format, unwrap_key)
+    end
+    if unwrap_key ~= nil then
+        error("key_import: an unwrapping key goes with format 'aes-kwp' or 'rsa-aes-kwp'", 2)
+    end
     return c_key_import(self, flags, template, data, format)
+end
+
+local c_key_export = methods.key_export
+
+--- key_export(blob, wrapping [, mech]) -> the key, wrapped or plain
+-- wrapping is a wrapping key (a blob or handle of an AES or RSA key with
+-- the wrap usage): the key comes back wrapped, aes-kwp under an AES key,
+-- rsa-aes-kwp under an RSA key (mech may say which, to be sure); the key's
+-- export policy must be allow or allow-plain.  wrapping = "plain" returns
+-- the key itself (PKCS#8 DER, or the bytes of an AES/HMAC key) and needs
+-- allow-plain: one of the few calls that put key material in a Lua string.
+function methods:key_export(blob, wrapping, mech)
+    if wrapping == "plain" then
+        if mech ~= nil then error("key_export: a plain export takes no mechanism", 2) end
+        return c_key_export(self, blob)
+    end
+    if type(wrapping) ~= "string" then
+        error("key_export: wrapping must be a wrapping key (blob or handle) or \"plain\"", 2)
+    end
+    return c_key_export(self, blob, wrapping, mech)
 end
 
 local c_user_add, c_user_set = methods.user_add, methods.user_set
