@@ -1001,6 +1001,12 @@ int softcxi_user_delete(softcxi_session *s, const char *name)
     } else if (u->role == SCX_ROLE_ADMIN && admins == 1) {
         rc = scx_fail(&s->err, SOFTCXI_EPOLICY,
                       "user_delete: '%s' is the last administrator", name);
+    } else if (u->role == SCX_ROLE_ADMIN &&
+               admin_capacity(&us) - u->level < SCX_ADMIN_THRESHOLD) {
+        rc = scx_fail(&s->err, SOFTCXI_EPOLICY,
+                      "user_delete: without '%s' the administrators' levels add up to %u, below "
+                      "the %d needed to administer the device",
+                      name, admin_capacity(&us) - u->level, SCX_ADMIN_THRESHOLD);
     } else {
         size_t i = (size_t)(u - us.u);
         memmove(&us.u[i], &us.u[i + 1], (us.n - i - 1) * sizeof *us.u);

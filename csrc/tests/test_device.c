@@ -247,6 +247,9 @@ static void test_user_set(void)
     CHECK_RC(softcxi_logon_pass(s, "sec2", "sec2-password"), 0);
     softcxi_user_set_req drop = {"sec2", NULL, NULL, 0, NULL, 0, 0, 0};
     CHECK_RC(softcxi_user_set(s, &drop), SOFTCXI_EPOLICY);
+    /* Nor may deleting one of two level-1 administrators leave level 1. */
+    CHECK_RC(softcxi_user_delete(s, "sec2"), SOFTCXI_EPOLICY);
+    CHECK(strstr(s->err.msg, "'sec2'") != NULL);
     softcxi_logoff(s);
     /* The group change holds. */
     CHECK_RC(softcxi_logon_pass(s, "app", "new-app-password"), 0);
