@@ -202,6 +202,9 @@ typedef struct scx_keydb scx_keydb;
  * 0 means SCX_KEYDB_DEFAULT_LIMIT. */
 int scx_keydb_open(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
                    size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* The same without reading keys.db: for a restore over a damaged file. */
+int scx_keydb_handle(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
+                     size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
 void scx_keydb_free(scx_keydb *db);
 /* Re-read keys.db if another process changed it (when not: an fstat and a
  * 48-byte read). */

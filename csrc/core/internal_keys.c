@@ -846,10 +846,19 @@ int softcxi_restore_database(softcxi_session *s, const uint8_t *image, size_t le
                                     r.c.e[i].a.has_spec, r.c.e[i].blob, r.c.e[i].len};
     unsigned mode = (flags & SOFTCXI_RESTORE_MERGE ? SCX_KEYDB_MERGE : 0) |
                     (flags & SOFTCXI_FLAG_OVERWRITE ? SCX_KEYDB_OVERWRITE : 0);
-    if ((rc = scx_keydb_encode(&payload, &payload_len, items, r.c.n, &s->err)) != 0 ||
-        (rc = keydb(s, &db)) != 0 ||
-        (rc = scx_keydb_restore(db, payload, payload_len, "restore_database", mode,
-                                &s->err)) != 0)
+    if ((rc = scx_keydb_encode(&payload, &payload_len, items, r.c.n, &s->err)) != 0)
+        goto done;
+    /* Replacing is the cure for a damaged keys.db, so it need not read. */
+    if (mode & SCX_KEYDB_MERGE) {
+        rc = keydb(s, &db);
+    } else {
+        if (!dev->keydb)
+            rc = scx_keydb_handle(&dev->keydb, dev->path, dev->sec->storage_key,
+                                  dev->keydb_limit, &s->err);
+        db = dev->keydb;
+    }
+    if (rc || (rc = scx_keydb_restore(db, payload, payload_len, "restore_database", mode,
+                                      &s->err)) != 0)
         goto done;
     *keys = r.c.n;
 done:

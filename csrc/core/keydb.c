@@ -732,6 +732,17 @@ static int refresh(scx_keydb *db, uint8_t **want_img, size_t *want_len, softcxi_
 int scx_keydb_open(scx_keydb **out, const char *dir, const uint8_t storage_key[32],
                    size_t limit_bytes, softcxi_error *err)
 {
+    int rc = scx_keydb_handle(out, dir, storage_key, limit_bytes, err);
+    if (rc == 0 && (rc = refresh(*out, NULL, NULL, err)) != 0) {
+        scx_keydb_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+int scx_keydb_handle(scx_keydb **out, const char *dir, const uint8_t storage_key[32],
+                     size_t limit_bytes, softcxi_error *err)
+{
     struct stat st;
     *out = NULL;
     if (!dir || !*dir || !storage_key)
@@ -759,8 +770,6 @@ int scx_keydb_open(scx_keydb **out, const char *dir, const uint8_t storage_key[3
         rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "internal key database: key setup failed");
         goto fail;
     }
-    if ((rc = refresh(db, NULL, NULL, err)) != 0)
-        goto fail;
     *out = db;
     scx_ok(err);
     return 0;

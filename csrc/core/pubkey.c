@@ -7,6 +7,7 @@
  */
 #include "internal.h"
 
+#include <ctype.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <string.h>
@@ -380,7 +381,10 @@ static int jwk_string(jwk_in *j, char **out, size_t *out_len)
             c = s[++i];
             if (c == 'u') { /* \u00XX only: key material is ASCII */
                 unsigned v;
-                if (raw - i < 5 || sscanf(s + i + 1, "%4x", &v) != 1 || v == 0 || v > 0x7F) {
+                if (raw - i < 5 || !isxdigit((unsigned char)s[i + 1]) ||
+                    !isxdigit((unsigned char)s[i + 2]) || !isxdigit((unsigned char)s[i + 3]) ||
+                    !isxdigit((unsigned char)s[i + 4]) || sscanf(s + i + 1, "%4x", &v) != 1 ||
+                    v == 0 || v > 0x7F) {
                     OPENSSL_free(d);
                     return -1;
                 }
