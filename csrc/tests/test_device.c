@@ -183,6 +183,41 @@ static void test_logon_sign(void)
     free(p384priv), free(p384pub);
 }
 
+/* A users.db as written before logon keys existed (count without the top
+ * bit, no pub fields) still opens, and the next change rewrites it. */
+static void test_users_db_v1(void)
+{
+    char dir[600], path[700];
+    current = "users.db written before logon_sign";
+    softcxi_session *s = new_device(dir, sizeof dir);
+    softcxi_device *dev = softcxi_session_device(s);
+    uint8_t pt[200], salt[16] = {1, 2, 3}, v[32], fsalt[SCX_SALT_LEN] = {9}, kcv[8], out[300];
+    size_t k = 0;
+    CHECK(scx_scrypt(v, sizeof v, "old-password", salt, sizeof salt, 10) == 0);
+    pt[k++] = 0, pt[k++] = 0, pt[k++] = 0, pt[k++] = 1; /* one user */
+    pt[k++] = 3, memcpy(pt + k, "old", 3), k += 3;
+    pt[k++] = SOFTCXI_ROLE_ADMIN, pt[k++] = 2;
+    pt[k++] = 0, pt[k++] = 1, pt[k++] = '*';
+    pt[k++] = 10, memcpy(pt + k, salt, 16), k += 16, memcpy(pt + k, v, 32), k += 32;
+    memset(pt + k, 0, 12), k += 12; /* failures, locked_until */
+    scx_xaes x;
+    CHECK(scx_kcv(kcv, dev->sec->state_key) == 0 && scx_xaes_init(&x, dev->sec->state_key) == 0);
+    CHECK(scx_frame_seal(out, SCX_TYPE_USERS, kcv, fsalt, NULL, 0, pt, k, &x, dev->gcm) == 0);
+    scx_xaes_clear(&x);
+    snprintf(path, sizeof path, "%s/users.db", dir);
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(out, 1, SCX_HDR_LEN + k + SCX_TAG_LEN, f) == SCX_HDR_LEN + k + SCX_TAG_LEN);
+    if (f)
+        fclose(f);
+    CHECK_RC(softcxi_logon_pass(s, "old", "old-password"), 0);
+    softcxi_user_req u = {"new", "new-password", SOFTCXI_ROLE_USER, 1, "*", 10, NULL, 0};
+    CHECK_RC(softcxi_user_add(s, &u), 0);
+    softcxi_logoff(s);
+    CHECK_RC(softcxi_logon_pass(s, "new", "new-password"), 0);
+    CHECK_RC(softcxi_logon_pass(s, "old", "old-password"), 0);
+    softcxi_session_free(s);
+}
+
 typedef struct failures {
     const char *name;
     uint32_t n;
@@ -568,6 +603,7 @@ int main(void)
         return 2;
 
     test_logon_sign();
+    test_users_db_v1();
     test_user_set();
     test_list_files_state();
     test_database_backup();
