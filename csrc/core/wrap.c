@@ -189,6 +189,13 @@ int softcxi_key_export(softcxi_session *s, softcxi_buf *out, const uint8_t *blob
                       REF(&k->info), softcxi_export_name(pol));
         goto done;
     }
+    if ((rc = key_bytes(s, k, &pt, &pt_len)) != 0)
+        goto done;
+    scx_keyref(subject, sizeof subject, &k->info);
+    /* Done with the key before the wrapping key is opened: opening one may
+     * evict the other from the cache. */
+    scx_key_release(s, k);
+    k = NULL;
     if (wrap_blob) {
         if ((rc = scx_key_get(s, &w, wrap_blob, wrap_len)) != 0 ||
             (rc = mech_for(w, mech, "key_export", s)) < 0)
@@ -197,10 +204,7 @@ int softcxi_key_export(softcxi_session *s, softcxi_buf *out, const uint8_t *blob
         if ((rc = may_use(s, w, SOFTCXI_USAGE_WRAP, "key_export")) != 0)
             goto done;
     }
-    if ((rc = key_bytes(s, k, &pt, &pt_len)) != 0)
-        goto done;
     /* Recorded before the key leaves; a log that cannot take it stops it. */
-    scx_keyref(subject, sizeof subject, &k->info);
     if (w)
         snprintf(detail, sizeof detail, "%s under %s", softcxi_wrap_name(mech), REF(&w->info));
     else
