@@ -66,6 +66,11 @@ describe("logon_sign", function()
         assert(h:key_generate(EXT, { algo = "ec", name = "k", group = "iot" }))
         H.expect_err("EACCESS", h:key_generate(EXT, { algo = "ec", name = "k", group = "fleet-1" }))
         assert(h:logon_sign("bot", H.readfile(edkey)))          -- PEM data
+        local rc, out = H.run("openssl pkey -in " .. H.q(eckey) .. " -outform DER -out "
+            .. H.q(eckey .. ".der"))
+        assert(rc == 0, out)
+        local again = session()
+        assert(again:logon_sign("ops", H.readfile(eckey .. ".der"))) -- DER data
         assert(h:key_generate(EXT, { algo = "ec", name = "k", group = "fleet-1" }))
         assert.are.equal(2, h:get_state().logged_on)
         local users = {}
@@ -73,7 +78,7 @@ describe("logon_sign", function()
         assert.is_false(users.ops.password)
         assert.is_true(users.ops.pubkey)
         assert.is_true(users[H.ADMIN].password)
-        assert.are.same({ "logon:user by key" }, events(a, "ops", "logon"))
+        assert.are.same({ "logon:user by key", "logon:user by key" }, events(a, "ops", "logon"))
     end)
 
     it("a key level counts toward the admin threshold like a password logon", function()
