@@ -1,7 +1,8 @@
 /*
  * internal_keys.c - keys kept in the device (the internal key database,
- * keydb.c) and the handles that name them, plus the device's use of the
- * audit log (audit.c).
+ * keydb.c) and the handles that name them, their backups under the MBK (one
+ * key: key_backup; the whole database: backup_database), get_state, and the
+ * device's use of the audit log (audit.c).
  *
  * A handle is what key_generate without FLAG_EXTERNAL and key_open return:
  *
@@ -631,7 +632,7 @@ static int db_backup_key(scx_xaes *x, const uint8_t mbk[32])
     return rc;
 }
 
-static void put32be(uint8_t *p, uint64_t v, int bytes)
+static void put_be(uint8_t *p, uint64_t v, int bytes)
 {
     for (int i = 0; i < bytes; i++)
         p[i] = (uint8_t)(v >> (8 * (bytes - 1 - i)));
@@ -712,8 +713,8 @@ int softcxi_backup_database(softcxi_session *s, softcxi_buf *image, size_t *keys
     }
     have_x = 1;
     memcpy(h + 12, salt, SCX_SALT_LEN);
-    put32be(h + 36, (uint64_t)time(NULL), 8);
-    put32be(h + 44, plen, 4);
+    put_be(h + 36, (uint64_t)time(NULL), 8);
+    put_be(h + 44, plen, 4);
     if (scx_xaes_seal(&x, dev->gcm, h + DBB_HDR, h + DBB_HDR + plen, salt, h, DBB_HDR, pt,
                       plen) != 0) {
         rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "backup_database: sealing failed");
