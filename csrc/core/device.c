@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include "internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -747,7 +748,7 @@ void softcxi_session_free(softcxi_session *s)
     if (!s)
         return;
     softcxi_device_free(s->dev);
-    OPENSSL_free(s);
+    OPENSSL_clear_free(s, sizeof *s); /* logons, a pending challenge */
 }
 
 const softcxi_error *softcxi_session_error(const softcxi_session *s) { return &s->err; }
@@ -772,4 +773,70 @@ const EVP_MD *scx_md(softcxi_device *dev, int which)
     if (!dev->md[which])
         dev->md[which] = EVP_MD_fetch(NULL, names[which], NULL);
     return dev->md[which];
+}
+
+/* ---- ListFiles ------------------------------------------------------------ */
+
+typedef struct file_entry {
+    char *name;
+    uint64_t size;
+    int64_t mtime;
+} file_entry;
+
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(((const file_entry *)a)->name, ((const file_entry *)b)->name);
+}
+
+int softcxi_list_files(softcxi_session *s, softcxi_file_cb cb, void *ctx)
+{
+    softcxi_device *dev = s->dev;
+    file_entry *v = NULL;
+    size_t n = 0, cap = 0;
+    int rc = 0;
+
+    if (!dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "list_files: this device keeps no files");
+    if (s->nlogons == 0)
+        return scx_fail(&s->err, SOFTCXI_EAUTH, "list_files: log on first");
+    DIR *d = opendir(dev->path);
+    if (!d)
+        return scx_fail(&s->err, SOFTCXI_EIO, "list_files: %s: %s", dev->path, strerror(errno));
+    int dfd = dirfd(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        struct stat st;
+        /* Regular files only; a vanished temporary file is no error. */
+        if (fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? 2 * cap : 32;
+            file_entry *nv = realloc(v, ncap * sizeof *nv);
+            if (!nv) {
+                rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "list_files: out of memory");
+                break;
+            }
+            v = nv, cap = ncap;
+        }
+        if (!(v[n].name = strdup(e->d_name))) {
+            rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "list_files: out of memory");
+            break;
+        }
+        v[n].size = (uint64_t)st.st_size;
+        v[n].mtime = (int64_t)st.st_mtime;
+        n++;
+    }
+    closedir(d);
+    if (rc == 0) {
+        if (n)
+            qsort(v, n, sizeof *v, by_name);
+        for (size_t i = 0; i < n; i++)
+            if (cb(ctx, v[i].name, v[i].size, v[i].mtime) != 0)
+                break;
+        scx_ok(&s->err);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(v[i].name);
+    free(v);
+    return rc;
 }

@@ -16,7 +16,7 @@
 #define SCX_VERSION 1u
 #define SCX_TYPE_KEY 0x01u        /* external key */
 #define SCX_TYPE_KEY_BACKUP 0x02u /* reserved for key_backup */
-#define SCX_TYPE_DB_BACKUP 0x03u  /* reserved for BackupDatabase */
+#define SCX_TYPE_DB_BACKUP 0x03u  /* backup_database: the internal keys, under the MBK */
 #define SCX_TYPE_DEVICE_MBK 0x10u /* the MBK sealed at rest under the device key */
 #define SCX_TYPE_DEVICE_KEY 0x11u /* the device key file */
 #define SCX_TYPE_USERS 0x12u      /* users.db, sealed under the device key */
@@ -51,6 +51,7 @@
 #define SCX_LABEL_KCV "softcxi/v1/kcv"
 #define SCX_LABEL_BLOB_KEY "softcxi/v1/blob/key"
 #define SCX_LABEL_KEY_BACKUP "softcxi/v1/blob/key-backup"
+#define SCX_LABEL_DB_BACKUP "softcxi/v1/blob/db-backup"
 #define SCX_LABEL_DEVICE_MBK "softcxi/v1/blob/device-mbk"
 #define SCX_LABEL_AUDIT "softcxi/v1/audit"
 #define SCX_LABEL_STORAGE "softcxi/v1/storage"
@@ -201,6 +202,9 @@ typedef struct scx_keydb scx_keydb;
  * 0 means SCX_KEYDB_DEFAULT_LIMIT. */
 int scx_keydb_open(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
                    size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* The same without reading keys.db: for a restore over a damaged file. */
+int scx_keydb_handle(scx_keydb **db, const char *dir, const uint8_t storage_key[32],
+                     size_t limit_bytes, softcxi_error *err) SOFTCXI_MUST_CHECK;
 void scx_keydb_free(scx_keydb *db);
 /* Re-read keys.db if another process changed it (when not: an fstat and a
  * 48-byte read). */
@@ -229,6 +233,29 @@ int scx_keydb_export(scx_keydb *db, uint8_t **image, size_t *len,
                      softcxi_error *err) SOFTCXI_MUST_CHECK;
 int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len,
                      softcxi_error *err) SOFTCXI_MUST_CHECK;
+
+/* Database backups carry the keys.db payload (count, entries in address
+ * order), sealed under the MBK instead of the storage key. */
+typedef struct scx_keydb_item {
+    const char *group, *name;
+    uint32_t spec;
+    int has_spec;
+    const uint8_t *blob;
+    size_t blob_len;
+} scx_keydb_item;
+/* Encode items (in address order) as a payload; OPENSSL_free *out. */
+int scx_keydb_encode(uint8_t **out, size_t *out_len, const scx_keydb_item *items, size_t n,
+                     softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* Check a whole payload (EFORMAT naming what), then call cb per entry. */
+int scx_keydb_parse(const uint8_t *payload, size_t len, const char *what, scx_keydb_cb cb,
+                    void *ctx, softcxi_error *err) SOFTCXI_MUST_CHECK;
+/* Replace the database with a payload's entries, or with MERGE add them to
+ * it (an address in both: EEXIST, or with OVERWRITE the payload's wins).
+ * All or nothing, under the lock; EFULL past the limit. */
+#define SCX_KEYDB_MERGE 1u
+#define SCX_KEYDB_OVERWRITE 2u
+int scx_keydb_restore(scx_keydb *db, const uint8_t *payload, size_t len, const char *what,
+                      unsigned mode, softcxi_error *err) SOFTCXI_MUST_CHECK;
 #endif
 
 /* ---- the audit log (audit.c) -------------------------------------------- */
@@ -265,6 +292,7 @@ typedef struct scx_key {
     size_t sym_len;
     uint64_t stamp;
     int cached;
+    int has_secret; /* 0: a public key only (a verify-only blob) */
     uint8_t id[32]; /* SHA-256 of the attributes: the key across copies */
 } scx_key;
 
@@ -344,6 +372,11 @@ struct softcxi_session {
     softcxi_error err;
     scx_logon logons[SCX_MAX_LOGONS];
     int nlogons;
+    /* logon_sign: the challenge handed out and not yet answered */
+    uint8_t challenge[32];
+    char challenge_user[SCX_USER_NAME_MAX + 1];
+    int64_t challenge_time;
+    int has_challenge;
 };
 
 /* MBK lifecycle (mbk.c). */
@@ -431,6 +464,8 @@ int scx_rsa_pub_parse(const uint8_t *der, size_t len, const uint8_t **n, size_t 
                       const uint8_t **e, size_t *e_len);
 size_t scx_der_rsa_pub(uint8_t *out, size_t cap, const uint8_t *n, size_t n_len,
                        const uint8_t *e, size_t e_len);
+/* A public JWK (EC, OKP, RSA) as SPKI DER; EINVAL naming what is wrong. */
+int scx_jwk_to_spki(softcxi_buf *out, const uint8_t *json, size_t len, softcxi_error *err);
 
 /* Big-endian helpers. */
 static inline void scx_put16(uint8_t *p, unsigned v)

@@ -1,7 +1,8 @@
 /*
  * internal_keys.c - keys kept in the device (the internal key database,
- * keydb.c) and the handles that name them, plus the device's use of the
- * audit log (audit.c).
+ * keydb.c) and the handles that name them, their backups under the MBK (one
+ * key: key_backup; the whole database: backup_database), get_state, and the
+ * device's use of the audit log (audit.c).
  *
  * A handle is what key_generate without FLAG_EXTERNAL and key_open return:
  *
@@ -14,8 +15,11 @@
  */
 #include "internal.h"
 
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #define HANDLE_MAGIC 0x49u /* 'I' */
 #define HANDLE_VERSION 1u
@@ -589,12 +593,287 @@ int softcxi_get_state(softcxi_session *s, softcxi_state *st)
     st->generation = dev->generation;
     st->revoked = dev->nrevoked;
     st->logged_on = (unsigned)s->nlogons;
+    st->mbk_loaded = 1; /* a device does not open without its MBK */
+    st->initialised = dev->path != NULL;
     if (dev->path) {
         scx_keydb *db;
         if ((rc = scx_users_count(s, &st->users)) != 0 || (rc = keydb(s, &db)) != 0)
             return rc;
         st->keydb_used = scx_keydb_used(db);
         st->keydb_limit = scx_keydb_limit(db);
+    }
+    scx_ok(&s->err);
+    return 0;
+}
+
+/* ---- database backup and restore (CXI BackupDatabase / RestoreDatabase) -- */
+
+/* A database backup (docs/blob-format.md, "Database backups"):
+ *
+ *   'K' 01 03 00 | KCV(8) of the MBK | salt(24) | created(8) | P(4)
+ *   | XAES-256-GCM(HMAC-SHA256(MBK, "softcxi/v1/blob/db-backup"), salt,
+ *                  aad = the 48 header bytes) of the P-byte payload | tag(16)
+ *
+ * The payload is the keys.db payload: count, then the entries in address
+ * order, each blob sealed under the same MBK as the image (the backup
+ * rewraps older ones), so the image restores on any device holding that
+ * MBK.  The header is the v1 blob header for its first 36 bytes; the 32-bit
+ * length follows because 8 MiB does not fit the frame's 16-bit lengths. */
+#define DBB_HDR 48
+#define DBB_MIN (DBB_HDR + SCX_TAG_LEN)
+
+static int db_backup_key(scx_xaes *x, const uint8_t mbk[32])
+{
+    uint8_t k[32];
+    int rc = scx_label_key(k, mbk, SCX_LABEL_DB_BACKUP);
+    if (rc == 0)
+        rc = scx_xaes_init(x, k);
+    OPENSSL_cleanse(k, sizeof k);
+    return rc;
+}
+
+static void put_be(uint8_t *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++)
+        p[i] = (uint8_t)(v >> (8 * (bytes - 1 - i)));
+}
+
+static uint64_t get_be(const uint8_t *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+int softcxi_backup_database(softcxi_session *s, softcxi_buf *image, size_t *keys,
+                            size_t *skipped)
+{
+    softcxi_device *dev = s->dev;
+    copy_ctx c;
+    scx_keydb_item *items = NULL;
+    softcxi_buf *fresh = NULL;
+    uint8_t *pt = NULL, salt[SCX_SALT_LEN];
+    size_t plen = 0, n = 0;
+    scx_xaes x;
+    int rc, have_x = 0;
+
+    image->data = NULL, image->len = 0, image->secret = 0;
+    *keys = 0, *skipped = 0;
+    memset(&c, 0, sizeof c);
+    if ((rc = scx_access_admin(s, "backup_database")) != 0 || (rc = scx_device_sync(s)) != 0)
+        return rc;
+    if (!dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "backup_database: this device keeps no keys");
+    if ((rc = scx_audit_request(s, "backup_database", "")) != 0)
+        return rc;
+    if ((rc = copy_all(s, &c)) != 0)
+        goto done;
+    items = OPENSSL_zalloc((c.n ? c.n : 1) * sizeof *items);
+    fresh = OPENSSL_zalloc((c.n ? c.n : 1) * sizeof *fresh);
+    if (!items || !fresh) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "backup_database: out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < c.n; i++) {
+        softcxi_key_info info;
+        scx_frame f;
+        int changed;
+        if ((rc = scx_frame_parse(&f, &info, c.e[i].blob, c.e[i].len, &s->err)) != 0)
+            goto done;
+        if (info.export_policy == SOFTCXI_EXPORT_DENY_BACKUP) {
+            (*skipped)++;
+            continue;
+        }
+        /* Every key under the current MBK: the image needs only that one. */
+        if ((rc = scx_rewrap_blob(s, &fresh[n], c.e[i].blob, c.e[i].len, &changed, 0)) != 0) {
+            char why[SOFTCXI_ERRSTR_MAX];
+            snprintf(why, sizeof why, "%s", s->err.msg);
+            scx_fail(&s->err, rc, "backup_database: key '%s/%s': %s", c.e[i].a.group,
+                     c.e[i].a.name, why);
+            goto done;
+        }
+        items[n] = (scx_keydb_item){c.e[i].a.group, c.e[i].a.name, c.e[i].a.spec,
+                                    c.e[i].a.has_spec, fresh[n].data, fresh[n].len};
+        n++;
+    }
+    if ((rc = scx_keydb_encode(&pt, &plen, items, n, &s->err)) != 0)
+        goto done;
+    size_t total = DBB_MIN + plen;
+    if (!(image->data = OPENSSL_malloc(total))) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "backup_database: out of memory");
+        goto done;
+    }
+    uint8_t *h = image->data;
+    h[0] = SCX_MAGIC, h[1] = SCX_VERSION, h[2] = SCX_TYPE_DB_BACKUP, h[3] = 0;
+    memcpy(h + 4, dev->kcv, SCX_KCV_LEN);
+    if (RAND_bytes(salt, sizeof salt) != 1 || db_backup_key(&x, dev->sec->mbk) != 0) {
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "backup_database: sealing failed");
+        goto done;
+    }
+    have_x = 1;
+    memcpy(h + 12, salt, SCX_SALT_LEN);
+    put_be(h + 36, (uint64_t)time(NULL), 8);
+    put_be(h + 44, plen, 4);
+    if (scx_xaes_seal(&x, dev->gcm, h + DBB_HDR, h + DBB_HDR + plen, salt, h, DBB_HDR, pt,
+                      plen) != 0) {
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "backup_database: sealing failed");
+        goto done;
+    }
+    image->len = total;
+    *keys = n;
+done:
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (pt)
+        OPENSSL_clear_free(pt, plen);
+    for (size_t i = 0; fresh && i < n; i++)
+        softcxi_buf_free(&fresh[i]);
+    OPENSSL_free(fresh);
+    OPENSSL_free(items);
+    copies_free(&c);
+    if (rc) {
+        softcxi_buf_free(image);
+        scx_audit_outcome(s, "backup_database", "", rc);
+        return rc;
+    }
+    scx_ok(&s->err);
+    return 0;
+}
+
+/* Restore collects every entry of the image, rewrapped under the current
+ * MBK, before anything is written. */
+typedef struct restore_ctx {
+    softcxi_session *s;
+    copy_ctx c;
+} restore_ctx;
+
+static int restore_one(void *p, const char *group, const char *name, uint32_t spec,
+                       int has_spec, const uint8_t *blob, size_t blob_len)
+{
+    restore_ctx *r = p;
+    softcxi_buf fresh = {0};
+    int changed, rc = scx_rewrap_blob(r->s, &fresh, blob, blob_len, &changed, 0);
+    if (rc) {
+        char why[SOFTCXI_ERRSTR_MAX];
+        snprintf(why, sizeof why, "%s", r->s->err.msg);
+        return scx_fail(&r->s->err, rc, "restore_database: key '%s/%s' in the image: %s", group,
+                        name, why);
+    }
+    rc = copy_one(&r->c, group, name, spec, has_spec, fresh.data, fresh.len);
+    softcxi_buf_free(&fresh);
+    if (r->c.oom)
+        return scx_fail(&r->s->err, SOFTCXI_ENOMEM, "restore_database: out of memory");
+    return rc;
+}
+
+int softcxi_restore_database(softcxi_session *s, const uint8_t *image, size_t len,
+                             unsigned flags, size_t *keys)
+{
+    softcxi_device *dev = s->dev;
+    restore_ctx r = {s, {0}};
+    scx_keydb_item *items = NULL;
+    scx_keydb *db;
+    uint8_t *pt = NULL, *payload = NULL;
+    size_t plen = 0, payload_len = 0;
+    scx_xaes x;
+    int rc, have_x = 0;
+
+    *keys = 0;
+    if (flags & ~(SOFTCXI_RESTORE_MERGE | SOFTCXI_FLAG_OVERWRITE))
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "restore_database: unknown flags 0x%x",
+                        flags & ~(SOFTCXI_RESTORE_MERGE | SOFTCXI_FLAG_OVERWRITE));
+    if ((flags & SOFTCXI_FLAG_OVERWRITE) && !(flags & SOFTCXI_RESTORE_MERGE))
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "restore_database: FLAG_OVERWRITE goes with RESTORE_MERGE (a restore "
+                        "without it replaces the whole database)");
+    if ((rc = scx_access_admin(s, "restore_database")) != 0 || (rc = scx_device_sync(s)) != 0)
+        return rc;
+    if (!dev->path)
+        return scx_fail(&s->err, SOFTCXI_EINVAL, "restore_database: this device keeps no keys");
+    /* Recorded before anything happens; a failure is recorded after. */
+    const char *how = flags & SOFTCXI_RESTORE_MERGE ? "merge" : "replace";
+    if ((rc = scx_audit_request(s, "restore_database", how)) != 0)
+        return rc;
+    if (!image || len < DBB_MIN || image[0] != SCX_MAGIC || image[1] != SCX_VERSION ||
+        image[2] != SCX_TYPE_DB_BACKUP || image[3] != 0) {
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT,
+                      image && len >= 3 && image[0] == SCX_MAGIC && image[2] == SCX_TYPE_DB_BACKUP
+                          ? "restore_database: the image is truncated or damaged (%zu bytes)"
+                          : "restore_database: not a softcxi database backup (%zu bytes)",
+                      len);
+        goto done;
+    }
+    plen = (size_t)get_be(image + 44, 4);
+    if (len != DBB_MIN + plen) {
+        rc = scx_fail(&s->err, SOFTCXI_EFORMAT,
+                      len < DBB_MIN + plen
+                          ? "restore_database: the image is truncated: %zu of %zu bytes"
+                          : "restore_database: the image has trailing bytes: %zu, expected %zu",
+                      len, DBB_MIN + plen);
+        goto done;
+    }
+    const uint8_t *mbk = mbk_of(dev, image + 4);
+    if (!mbk) {
+        char want[17], have[17];
+        scx_hex(want, image + 4, SCX_KCV_LEN);
+        scx_hex(have, dev->kcv, SCX_KCV_LEN);
+        rc = scx_fail(&s->err, SOFTCXI_EMBK,
+                      "restore_database: the image was made under MBK %s; this device holds %s "
+                      "(import that MBK from its shares first)",
+                      want, have);
+        goto done;
+    }
+    if (!(pt = OPENSSL_malloc(plen ? plen : 1)) || db_backup_key(&x, mbk) != 0) {
+        rc = scx_fail_ssl(&s->err, SOFTCXI_ENOMEM, "restore_database: out of memory");
+        goto done;
+    }
+    have_x = 1;
+    if (scx_xaes_open(&x, dev->gcm, pt, image + DBB_HDR, plen, image + DBB_HDR + plen,
+                      image + 12, image, DBB_HDR) != 0) {
+        rc = scx_fail(&s->err, SOFTCXI_ETAMPER,
+                      "restore_database: the image fails authentication (damaged or edited)");
+        goto done;
+    }
+    if ((rc = scx_keydb_parse(pt, plen, "restore_database: the image", restore_one, &r,
+                              &s->err)) != 0)
+        goto done;
+    if (!(items = OPENSSL_zalloc((r.c.n ? r.c.n : 1) * sizeof *items))) {
+        rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "restore_database: out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < r.c.n; i++)
+        items[i] = (scx_keydb_item){r.c.e[i].a.group, r.c.e[i].a.name, r.c.e[i].a.spec,
+                                    r.c.e[i].a.has_spec, r.c.e[i].blob, r.c.e[i].len};
+    unsigned mode = (flags & SOFTCXI_RESTORE_MERGE ? SCX_KEYDB_MERGE : 0) |
+                    (flags & SOFTCXI_FLAG_OVERWRITE ? SCX_KEYDB_OVERWRITE : 0);
+    if ((rc = scx_keydb_encode(&payload, &payload_len, items, r.c.n, &s->err)) != 0)
+        goto done;
+    /* Replacing is the cure for a damaged keys.db, so it need not read. */
+    if (mode & SCX_KEYDB_MERGE) {
+        rc = keydb(s, &db);
+    } else {
+        if (!dev->keydb)
+            rc = scx_keydb_handle(&dev->keydb, dev->path, dev->sec->storage_key,
+                                  dev->keydb_limit, &s->err);
+        db = dev->keydb;
+    }
+    if (rc || (rc = scx_keydb_restore(db, payload, payload_len, "restore_database", mode,
+                                      &s->err)) != 0)
+        goto done;
+    *keys = r.c.n;
+done:
+    if (have_x)
+        scx_xaes_clear(&x);
+    if (pt)
+        OPENSSL_clear_free(pt, plen ? plen : 1);
+    if (payload)
+        OPENSSL_clear_free(payload, payload_len);
+    OPENSSL_free(items);
+    copies_free(&r.c);
+    if (rc) {
+        scx_audit_outcome(s, "restore_database", how, rc);
+        return rc;
     }
     scx_ok(&s->err);
     return 0;

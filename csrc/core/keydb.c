@@ -411,6 +411,9 @@ static int build_image(scx_keydb *db, const state *s, const edit *ed, uint64_t g
     return 0;
 }
 
+static int decode_payload(const uint8_t *pt, size_t plen, const char *what, state *s,
+                          softcxi_error *err);
+
 /* Check and open an image; on success *s holds its entries.  what names it
  * in messages (the file's path, or "database image"). */
 static int decode_image(scx_keydb *db, const uint8_t *img, size_t len, const char *what,
@@ -457,9 +460,23 @@ static int decode_image(scx_keydb *db, const uint8_t *img, size_t len, const cha
     }
 
     /* Authentic from here on: a shape error is a bug or a newer writer. */
-    s->generation = get64(img + 36);
-    memcpy(s->salt, img + 12, SCX_SALT_LEN);
-    s->have_file = 1;
+    rc = decode_payload(pt, plen, what, s, err);
+    if (rc == 0) {
+        s->generation = get64(img + 36);
+        memcpy(s->salt, img + 12, SCX_SALT_LEN);
+        s->have_file = 1;
+    }
+    OPENSSL_cleanse(pt, plen);
+    free(pt);
+    return rc;
+}
+
+/* The entries of a payload (count, entries in address order) into s. */
+static int decode_payload(const uint8_t *pt, size_t plen, const char *what, state *s,
+                          softcxi_error *err)
+{
+    int rc = 0;
+    memset(s, 0, sizeof *s);
     size_t off = 4, count = plen >= 4 ? get32(pt) : 0;
     if (plen < 4 || count > (plen - 4) / ENTRY_HDR) {
         rc = scx_fail(err, SOFTCXI_EFORMAT, "%s: bad entry count", what);
@@ -510,8 +527,6 @@ static int decode_image(scx_keydb *db, const uint8_t *img, size_t len, const cha
         rc = scx_fail(err, SOFTCXI_EFORMAT, "%s: %zu bytes after the last entry", what,
                       plen - off);
 done:
-    OPENSSL_cleanse(pt, plen);
-    free(pt);
     if (rc)
         state_free(s);
     return rc;
@@ -717,6 +732,17 @@ static int refresh(scx_keydb *db, uint8_t **want_img, size_t *want_len, softcxi_
 int scx_keydb_open(scx_keydb **out, const char *dir, const uint8_t storage_key[32],
                    size_t limit_bytes, softcxi_error *err)
 {
+    int rc = scx_keydb_handle(out, dir, storage_key, limit_bytes, err);
+    if (rc == 0 && (rc = refresh(*out, NULL, NULL, err)) != 0) {
+        scx_keydb_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+int scx_keydb_handle(scx_keydb **out, const char *dir, const uint8_t storage_key[32],
+                     size_t limit_bytes, softcxi_error *err)
+{
     struct stat st;
     *out = NULL;
     if (!dir || !*dir || !storage_key)
@@ -744,8 +770,6 @@ int scx_keydb_open(scx_keydb **out, const char *dir, const uint8_t storage_key[3
         rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "internal key database: key setup failed");
         goto fail;
     }
-    if ((rc = refresh(db, NULL, NULL, err)) != 0)
-        goto fail;
     *out = db;
     scx_ok(err);
     return 0;
@@ -989,4 +1013,172 @@ int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len, softcxi_er
     db->st = ns;
     scx_ok(err);
     return 0;
+}
+
+/* ---- payloads: database backups ------------------------------------------ */
+
+int scx_keydb_encode(uint8_t **out, size_t *out_len, const scx_keydb_item *items, size_t n,
+                     softcxi_error *err)
+{
+    size_t plen = 4;
+    *out = NULL;
+    *out_len = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t gl = strlen(items[i].group), nl = strlen(items[i].name);
+        if (gl > SOFTCXI_NAME_MAX || nl == 0 || nl > SOFTCXI_NAME_MAX ||
+            items[i].blob_len == 0 || items[i].blob_len > UINT32_MAX)
+            return scx_fail(err, SOFTCXI_EINVAL, "internal key database: entry %zu is malformed",
+                            i);
+        plen += ENTRY_HDR + gl + nl + items[i].blob_len;
+    }
+    if (plen > INT32_MAX || n > UINT32_MAX)
+        return scx_fail(err, SOFTCXI_EFULL, "internal key database: %zu bytes is too large",
+                        plen);
+    uint8_t *p = OPENSSL_malloc(plen);
+    if (!p)
+        return scx_fail(err, SOFTCXI_ENOMEM, "internal key database: out of memory");
+    size_t k = 4;
+    put32(p, (uint32_t)n);
+    for (size_t i = 0; i < n; i++) {
+        const scx_keydb_item *it = &items[i];
+        size_t gl = strlen(it->group), nl = strlen(it->name);
+        p[k] = it->has_spec ? FLAG_HAS_SPEC : 0;
+        p[k + 1] = (uint8_t)gl;
+        p[k + 2] = (uint8_t)nl;
+        put32(p + k + 3, it->has_spec ? it->spec : 0);
+        put32(p + k + 7, (uint32_t)it->blob_len);
+        k += ENTRY_HDR;
+        memcpy(p + k, it->group, gl), k += gl;
+        memcpy(p + k, it->name, nl), k += nl;
+        memcpy(p + k, it->blob, it->blob_len), k += it->blob_len;
+    }
+    *out = p;
+    *out_len = plen;
+    return 0;
+}
+
+int scx_keydb_parse(const uint8_t *payload, size_t len, const char *what, scx_keydb_cb cb,
+                    void *ctx, softcxi_error *err)
+{
+    state ns;
+    int rc = decode_payload(payload, len, what, &ns, err);
+    for (size_t i = 0; rc == 0 && i < ns.n; i++) {
+        const entry *e = ns.v[i];
+        rc = cb(ctx, e_group(e), e_name(e), e->spec, e->has_spec, e_blob(e), e->blob_len);
+    }
+    state_free(&ns);
+    return rc;
+}
+
+static int entry_cmp(const entry *a, const entry *b)
+{
+    addr x = {e_group(a), e_name(a), a->glen, a->nlen, a->spec, a->has_spec};
+    return addr_cmp(&x, b);
+}
+
+static entry *entry_dup(const entry *e)
+{
+    size_t n = sizeof *e + (size_t)e->glen + e->nlen + 2 + e->blob_len;
+    entry *d = malloc(n);
+    if (d)
+        memcpy(d, e, n);
+    return d;
+}
+
+/* Into *m: the entries of cur and add in address order.  An address in
+ * both is EEXIST unless overwrite (then add's entry wins). */
+static int merge_states(state *m, const state *cur, const state *add, int overwrite,
+                        const char *what, softcxi_error *err)
+{
+    size_t i = 0, j = 0;
+    memset(m, 0, sizeof *m);
+    if (state_reserve(m, cur->n + add->n + 1) != 0)
+        return scx_fail(err, SOFTCXI_ENOMEM, "%s: out of memory", what);
+    while (i < cur->n || j < add->n) {
+        const entry *pick;
+        if (j == add->n) {
+            pick = cur->v[i++];
+        } else if (i == cur->n) {
+            pick = add->v[j++];
+        } else {
+            int c = entry_cmp(cur->v[i], add->v[j]);
+            if (c < 0) {
+                pick = cur->v[i++];
+            } else if (c > 0) {
+                pick = add->v[j++];
+            } else if (!overwrite) {
+                const entry *e = add->v[j];
+                addr a = {e_group(e), e_name(e), e->glen, e->nlen, e->spec, e->has_spec};
+                state_free(m);
+                return scx_fail(err, SOFTCXI_EEXIST,
+                                "%s: key %s is in the database already: restore with "
+                                "FLAG_OVERWRITE to replace it; nothing was restored",
+                                what, AREF(&a));
+            } else {
+                pick = add->v[j++];
+                i++;
+            }
+        }
+        if (!(m->v[m->n] = entry_dup(pick))) {
+            state_free(m);
+            return scx_fail(err, SOFTCXI_ENOMEM, "%s: out of memory", what);
+        }
+        m->used += e_cost(m->v[m->n]);
+        m->n++;
+    }
+    return 0;
+}
+
+int scx_keydb_restore(scx_keydb *db, const uint8_t *payload, size_t len, const char *what,
+                      unsigned mode, softcxi_error *err)
+{
+    state ns, merged, *result = &ns;
+    int rc = decode_payload(payload, len, what, &ns, err);
+    if (rc)
+        return rc;
+    int lk = lock_db(db, err);
+    if (lk < 0) {
+        state_free(&ns);
+        return lk;
+    }
+    /* As for an import, the written generation passes every one seen. */
+    uint64_t gen = 0;
+    softcxi_error why;
+    if ((rc = refresh(db, NULL, NULL, &why)) == 0) {
+        gen = db->st.generation;
+    } else if (mode & SCX_KEYDB_MERGE) {
+        /* Merging needs the current keys; replacing is the cure for a damaged file. */
+        *err = why;
+        goto done;
+    } else {
+        rc = 0;
+        gen = peek_generation(db);
+        if (db->st.generation > gen)
+            gen = db->st.generation;
+    }
+    if (mode & SCX_KEYDB_MERGE) {
+        if ((rc = merge_states(&merged, &db->st, &ns, (mode & SCX_KEYDB_OVERWRITE) != 0, what,
+                               err)) != 0)
+            goto done;
+        state_free(&ns);
+        result = &merged;
+    }
+    if (result->used > db->limit) {
+        rc = scx_fail(err, SOFTCXI_EFULL,
+                      "%s: the restored database would hold %zu bytes of keys, over the limit of "
+                      "%zu; nothing was restored",
+                      what, result->used, db->limit);
+        goto done;
+    }
+    edit none = {ED_NONE, 0, NULL};
+    if ((rc = write_db(db, result, &none, gen + 1, err)) != 0)
+        goto done;
+    state_free(&db->st);
+    db->st = *result;
+    memset(result, 0, sizeof *result);
+    scx_ok(err);
+done:
+    unlock_db(lk);
+    state_free(result);
+    return rc;
 }

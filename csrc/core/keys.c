@@ -663,6 +663,15 @@ int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
     blob->data = NULL, blob->len = 0, blob->secret = 0;
     if ((rc = check_flags(flags, &s->err)) != 0)
         return rc;
+    if (format == SOFTCXI_IMPORT_JWK) {
+        /* A public JWK is an SPKI in other clothes. */
+        softcxi_buf der = {0};
+        if ((rc = scx_jwk_to_spki(&der, data, len, &s->err)) != 0)
+            return rc;
+        rc = softcxi_key_import(s, blob, flags, tin, der.data, der.len, SOFTCXI_IMPORT_SPKI);
+        softcxi_buf_free(&der);
+        return rc;
+    }
     if (format == SOFTCXI_IMPORT_RAW) {
         /* Raw bytes: the template says what they are. */
         algo = t.algo;
@@ -899,6 +908,7 @@ static int open_key(softcxi_session *s, scx_key **out, const uint8_t *blob, size
         goto fail;
     }
     k->info.verified = 1;
+    k->has_secret = f.ct_len != 0;
     *out = k;
     return 0;
 fail:

@@ -7,6 +7,7 @@
  */
 #include "internal.h"
 
+#include <ctype.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <string.h>
@@ -322,4 +323,314 @@ int scx_pub_encode(softcxi_buf *out, const softcxi_key_info *info, int fmt, soft
     default:
         return scx_fail(err, SOFTCXI_EINVAL, "public_key: unknown format %d", fmt);
     }
+}
+
+/* ---- public keys in: JWK ---------------------------------------------------
+ *
+ * A JWK (RFC 7517) is a JSON object.  Only what a public key needs is read:
+ * kty, crv, x, y, n, e (string members); every other member (use, kid,
+ * key_ops, ext, alg, ...) is skipped whatever its type.  A private member
+ * "d" is refused: private keys come in as PKCS#8.  The key is turned into
+ * the raw public form a blob carries and from there into SPKI DER, which
+ * key_import then checks with OpenSSL like any other SPKI. */
+
+#define JWK_DEPTH 16
+#define JWK_FIELDS 7
+
+typedef struct jwk_in {
+    const char *p, *end;
+    /* kty crv x y n e d: the string's bytes (escapes decoded) */
+    char *v[JWK_FIELDS];
+    size_t len[JWK_FIELDS];
+} jwk_in;
+
+static const char *const jwk_names[JWK_FIELDS] = {"kty", "crv", "x", "y", "n", "e", "d"};
+
+static void jwk_ws(jwk_in *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+        j->p++;
+}
+
+/* A JSON string at j->p; *out (when wanted) receives its bytes. */
+static int jwk_string(jwk_in *j, char **out, size_t *out_len)
+{
+    if (j->p >= j->end || *j->p != '"')
+        return -1;
+    const char *s = ++j->p;
+    while (j->p < j->end && *j->p != '"') {
+        if ((unsigned char)*j->p < 0x20)
+            return -1;
+        if (*j->p == '\\' && ++j->p >= j->end)
+            return -1;
+        j->p++;
+    }
+    if (j->p >= j->end)
+        return -1;
+    size_t raw = (size_t)(j->p - s);
+    j->p++; /* the closing quote */
+    if (!out)
+        return 0;
+    char *d = OPENSSL_malloc(raw + 1);
+    size_t k = 0;
+    if (!d)
+        return -1;
+    for (size_t i = 0; i < raw; i++) {
+        char c = s[i];
+        if (c == '\\') {
+            c = s[++i];
+            if (c == 'u') { /* \u00XX only: key material is ASCII */
+                unsigned v;
+                if (raw - i < 5 || !isxdigit((unsigned char)s[i + 1]) ||
+                    !isxdigit((unsigned char)s[i + 2]) || !isxdigit((unsigned char)s[i + 3]) ||
+                    !isxdigit((unsigned char)s[i + 4]) || sscanf(s + i + 1, "%4x", &v) != 1 ||
+                    v == 0 || v > 0x7F) {
+                    OPENSSL_free(d);
+                    return -1;
+                }
+                c = (char)v;
+                i += 4;
+            } else if (c == 'n') {
+                c = '\n';
+            } else if (c == 't') {
+                c = '\t';
+            } else if (c == 'r') {
+                c = '\r';
+            } else if (c == 'b') {
+                c = '\b';
+            } else if (c == 'f') {
+                c = '\f';
+            } else if (c != '"' && c != '\\' && c != '/') {
+                OPENSSL_free(d);
+                return -1;
+            }
+        }
+        d[k++] = c;
+    }
+    d[k] = '\0';
+    *out = d;
+    *out_len = k;
+    return 0;
+}
+
+/* Skip any JSON value (nested at most JWK_DEPTH deep). */
+static int jwk_skip(jwk_in *j, int depth)
+{
+    jwk_ws(j);
+    if (j->p >= j->end || depth > JWK_DEPTH)
+        return -1;
+    char c = *j->p;
+    if (c == '"')
+        return jwk_string(j, NULL, NULL);
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        j->p++;
+        jwk_ws(j);
+        if (j->p < j->end && *j->p == close) {
+            j->p++;
+            return 0;
+        }
+        for (;;) {
+            if (c == '{') {
+                jwk_ws(j);
+                if (jwk_string(j, NULL, NULL) != 0)
+                    return -1;
+                jwk_ws(j);
+                if (j->p >= j->end || *j->p++ != ':')
+                    return -1;
+            }
+            if (jwk_skip(j, depth + 1) != 0)
+                return -1;
+            jwk_ws(j);
+            if (j->p >= j->end)
+                return -1;
+            if (*j->p == close) {
+                j->p++;
+                return 0;
+            }
+            if (*j->p++ != ',')
+                return -1;
+        }
+    }
+    /* a number, true, false or null */
+    const char *s = j->p;
+    while (j->p < j->end && strchr("+-.0123456789eEtruefalsn", *j->p))
+        j->p++;
+    return j->p > s ? 0 : -1;
+}
+
+static int jwk_object(jwk_in *j)
+{
+    jwk_ws(j);
+    if (j->p >= j->end || *j->p++ != '{')
+        return -1;
+    jwk_ws(j);
+    if (j->p < j->end && *j->p == '}') {
+        j->p++;
+        return 0;
+    }
+    for (;;) {
+        char *name = NULL;
+        size_t nl = 0;
+        int field = -1;
+        jwk_ws(j);
+        if (jwk_string(j, &name, &nl) != 0)
+            return -1;
+        for (int f = 0; f < JWK_FIELDS; f++)
+            if (strlen(jwk_names[f]) == nl && !memcmp(name, jwk_names[f], nl))
+                field = f;
+        OPENSSL_free(name);
+        jwk_ws(j);
+        if (j->p >= j->end || *j->p++ != ':')
+            return -1;
+        jwk_ws(j);
+        if (field >= 0) {
+            if (j->v[field]) /* a member given twice */
+                return -1;
+            if (j->p < j->end && *j->p == '"') {
+                if (jwk_string(j, &j->v[field], &j->len[field]) != 0)
+                    return -1;
+            } else if (jwk_skip(j, 1) != 0) {
+                return -1;
+            } else if (field == 6) {
+                j->v[6] = OPENSSL_zalloc(1); /* "d" of any type is private */
+                if (!j->v[6])
+                    return -1;
+            }
+        } else if (jwk_skip(j, 1) != 0) {
+            return -1;
+        }
+        jwk_ws(j);
+        if (j->p >= j->end)
+            return -1;
+        if (*j->p == '}') {
+            j->p++;
+            return 0;
+        }
+        if (*j->p++ != ',')
+            return -1;
+    }
+}
+
+/* base64url (RFC 4648 section 5), padding optional: 0 and *n, or -1. */
+static int b64url_decode(uint8_t *out, size_t cap, size_t *n, const char *in, size_t len)
+{
+    uint32_t acc = 0;
+    int bits = 0;
+    *n = 0;
+    while (len && in[len - 1] == '=')
+        len--;
+    for (size_t i = 0; i < len; i++) {
+        char c = in[i];
+        int v = c >= 'A' && c <= 'Z'   ? c - 'A'
+                : c >= 'a' && c <= 'z' ? c - 'a' + 26
+                : c >= '0' && c <= '9' ? c - '0' + 52
+                : c == '-'             ? 62
+                : c == '_'             ? 63
+                                       : -1;
+        if (v < 0)
+            return -1;
+        acc = (acc << 6 | (uint32_t)v) & 0xFFFFFF;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            if (*n >= cap)
+                return -1;
+            out[(*n)++] = (uint8_t)(acc >> bits);
+        }
+    }
+    /* leftover bits must be zero padding: a length of 4k+1 is no encoding */
+    return bits >= 6 || (acc & ((1u << bits) - 1)) ? -1 : 0;
+}
+
+static void jwk_free(jwk_in *j)
+{
+    for (int f = 0; f < JWK_FIELDS; f++)
+        OPENSSL_free(j->v[f]);
+}
+
+static int jwk_is(const jwk_in *j, int f, const char *want)
+{
+    return j->v[f] && j->len[f] == strlen(want) && !memcmp(j->v[f], want, j->len[f]);
+}
+
+int scx_jwk_to_spki(softcxi_buf *out, const uint8_t *json, size_t len, softcxi_error *err)
+{
+    jwk_in j;
+    uint8_t pub[1100], a[520], b[520];
+    size_t al = 0, bl = 0;
+    softcxi_key_info info;
+    int rc = 0;
+
+    memset(&j, 0, sizeof j);
+    memset(&info, 0, sizeof info);
+    out->data = NULL, out->len = 0, out->secret = 0;
+    j.p = (const char *)json;
+    j.end = j.p + len;
+    if (jwk_object(&j) != 0 || (jwk_ws(&j), j.p != j.end)) {
+        rc = scx_fail(err, SOFTCXI_EINVAL, "key_import: not a JWK (a JSON object) at byte %zu",
+                      (size_t)(j.p - (const char *)json));
+        goto done;
+    }
+    if (j.v[6]) {
+        rc = scx_fail(err, SOFTCXI_EINVAL,
+                      "key_import: a private JWK (it has \"d\") is not taken: import private "
+                      "keys as PKCS#8");
+        goto done;
+    }
+    if (jwk_is(&j, 0, "EC")) {
+        const scx_curve_def *c = NULL;
+        for (int k = SOFTCXI_CURVE_P256; k <= SOFTCXI_CURVE_SECP256K1; k++)
+            if (jwk_is(&j, 1, scx_curve(k)->jwk_crv))
+                c = scx_curve(k), info.curve = k;
+        if (!c) {
+            rc = scx_fail(err, SOFTCXI_EINVAL,
+                          "key_import: JWK crv '%.32s' is not P-256, P-384, P-521 or secp256k1",
+                          j.v[1] ? j.v[1] : "(none)");
+            goto done;
+        }
+        if (!j.v[2] || !j.v[3] || b64url_decode(a, sizeof a, &al, j.v[2], j.len[2]) != 0 ||
+            b64url_decode(b, sizeof b, &bl, j.v[3], j.len[3]) != 0 || al != c->flen ||
+            bl != c->flen) {
+            rc = scx_fail(err, SOFTCXI_EINVAL,
+                          "key_import: JWK x and y must be %zu-byte base64url numbers for %s",
+                          c->flen, c->jwk_crv);
+            goto done;
+        }
+        info.algo = SOFTCXI_ALGO_EC;
+        pub[0] = 4;
+        memcpy(pub + 1, a, al);
+        memcpy(pub + 1 + al, b, bl);
+        info.pub_len = 1 + al + bl;
+    } else if (jwk_is(&j, 0, "OKP")) {
+        if (jwk_is(&j, 1, "Ed25519"))
+            info.algo = SOFTCXI_ALGO_ED25519;
+        else if (jwk_is(&j, 1, "X25519"))
+            info.algo = SOFTCXI_ALGO_X25519;
+        if (!info.algo || !j.v[2] || b64url_decode(pub, 32, &al, j.v[2], j.len[2]) != 0 ||
+            al != 32) {
+            rc = scx_fail(err, SOFTCXI_EINVAL,
+                          "key_import: an OKP JWK needs crv Ed25519 or X25519 and a 32-byte x");
+            goto done;
+        }
+        info.pub_len = 32;
+    } else if (jwk_is(&j, 0, "RSA")) {
+        if (!j.v[4] || !j.v[5] || b64url_decode(a, sizeof a, &al, j.v[4], j.len[4]) != 0 ||
+            b64url_decode(b, 8, &bl, j.v[5], j.len[5]) != 0 || al == 0 || bl == 0 ||
+            !(info.pub_len = scx_der_rsa_pub(pub, sizeof pub, a, al, b, bl))) {
+            rc = scx_fail(err, SOFTCXI_EINVAL,
+                          "key_import: an RSA JWK needs base64url n (up to 4096 bits) and e");
+            goto done;
+        }
+        info.algo = SOFTCXI_ALGO_RSA;
+    } else {
+        rc = scx_fail(err, SOFTCXI_EINVAL, "key_import: JWK kty '%.16s' is not EC, OKP or RSA",
+                      j.v[0] ? j.v[0] : "(none)");
+        goto done;
+    }
+    info.pub = pub;
+    rc = scx_pub_encode(out, &info, SOFTCXI_PUB_DER, err);
+done:
+    jwk_free(&j);
+    return rc;
 }

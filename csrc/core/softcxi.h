@@ -244,6 +244,27 @@ SOFTCXI_MUST_CHECK int softcxi_logon_pass(softcxi_session *s, const char *name,
                                           const char *password);
 void softcxi_logoff(softcxi_session *s);
 
+/* Logon by key (CXI LogonSign): the device hands out a fresh random
+ * challenge, as the exact message to sign,
+ *   "softcxi-logon-v1" 00 | device id (32 hex) | 00 | name | 00 | 32 random bytes
+ * and checks the signature against the public key stored for the user
+ * (ECDSA-SHA256 DER for EC P-256, Ed25519 otherwise).  A challenge is good
+ * for one answer within 120 s, in the session that asked for it.  A wrong
+ * signature counts toward the lockout and is audited, like a wrong
+ * password.  softcxi_logon_answer signs a challenge with a private key
+ * (PEM or DER, unencrypted) on the user's side; softcxi_logon_sign does the
+ * three steps in one call.  The private key is the user's credential: the
+ * core reads it, signs and frees it, and keeps nothing. */
+SOFTCXI_MUST_CHECK int softcxi_logon_challenge(softcxi_session *s, softcxi_buf *msg,
+                                               const char *name);
+SOFTCXI_MUST_CHECK int softcxi_logon_response(softcxi_session *s, const char *name,
+                                              const uint8_t *sig, size_t sig_len);
+SOFTCXI_MUST_CHECK int softcxi_logon_answer(softcxi_buf *sig, const uint8_t *msg, size_t msg_len,
+                                            const uint8_t *key, size_t key_len,
+                                            softcxi_error *err);
+SOFTCXI_MUST_CHECK int softcxi_logon_sign(softcxi_session *s, const char *name,
+                                          const uint8_t *key, size_t key_len);
+
 typedef struct softcxi_user_req {
     const char *name;
     const char *password;
@@ -251,7 +272,24 @@ typedef struct softcxi_user_req {
     unsigned level;  /* 0..2 */
     const char *groups; /* "iot,fleet-*" ("*": every group) */
     unsigned kdf_cost;  /* 0: 15 */
+    const uint8_t *pubkey; /* logon key (SPKI PEM/DER, EC P-256 or Ed25519) or NULL; */
+    size_t pubkey_len;     /* a user needs a password, a pubkey or both */
 } softcxi_user_req;
+
+/* Change a user: each field left NULL (level < 0, unlock 0) stays as it
+ * is.  Administrators (level 2 in all) may change anything of anyone; a
+ * logged-on user may change his own password and logon key.  EPOLICY when
+ * the administrators' levels would no longer reach the threshold. */
+typedef struct softcxi_user_set_req {
+    const char *name;
+    const char *password;
+    const uint8_t *pubkey;
+    size_t pubkey_len;
+    const char *groups;
+    int level;         /* 0..2, or < 0: unchanged */
+    int unlock;        /* 1: clear the failed-logon count and the lockout */
+    unsigned kdf_cost; /* 0: 15 */
+} softcxi_user_set_req;
 
 typedef struct softcxi_user_info {
     const char *name, *role;
@@ -259,10 +297,12 @@ typedef struct softcxi_user_info {
     const char *groups;
     uint32_t failures;
     int64_t locked_until;
+    int has_password, has_pubkey;
 } softcxi_user_info;
 typedef int (*softcxi_user_cb)(void *ctx, const softcxi_user_info *user);
 
 SOFTCXI_MUST_CHECK int softcxi_user_add(softcxi_session *s, const softcxi_user_req *req);
+SOFTCXI_MUST_CHECK int softcxi_user_set(softcxi_session *s, const softcxi_user_set_req *req);
 SOFTCXI_MUST_CHECK int softcxi_user_delete(softcxi_session *s, const char *name);
 SOFTCXI_MUST_CHECK int softcxi_user_list(softcxi_session *s, softcxi_user_cb cb, void *ctx);
 
@@ -293,6 +333,22 @@ SOFTCXI_MUST_CHECK int softcxi_key_backup(softcxi_session *s, softcxi_buf *backu
 SOFTCXI_MUST_CHECK int softcxi_key_restore(softcxi_session *s, softcxi_buf *handle,
                                            unsigned flags, const uint8_t *backup, size_t len);
 
+/* An image of the whole internal key database, sealed under the current
+ * MBK (CXI BackupDatabase): it restores on any device that holds that MBK.
+ * Keys whose export policy is deny-backup are left out (*skipped counts
+ * them).  Administrators (level 2 in all); audited. */
+SOFTCXI_MUST_CHECK int softcxi_backup_database(softcxi_session *s, softcxi_buf *image,
+                                               size_t *keys, size_t *skipped);
+/* Restore an image (CXI RestoreDatabase): by default it replaces the whole
+ * internal database; with SOFTCXI_RESTORE_MERGE its keys are added to the
+ * ones there (an address in both: EEXIST, or with SOFTCXI_FLAG_OVERWRITE
+ * the image's key replaces it).  Every key is checked and resealed under
+ * the current MBK before anything is written: a damaged, truncated or
+ * foreign image changes nothing.  Administrators; audited. */
+#define SOFTCXI_RESTORE_MERGE 0x10u
+SOFTCXI_MUST_CHECK int softcxi_restore_database(softcxi_session *s, const uint8_t *image,
+                                                size_t len, unsigned flags, size_t *keys);
+
 /* ---- state (CXI GetState) ----------------------------------------------- */
 
 typedef struct softcxi_state {
@@ -303,9 +359,17 @@ typedef struct softcxi_state {
     size_t users, revoked;
     size_t keydb_used, keydb_limit;
     unsigned logged_on;    /* users logged on to this session */
+    int initialised;       /* a device made by softcxi_device_init (0: in memory) */
+    int mbk_loaded;        /* an MBK is loaded (always, once the device opened) */
 } softcxi_state;
 
 SOFTCXI_MUST_CHECK int softcxi_get_state(softcxi_session *s, softcxi_state *st);
+
+/* The files of the device's state directory (CXI ListFiles): regular files
+ * in name order, with size in bytes and modification time.  Any logged-on
+ * user. */
+typedef int (*softcxi_file_cb)(void *ctx, const char *name, uint64_t size, int64_t mtime);
+SOFTCXI_MUST_CHECK int softcxi_list_files(softcxi_session *s, softcxi_file_cb cb, void *ctx);
 
 /* ---- revocation ---------------------------------------------------------- */
 
@@ -439,7 +503,8 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
 /* Import a key from outside into a blob.  Formats:
  *  PKCS8  a private key, PKCS#8 (or traditional) DER, or PEM;
  *  SPKI   a public key (SubjectPublicKeyInfo DER or PEM): the blob has no
- *         secret and may only verify (default) or encrypt;
+ *         secret and may only verify (default), encrypt or wrap;
+ *  JWK    a public key as a JSON Web Key (kty EC, OKP or RSA), like SPKI;
  *  RAW    secret bytes, the template saying what they are: an AES or HMAC
  *         key, a 32-byte Ed25519/X25519 private key, an EC private scalar.
  * The template gives name, group, usage, export policy, expiry; its algo,
@@ -447,9 +512,38 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
 #define SOFTCXI_IMPORT_PKCS8 1
 #define SOFTCXI_IMPORT_SPKI 2
 #define SOFTCXI_IMPORT_RAW 3
+#define SOFTCXI_IMPORT_JWK 4 /* a public JWK (EC, OKP, RSA): as SPKI */
 SOFTCXI_MUST_CHECK int softcxi_key_import(softcxi_session *s, softcxi_buf *blob, unsigned flags,
                                           const softcxi_template *t, const uint8_t *data,
                                           size_t len, int format);
+
+/* ---- export and wrapped import ------------------------------------------ */
+
+/* Wrapping mechanisms.  AUTO picks by the wrapping key: AES -> AES_KWP,
+ * RSA -> RSA_AES_KWP. */
+#define SOFTCXI_WRAP_AUTO 0
+#define SOFTCXI_WRAP_AES_KWP 1     /* RFC 5649 (AES-<n>-WRAP-PAD) under an AES key */
+#define SOFTCXI_WRAP_RSA_AES_KWP 2 /* RSA-OAEP-SHA256(fresh AES-256 key) || RFC 5649 under it */
+const char *softcxi_wrap_name(int mech); /* "aes-kwp", "rsa-aes-kwp", NULL */
+int softcxi_wrap_from_name(const char *name);
+
+/* Export a key (blob or handle) in its outside form: PKCS #8 DER for
+ * asymmetric keys, the key bytes for AES and HMAC keys.  With wrap_blob
+ * (an AES or RSA key with the wrap usage) that form is wrapped by mech, and
+ * the key's export policy must be allow or allow-plain; without, the form
+ * comes back plain (a secret buf), and only for allow-plain.  Users of both
+ * keys' groups; audited before the key leaves. */
+SOFTCXI_MUST_CHECK int softcxi_key_export(softcxi_session *s, softcxi_buf *out,
+                                          const uint8_t *blob, size_t len, int mech,
+                                          const uint8_t *wrap_blob, size_t wrap_len);
+/* Import a key wrapped by key_export (or by any RFC 5649 / CKM_RSA_AES_KEY_WRAP
+ * wrapper) under unwrap_blob (an AES or RSA key with the unwrap usage).  The
+ * unwrapped bytes are PKCS #8, or raw when t->algo is AES or HMAC; then as
+ * softcxi_key_import.  ETAMPER when they do not unwrap. */
+SOFTCXI_MUST_CHECK int softcxi_key_unwrap(softcxi_session *s, softcxi_buf *blob, unsigned flags,
+                                          const softcxi_template *t, const uint8_t *data,
+                                          size_t len, int mech, const uint8_t *unwrap_blob,
+                                          size_t unwrap_len);
 
 /* ---- operations -------------------------------------------------------- */
 

@@ -2,7 +2,10 @@
  * fuzz_blob.c - libFuzzer target for the blob parser and everything that
  * reads a blob: clear attributes, public key encodings, and opening it
  * on a device (frame, KCV, tag, key shape).  Inputs starting with 'I' reach
- * the internal key handle parser the same way (seeds handle*.bin).
+ * the internal key handle parser the same way (seeds handle*.bin).  The
+ * same input also goes to the public JWK reader (seeds jwk-*.json) and to
+ * the key database payload reader behind restore_database (seed
+ * payload.bin): both take bytes from outside.
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc/core \
  *       csrc/fuzz/fuzz_blob.c csrc/core/\*.c -lcrypto -o fuzz_blob
@@ -35,6 +38,17 @@ static softcxi_session *session(void)
     return s;
 }
 
+static int entry_seen(void *ctx, const char *group, const char *name, uint32_t spec, int has,
+                      const uint8_t *blob, size_t blob_len)
+{
+    (void)ctx, (void)spec, (void)has, (void)blob;
+    /* Entries are checked before any is handed out: names are C strings,
+     * a name is never empty and a blob never is. */
+    if (!name[0] || strlen(group) > 255 || strlen(name) > 255 || !blob_len)
+        __builtin_trap();
+    return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     softcxi_key_info info;
@@ -53,6 +67,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 softcxi_buf_free(&out);
         }
     }
+    if (scx_jwk_to_spki(&out, data, size, &err) == 0)
+        softcxi_buf_free(&out);
+    if (scx_keydb_parse(data, size, "fuzz input", entry_seen, NULL, &err) != 0 && !err.msg[0])
+        __builtin_trap(); /* every refusal says why */
     if (s) {
         softcxi_sign_req r = {data, size, SOFTCXI_MECH_ECDSA_SHA256, 0, (const uint8_t *)"m", 1};
         if (softcxi_sign(s, &out, &r) == 0)

@@ -555,25 +555,60 @@ static int m_bulk_generate(lua_State *L)
     return 1;
 }
 
-/* key_import(flags, template, data, format) -> blob */
+/* key_import(flags, template, data, format [, unwrap_key]) -> blob */
 static int m_key_import(lua_State *L)
 {
-    static const char *const formats[] = {"pkcs8", "spki", "raw", NULL};
-    static const int values[] = {SOFTCXI_IMPORT_PKCS8, SOFTCXI_IMPORT_SPKI, SOFTCXI_IMPORT_RAW};
+    static const char *const formats[] = {"pkcs8", "spki", "raw", "jwk", "aes-kwp",
+                                          "rsa-aes-kwp", NULL};
+    static const int values[] = {SOFTCXI_IMPORT_PKCS8, SOFTCXI_IMPORT_SPKI, SOFTCXI_IMPORT_RAW,
+                                 SOFTCXI_IMPORT_JWK, -SOFTCXI_WRAP_AES_KWP,
+                                 -SOFTCXI_WRAP_RSA_AES_KWP};
     lsession *ls = check_session(L);
     lua_Integer flags = luaL_checkinteger(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
-    size_t len;
+    size_t len, ulen = 0;
     const uint8_t *data = check_bytes(L, 4, &len);
     int format = values[luaL_checkoption(L, 5, NULL, formats)];
+    /* negative: a wrapping mechanism, and the unwrapping key comes next */
+    const uint8_t *unwrap = format < 0 ? check_bytes(L, 6, &ulen) : NULL;
     softcxi_template t;
     char msg[200];
     if (read_template(L, 3, &t, msg, sizeof msg, 0) != 0)
         return push_einval(L, msg);
     softcxi_buf blob = {0};
-    if (softcxi_key_import(ls->s, &blob, (unsigned)flags, &t, data, len, format) != 0)
+    int rc = format < 0 ? softcxi_key_unwrap(ls->s, &blob, (unsigned)flags, &t, data, len,
+                                             -format, unwrap, ulen)
+                        : softcxi_key_import(ls->s, &blob, (unsigned)flags, &t, data, len,
+                                             format);
+    if (rc != 0)
         return session_error(L, ls);
     push_buf(L, &blob);
+    return 1;
+}
+
+/* key_export(blob, wrap_key|nil [, mech]) -> wrapped (or plain) key */
+static int m_key_export(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len, wlen = 0;
+    const uint8_t *blob = check_bytes(L, 2, &len);
+    const uint8_t *wrap = opt_bytes(L, 3, &wlen);
+    int mech = SOFTCXI_WRAP_AUTO;
+    if (!lua_isnoneornil(L, 4)) {
+        const char *name = luaL_checkstring(L, 4);
+        if ((mech = softcxi_wrap_from_name(name)) < 0) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "key_export: unknown wrapping mechanism '%s' (aes-kwp, "
+                               "rsa-aes-kwp)",
+                            name);
+            lua_pushstring(L, "EINVAL");
+            return 3;
+        }
+    }
+    softcxi_buf out = {0};
+    if (softcxi_key_export(ls->s, &out, blob, len, mech, wrap, wlen) != 0)
+        return session_error(L, ls);
+    push_buf(L, &out); /* wiped once Lua has its copy */
     return 1;
 }
 
@@ -805,6 +840,57 @@ static int m_logon_pass(lua_State *L)
     return 1;
 }
 
+/* logon_sign(name, key) -> true: challenge, signature and check in one
+ * call; key is the user's private key (PEM or DER), his credential. */
+static int m_logon_sign(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *name = luaL_checkstring(L, 2);
+    size_t len;
+    const uint8_t *key = check_bytes(L, 3, &len);
+    if (softcxi_logon_sign(ls->s, name, key, len) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* logon_challenge(name) -> message to sign */
+static int m_logon_challenge(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_buf msg = {0};
+    if (softcxi_logon_challenge(ls->s, &msg, luaL_checkstring(L, 2)) != 0)
+        return session_error(L, ls);
+    push_buf(L, &msg);
+    return 1;
+}
+
+/* logon_response(name, signature) -> true */
+static int m_logon_response(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    const char *name = luaL_checkstring(L, 2);
+    size_t len;
+    const uint8_t *sig = check_bytes(L, 3, &len);
+    if (softcxi_logon_response(ls->s, name, sig, len) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* softcxi.core.logon_answer(message, key) -> signature (the user's side) */
+static int l_logon_answer(lua_State *L)
+{
+    size_t mlen, klen;
+    const uint8_t *msg = check_bytes(L, 1, &mlen), *key = check_bytes(L, 2, &klen);
+    softcxi_buf sig = {0};
+    softcxi_error err;
+    if (softcxi_logon_answer(&sig, msg, mlen, key, klen, &err) != 0)
+        return push_error(L, &err);
+    push_buf(L, &sig);
+    return 1;
+}
+
 static int m_logoff(lua_State *L)
 {
     lsession *ls = check_session(L);
@@ -812,14 +898,15 @@ static int m_logoff(lua_State *L)
     return 0;
 }
 
-/* user_add(name, password, role, level, groups, kdf_cost|nil) -> true */
+/* user_add(name, password|nil, role, level, groups, kdf_cost|nil, pubkey|nil) -> true */
 static int m_user_add(lua_State *L)
 {
     lsession *ls = check_session(L);
     softcxi_user_req req = {0};
     static const char *const roles[] = {"admin", "user", NULL};
     req.name = luaL_checkstring(L, 2);
-    req.password = luaL_checkstring(L, 3);
+    req.password = luaL_optstring(L, 3, NULL);
+    req.pubkey = opt_bytes(L, 8, &req.pubkey_len);
     req.role = luaL_checkoption(L, 4, "user", roles) == 0 ? SOFTCXI_ROLE_ADMIN : SOFTCXI_ROLE_USER;
     lua_Integer level = luaL_optinteger(L, 5, 1);
     luaL_argcheck(L, level >= 0 && level <= 2, 5, "level is 0, 1 or 2");
@@ -829,6 +916,28 @@ static int m_user_add(lua_State *L)
     luaL_argcheck(L, cost >= 0 && cost <= 30, 7, "kdf_cost out of range");
     req.kdf_cost = (unsigned)cost;
     if (softcxi_user_add(ls->s, &req) != 0)
+        return session_error(L, ls);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* user_set(name, password|nil, pubkey|nil, groups|nil, level|nil, unlock, kdf_cost|nil) */
+static int m_user_set(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_user_set_req req = {0};
+    req.name = luaL_checkstring(L, 2);
+    req.password = luaL_optstring(L, 3, NULL);
+    req.pubkey = opt_bytes(L, 4, &req.pubkey_len);
+    req.groups = luaL_optstring(L, 5, NULL);
+    lua_Integer level = luaL_optinteger(L, 6, -1);
+    luaL_argcheck(L, level >= -1 && level <= 2, 6, "level is 0, 1 or 2");
+    req.level = (int)level;
+    req.unlock = lua_toboolean(L, 7);
+    lua_Integer cost = luaL_optinteger(L, 8, 0);
+    luaL_argcheck(L, cost >= 0 && cost <= 30, 8, "kdf_cost out of range");
+    req.kdf_cost = (unsigned)cost;
+    if (softcxi_user_set(ls->s, &req) != 0)
         return session_error(L, ls);
     lua_pushboolean(L, 1);
     return 1;
@@ -853,6 +962,10 @@ static int push_user(void *ctx, const softcxi_user_info *u)
     set_cstr(L, "groups", u->groups);
     set_int(L, "failures", (lua_Integer)u->failures);
     set_int(L, "locked_until", (lua_Integer)u->locked_until);
+    lua_pushboolean(L, u->has_password);
+    lua_setfield(L, -2, "password");
+    lua_pushboolean(L, u->has_pubkey);
+    lua_setfield(L, -2, "pubkey");
     append(L);
     return 0;
 }
@@ -1143,6 +1256,34 @@ static int m_key_restore(lua_State *L)
     return 1;
 }
 
+/* backup_database() -> image, keys, skipped */
+static int m_backup_database(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    softcxi_buf image = {0};
+    size_t keys = 0, skipped = 0;
+    if (softcxi_backup_database(ls->s, &image, &keys, &skipped) != 0)
+        return session_error(L, ls);
+    push_buf(L, &image);
+    lua_pushinteger(L, (lua_Integer)keys);
+    lua_pushinteger(L, (lua_Integer)skipped);
+    return 3;
+}
+
+/* restore_database(image [, flags]) -> keys */
+static int m_restore_database(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    size_t len, keys = 0;
+    const uint8_t *image = check_bytes(L, 2, &len);
+    lua_Integer flags = luaL_optinteger(L, 3, 0);
+    luaL_argcheck(L, flags >= 0 && flags <= 0xFFFF, 3, "flags out of range");
+    if (softcxi_restore_database(ls->s, image, len, (unsigned)flags, &keys) != 0)
+        return session_error(L, ls);
+    lua_pushinteger(L, (lua_Integer)keys);
+    return 1;
+}
+
 /* get_state() -> table */
 static int m_get_state(lua_State *L)
 {
@@ -1152,9 +1293,11 @@ static int m_get_state(lua_State *L)
     if (softcxi_get_state(ls->s, &st) != 0)
         return session_error(L, ls);
     kcv_hex(hex, st.kcv);
-    lua_createtable(L, 0, 10);
-    lua_pushboolean(L, 1);
+    lua_createtable(L, 0, 12);
+    lua_pushboolean(L, st.initialised);
     lua_setfield(L, -2, "initialised");
+    lua_pushboolean(L, st.mbk_loaded);
+    lua_setfield(L, -2, "mbk_loaded");
     set_cstr(L, "version", st.version);
     set_cstr(L, "id", st.id);
     set_cstr(L, "mbk", hex);
@@ -1168,7 +1311,36 @@ static int m_get_state(lua_State *L)
     return 1;
 }
 
+static int push_file(void *ctx, const char *name, uint64_t size, int64_t mtime)
+{
+    lua_State *L = ctx;
+    lua_createtable(L, 0, 3);
+    set_cstr(L, "name", name);
+    set_int(L, "size", (lua_Integer)size);
+    set_int(L, "mtime", (lua_Integer)mtime);
+    append(L);
+    return 0;
+}
+
+/* list_files() -> { { name =, size =, mtime = }, ... } */
+static int m_list_files(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    lua_newtable(L);
+    if (softcxi_list_files(ls->s, push_file, L) != 0)
+        return session_error(L, ls);
+    return 1;
+}
+
 static const luaL_Reg session_methods[] = {
+    {"key_export", m_key_export},
+    {"backup_database", m_backup_database},
+    {"restore_database", m_restore_database},
+    {"list_files", m_list_files},
+    {"logon_sign", m_logon_sign},
+    {"logon_challenge", m_logon_challenge},
+    {"logon_response", m_logon_response},
+    {"user_set", m_user_set},
     {"get_state", m_get_state},
     {"key_backup", m_key_backup},
     {"key_restore", m_key_restore},
@@ -1214,6 +1386,7 @@ static const luaL_Reg session_methods[] = {
 static const luaL_Reg module_functions[] = {
     {"open", l_open},
     {"init", l_init},
+    {"logon_answer", l_logon_answer},
     {"key_info", l_key_info},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},
@@ -1250,5 +1423,7 @@ EXPORT int luaopen_softcxi_core(lua_State *L)
     lua_setfield(L, -2, "FLAG_OVERWRITE");
     lua_pushinteger(L, SOFTCXI_FLAG_EXTERNAL);
     lua_setfield(L, -2, "FLAG_EXTERNAL");
+    lua_pushinteger(L, SOFTCXI_RESTORE_MERGE);
+    lua_setfield(L, -2, "RESTORE_MERGE");
     return 1;
 }

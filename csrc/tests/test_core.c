@@ -570,7 +570,7 @@ static softcxi_session *file_session(const softcxi_open_req *req, int add_user)
     softcxi_session *s = softcxi_session_new(dev);
     softcxi_device_free(dev);
     if (add_user) {
-        softcxi_user_req u = {"app", "app-password", SOFTCXI_ROLE_USER, 1, "*", 10};
+        softcxi_user_req u = {"app", "app-password", SOFTCXI_ROLE_USER, 1, "*", 10, NULL, 0};
         CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
         CHECK_RC(softcxi_user_add(s, &u), 0);
         softcxi_logoff(s);
@@ -600,7 +600,8 @@ static void test_users(void)
     softcxi_buf sig = {0};
     CHECK_RC(softcxi_sign(s, &sig, &r), SOFTCXI_EAUTH);
     CHECK_RC(softcxi_logon_pass(s, "ADMIN", "admin-password"), 0);
-    softcxi_user_req ua = {"alice", "alice-password", SOFTCXI_ROLE_USER, 1, "iot,fleet-*", 10};
+    softcxi_user_req ua = {"alice", "alice-password", SOFTCXI_ROLE_USER, 1, "iot,fleet-*", 10,
+                           NULL, 0};
     CHECK_RC(softcxi_user_add(s, &ua), 0);
     CHECK_RC(softcxi_user_add(s, &ua), SOFTCXI_EEXIST);
     /* an administrator is no key user */

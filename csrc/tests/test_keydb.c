@@ -1080,6 +1080,76 @@ static void bench_full_db(void)
     free(blobs);
 }
 
+/* Payloads (database backups): encode, parse, restore by replacing and by
+ * merging; a merge keeps address order across groups that are prefixes of
+ * each other, empty groups and specifiers, and what it writes reopens. */
+static void test_restore_payload(void)
+{
+    char dir[600];
+    softcxi_error err;
+    uint8_t b[BLOB_LEN], *pl = NULL;
+    size_t plen = 0;
+    listing got;
+    current = "payload restore and merge";
+    fresh_dir(dir, sizeof dir, "restore");
+    scx_keydb *db = must_open(dir, key1, 0);
+    /* In the database: "/x", "a/n", "ab/n/5". */
+    blob_for(b, 1, 1);
+    CHECK_RC(scx_keydb_put(db, "", "x", 0, 0, b, BLOB_LEN, 0, &err), 0);
+    CHECK_RC(scx_keydb_put(db, "a", "n", 0, 0, b, BLOB_LEN, 0, &err), 0);
+    CHECK_RC(scx_keydb_put(db, "ab", "n", 5, 1, b, BLOB_LEN, 0, &err), 0);
+    /* In the image, in address order: "a/n/1", "a/na", "ab/n/5", "b/n". */
+    uint8_t c[BLOB_LEN];
+    blob_for(c, 2, 2);
+    scx_keydb_item items[] = {{"a", "n", 1, 1, c, BLOB_LEN},
+                              {"a", "na", 0, 0, c, BLOB_LEN},
+                              {"ab", "n", 5, 1, c, BLOB_LEN},
+                              {"b", "n", 0, 0, c, BLOB_LEN}};
+    CHECK_RC(scx_keydb_encode(&pl, &plen, items, 4, &err), 0);
+    int count = 0;
+    CHECK_RC(scx_keydb_parse(pl, plen, "image", stop_after_two, &count, &err), 42);
+    /* Out of order is refused by parse and restore alike. */
+    scx_keydb_item swapped[] = {items[1], items[0]};
+    uint8_t *bad = NULL;
+    size_t bad_len = 0;
+    CHECK_RC(scx_keydb_encode(&bad, &bad_len, swapped, 2, &err), 0);
+    CHECK_RC(scx_keydb_restore(db, bad, bad_len, "image", 0, &err), SOFTCXI_EFORMAT);
+    CHECK(strstr(err.msg, "out of address order") != NULL);
+    OPENSSL_free(bad);
+    /* Merge without overwrite: ab/n/5 is in both. */
+    CHECK_RC(scx_keydb_restore(db, pl, plen, "image", SCX_KEYDB_MERGE, &err), SOFTCXI_EEXIST);
+    CHECK(strstr(err.msg, "'ab/n/5'") != NULL);
+    CHECK_RC(scx_keydb_restore(db, pl, plen, "image", SCX_KEYDB_MERGE | SCX_KEYDB_OVERWRITE,
+                               &err),
+             0);
+    list_of(db, &got);
+    CHECK(got.order_ok && got.n == 6);
+    static const char *const want[] = {"/x", "a/n", "a/n/1", "a/na", "ab/n/5", "b/n"};
+    for (size_t i = 0; i < 6 && i < got.n; i++)
+        CHECK(!strcmp(got.addr[i], want[i]));
+    listing_free(&got);
+    const uint8_t *blob;
+    size_t blen;
+    CHECK_RC(scx_keydb_get(db, "ab", "n", 5, 1, &blob, &blen, &err), 0);
+    CHECK(blen == BLOB_LEN && memcmp(blob, c, BLOB_LEN) == 0); /* the image's won */
+    /* What was written reopens in another handle, in the same order. */
+    scx_keydb *again = must_open(dir, key1, 0);
+    list_of(again, &got);
+    CHECK(got.order_ok && got.n == 6);
+    listing_free(&got);
+    scx_keydb_free(again);
+    /* Replace: exactly the image's keys; over the limit: EFULL, untouched. */
+    scx_keydb *small = must_open(dir, key1, 3 * COST);
+    CHECK_RC(scx_keydb_restore(small, pl, plen, "image", 0, &err), SOFTCXI_EFULL);
+    scx_keydb_free(small);
+    CHECK_RC(scx_keydb_restore(db, pl, plen, "image", 0, &err), 0);
+    list_of(db, &got);
+    CHECK(got.n == 4 && !strcmp(got.addr[0], "a/n/1"));
+    listing_free(&got);
+    OPENSSL_free(pl);
+    scx_keydb_free(db);
+}
+
 int main(int argc, char **argv)
 {
     const char *base = getenv("SOFTCXI_TEST_TMP");
@@ -1102,6 +1172,7 @@ int main(int argc, char **argv)
     test_wrong_key();
     test_reload_and_rollback();
     test_export_import();
+    test_restore_payload();
     test_format_from_doc();
     test_two_processes();
     if (argc > 1 && !strcmp(argv[1], "bench"))

@@ -19,6 +19,7 @@ local _M = {
     _VERSION = core._VERSION,
     FLAG_OVERWRITE = core.FLAG_OVERWRITE, -- CXI_FLAG_KEY_OVERWRITE
     FLAG_EXTERNAL = core.FLAG_EXTERNAL,   -- CXI_FLAG_KEY_EXTERNAL
+    RESTORE_MERGE = core.RESTORE_MERGE,   -- restore_database: add to the keys there
 }
 
 local GCM_IV, GCM_TAG = 12, 16
@@ -109,35 +110,129 @@ end
 
 local c_key_import = methods.key_import
 
---- key_import(flags, template, data [, format]) -> blob
+local WRAPPED = { ["aes-kwp"] = true, ["rsa-aes-kwp"] = true }
+
+--- key_import(flags, template, data [, format [, unwrap_key]]) -> blob
 -- format "pkcs8" (a private key, DER or PEM), "spki" (a public key: the
--- blob may only verify or encrypt) or "raw" (secret bytes; template.algo
--- says what they are).  PEM input needs no format: its header tells.
-function methods:key_import(flags, template, data, format)
+-- blob may only verify, encrypt or wrap), "jwk" (a public JSON Web Key,
+-- likewise), "raw" (secret bytes; template.algo says what they are), or a
+-- wrapped key: "aes-kwp" / "rsa-aes-kwp", unwrapped inside the device by
+-- unwrap_key (a blob or handle with the unwrap usage).  PEM and JWK input
+-- needs no format: its first bytes tell.
+function methods:key_import(flags, template, data, format, unwrap_key)
     if format == nil and type(data) == "string" then
         if data:find("^%-%-%-%-%-BEGIN PUBLIC KEY") then
             format = "spki"
         elseif data:find("^%-%-%-%-%-BEGIN [%u ]*PRIVATE KEY") then
             format = "pkcs8"
+        elseif data:find("^%s*{") then
+            format = "jwk"
         else
-            error("key_import: give the format ('pkcs8', 'spki' or 'raw') for non-PEM data", 2)
+            error("key_import: give the format ('pkcs8', 'spki', 'jwk', 'raw', 'aes-kwp' or "
+                .. "'rsa-aes-kwp') for this data", 2)
         end
+    end
+    if WRAPPED[format] then
+        if type(unwrap_key) ~= "string" then
+            error("key_import: a wrapped key needs the unwrapping key (a blob or handle)", 2)
+        end
+        return c_key_import(self, flags, template, data, format, unwrap_key)
+    end
+    if unwrap_key ~= nil then
+        error("key_import: an unwrapping key goes with format 'aes-kwp' or 'rsa-aes-kwp'", 2)
     end
     return c_key_import(self, flags, template, data, format)
 end
 
-local c_user_add = methods.user_add
-local USER_OPTS = { name = true, password = true, role = true, level = true, groups = true,
-    kdf_cost = true }
+local c_key_export = methods.key_export
 
---- user_add{ name =, password =, role = "user" | "admin", level = 1,
+--- key_export(blob, wrapping [, mech]) -> the key, wrapped or plain
+-- wrapping is a wrapping key (a blob or handle of an AES or RSA key with
+-- the wrap usage): the key comes back wrapped, aes-kwp under an AES key,
+-- rsa-aes-kwp under an RSA key (mech may say which, to be sure); the key's
+-- export policy must be allow or allow-plain.  wrapping = "plain" returns
+-- the key itself (PKCS#8 DER, or the bytes of an AES/HMAC key) and needs
+-- allow-plain: one of the few calls that put key material in a Lua string.
+function methods:key_export(blob, wrapping, mech)
+    if wrapping == "plain" then
+        if mech ~= nil then error("key_export: a plain export takes no mechanism", 2) end
+        return c_key_export(self, blob)
+    end
+    if type(wrapping) ~= "string" then
+        error("key_export: wrapping must be a wrapping key (blob or handle) or \"plain\"", 2)
+    end
+    return c_key_export(self, blob, wrapping, mech)
+end
+
+local c_user_add, c_user_set = methods.user_add, methods.user_set
+local USER_OPTS = { name = true, password = true, pubkey = true, role = true, level = true,
+    groups = true, kdf_cost = true }
+local USER_SET_OPTS = { name = true, password = true, pubkey = true, level = true,
+    groups = true, unlock = true, kdf_cost = true }
+
+local function group_list(groups)
+    if type(groups) == "table" then return table.concat(groups, ",") end
+    return groups
+end
+
+--- user_add{ name =, password = | pubkey = PEM, role = "user" | "admin", level = 1,
 -- groups = { "iot", "fleet-*" } } -> true.  Needs administrators of level 2.
+-- pubkey (an EC P-256 or Ed25519 public key, PEM or SPKI DER) lets the user
+-- log on with logon_sign; a user has a password, a pubkey or both.
 function methods:user_add(u)
     if type(u) ~= "table" then error("user_add: expects a table", 2) end
     check_fields(u, USER_OPTS, "user_add")
-    local groups = u.groups
-    if type(groups) == "table" then groups = table.concat(groups, ",") end
-    return c_user_add(self, u.name, u.password, u.role, u.level, groups, u.kdf_cost)
+    return c_user_add(self, u.name, u.password, u.role, u.level, group_list(u.groups),
+        u.kdf_cost, u.pubkey)
+end
+
+--- user_set{ name = [, password =] [, pubkey =] [, groups =] [, level =]
+-- [, unlock = true] } -> true.  Administrators change anything of anyone; a
+-- logged-on user may change his own password or pubkey.
+function methods:user_set(u)
+    if type(u) ~= "table" then error("user_set: expects a table", 2) end
+    check_fields(u, USER_SET_OPTS, "user_set")
+    return c_user_set(self, u.name, u.password, u.pubkey, group_list(u.groups), u.level,
+        u.unlock and true or false, u.kdf_cost)
+end
+
+local c_logon_sign = methods.logon_sign
+
+-- Key data or the name of a file holding it: PEM starts with "-----BEGIN",
+-- DER with a SEQUENCE (0x30) and holds bytes no file name has.
+local function key_data(key, fn)
+    if type(key) ~= "string" then error(fn .. ": key must be PEM/DER data or a file name", 3) end
+    if key:find("^%-%-%-%-%-BEGIN ") or (key:byte(1) == 0x30 and key:find("%z")) then
+        return key
+    end
+    local f, err = io.open(key, "rb")
+    if not f then
+        return nil, fn .. ": cannot read key file '" .. key .. "': " .. tostring(err), "ENOTFOUND"
+    end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+--- logon_sign(name, key) -> true: log on by key.  key is the user's private
+-- key (EC P-256 or Ed25519, PEM or DER, unencrypted) or the name of a file
+-- holding it.  The device hands out a fresh challenge, the key signs it in
+-- C, the device checks it against the user's stored public key.
+function methods:logon_sign(name, key)
+    local data, msg, code = key_data(key, "logon_sign")
+    if not data then
+        c_check(self)
+        return nil, msg, code
+    end
+    return c_logon_sign(self, name, data)
+end
+
+--- softcxi.logon_answer(message, key) -> signature: the user's side of
+-- logon_challenge / logon_response, when the device is elsewhere.
+function _M.logon_answer(message, key)
+    local data, msg, code = key_data(key, "logon_answer")
+    if not data then return nil, msg, code end
+    return core.logon_answer(message, data)
 end
 
 local c_mbk_generate, c_mbk_import = methods.mbk_generate, methods.mbk_import
