@@ -14,7 +14,8 @@ local function run_init(ctx)
     local a = ctx.args
     local path = ctx:device_path()
     local admin = a.admin
-    local pw = util.password("administrator " .. admin, a.password_files[1], "SOFTCXI_PASSWORD", true)
+    local pw = util.password("administrator " .. admin, (a.password_files or {})[1],
+        "SOFTCXI_PASSWORD", true)
     check("init " .. path, softcxi.init{ path = path, admin = admin, password = pw,
         keyfile = ctx:device_key(), kdf_cost = tonumber(a.kdf_cost) })
     local info = ctx:device():device_info()
@@ -45,8 +46,7 @@ local function run_state(ctx)
 end
 
 local function run_files(ctx)
-    local hsm = ctx:device()
-    if not hsm.list_files then die("files: this build of the device has no list_files") end
+    local hsm = ctx:session()
     local files = check("files of " .. ctx:device_path(), hsm:list_files())
     ctx:report(util.array(files), function(say)
         local rows = {}
@@ -167,6 +167,31 @@ local function run_user_add(ctx)
         end)
 end
 
+local function run_user_set(ctx)
+    local a = ctx.args
+    local hsm = ctx:session()
+    local u = { name = a.name, level = tonumber(a.level), kdf_cost = tonumber(a.kdf_cost),
+        unlock = a.unlock or nil }
+    if a.groups then u.groups = util.split(a.groups) end
+    if a.pubkey then u.pubkey = util.read_file(a.pubkey, "user set " .. a.name .. ": public key") end
+    if a.new_password_file or a.password then
+        u.password = util.password("new password of " .. a.name, a.new_password_file,
+            "SOFTCXI_NEW_PASSWORD", true)
+    end
+    if not (u.level or u.groups or u.pubkey or u.password or u.unlock) then
+        util.usage("user set " .. a.name .. ": nothing to change (--groups, --level, --password, "
+            .. "--new-password-file, --pubkey, --unlock)")
+    end
+    check("user set " .. a.name, hsm:user_set(u))
+    local what = {}
+    for _, k in ipairs({ "groups", "level", "password", "pubkey", "unlock" }) do
+        if u[k] ~= nil then what[#what + 1] = k end
+    end
+    ctx:report({ name = a.name, changed = util.array(what) }, function(say)
+        say("changed %s of user %s", table.concat(what, ", "), a.name)
+    end)
+end
+
 local function run_user_delete(ctx)
     local name = ctx.args.name
     check("user delete " .. name, ctx:session():user_delete(name))
@@ -217,26 +242,33 @@ end
 local function run_db_backup(ctx)
     local file = ctx.args.file
     local hsm = ctx:session()
-    if not hsm.backup_database then die("db backup: this build of the device has no backup_database") end
-    local image = check("db backup", hsm:backup_database())
+    local image, keys, skipped = hsm:backup_database()
+    check("db backup", image, keys, skipped)
     util.write_file(file, image, "db backup " .. file)
-    local used = hsm:keydb_usage()
-    ctx:report({ file = file, bytes = #image, keydb_used = used }, function(say)
-        say("wrote the internal key database (%s of key data) to %s, %s, sealed under MBK %s",
-            util.bytes(used or 0), file, util.bytes(#image), hsm:mbk_info().current)
+    local kcv = hsm:mbk_info().current
+    ctx:report({ file = file, bytes = #image, keys = keys, skipped = skipped, mbk = kcv }, function(say)
+        say("wrote %d internal keys to %s (%s, sealed under MBK %s)", keys, file, util.bytes(#image), kcv)
+        if skipped > 0 then say("left out %d keys whose export policy is deny-backup", skipped) end
     end)
 end
 
 local function run_db_restore(ctx)
     local file = ctx.args.file
     local hsm = ctx:session()
-    if not hsm.restore_database then die("db restore: this build of the device has no restore_database") end
     local image = util.read_file(file, "db restore")
-    check("db restore " .. file, hsm:restore_database(image))
+    local flags = 0
+    if ctx.args.merge then flags = flags + softcxi.RESTORE_MERGE end
+    if ctx.args.overwrite then
+        if not ctx.args.merge then util.usage("db restore: --overwrite goes with --merge") end
+        flags = flags + softcxi.FLAG_OVERWRITE
+    end
+    local keys = check("db restore " .. file, hsm:restore_database(image, flags))
     local used = hsm:keydb_usage()
-    ctx:report({ file = file, keydb_used = used }, function(say)
-        say("restored the internal key database from %s (%s of key data)", file, util.bytes(used or 0))
-    end)
+    ctx:report({ file = file, keys = keys, merged = ctx.args.merge or false, keydb_used = used },
+        function(say)
+            say("%s %d keys from %s; the internal database holds %s of key data",
+                ctx.args.merge and "merged" or "restored", keys, file, util.bytes(used or 0))
+        end)
 end
 
 -- ---- the commands -------------------------------------------------------------------------
@@ -309,6 +341,20 @@ Examples:
         :argname("FILE")
     ua:option("--kdf-cost", "log2 of scrypt's N for the password hash (default 15).")
         :argname("N")
+    local us = cmd(user, "set", "Change a user (administrators; anyone: own password or key).",
+        run_user_set, [[
+Examples:
+  softcxi user set app --groups iot,fleet
+  softcxi --user app user set app --password      # prompts for the new password
+  softcxi user set ADMIN --level 1 ; softcxi user set app --unlock]])
+    us:argument("name", "User name.")
+    us:option("--groups", "New key groups, comma-separated."):argname("LIST")
+    us:option("--level", "New authentication level."):argname("N")
+    us:flag("--password", "Set a new password (prompt, or $SOFTCXI_NEW_PASSWORD).")
+    us:option("--new-password-file", "Set the new password from FILE."):argname("FILE")
+    us:option("--pubkey", "New public key (PEM) for key logon."):argname("FILE")
+    us:flag("--unlock", "Clear a lockout after failed logons.")
+    us:option("--kdf-cost", "log2 of scrypt's N for the new password hash."):argname("N")
     cmd(user, "delete", "Delete a user (administrators).", run_user_delete)
         :argument("name", "User name.")
     cmd(user, "list", "List users (administrators).", run_user_list)
@@ -322,7 +368,14 @@ Examples:
     cmd(db, "backup", "Write an MBK-sealed image of the internal key database.", run_db_backup,
         "Example:\n  softcxi db backup keys-2026-11-27.db")
         :argument("file", "Output file ('-' for stdout); written all or nothing.")
-    cmd(db, "restore", "Replace the internal key database with a backup image.", run_db_restore,
-        "Example:\n  softcxi --device ./hsm2 db restore keys-2026-11-27.db")
-        :argument("file", "Backup image ('-' for stdin).")
+    local dr = cmd(db, "restore", "Replace the internal key database with a backup image.",
+        run_db_restore, [[
+All or nothing: a damaged image, or one sealed under an MBK this device does
+not hold, changes nothing.
+Examples:
+  softcxi --device ./hsm2 db restore keys-2026-11-27.db
+  softcxi db restore --merge --overwrite keys-2026-11-27.db]])
+    dr:argument("file", "Backup image ('-' for stdin).")
+    dr:flag("--merge", "Add the image's keys to those already there (EEXIST on a taken address).")
+    dr:flag("--overwrite", "With --merge: replace keys at taken addresses.")
 end

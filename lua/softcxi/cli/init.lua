@@ -14,8 +14,8 @@ local argparse = require "argparse"
 local softcxi = require "softcxi"
 local util = require "softcxi.cli.util"
 
-local io, os, tostring, ipairs, pairs, pcall, xpcall, select, setmetatable =
-    io, os, tostring, ipairs, pairs, pcall, xpcall, select, setmetatable
+local io, os, table, tostring, ipairs, pairs, pcall, xpcall, select, setmetatable =
+    io, os, table, tostring, ipairs, pairs, pcall, xpcall, select, setmetatable
 
 local _M = { _VERSION = softcxi._VERSION }
 
@@ -27,7 +27,8 @@ kept in files or a key store (file:DIR, redis://..., redis-cluster://...).]]
 local EPILOG = [[
 Logon: commands that need a session log on as --user (default $SOFTCXI_USER,
 else ADMIN) with the password from --password-file, $SOFTCXI_PASSWORD or a
-prompt. Give --user and --password-file twice for dual control.
+prompt, or with --keyfile (a signed challenge). Give --user twice, each with
+its --password-file or --keyfile, for dual control.
 
 Exit status: 0 ok, 1 failure (one line on stderr), 2 usage error.
 Run 'softcxi COMMAND --help' for a command's options and examples.]]
@@ -91,15 +92,32 @@ end
 function Ctx:session()
     local hsm = self:device()
     if self.logged_on then return hsm end
-    local users = self.args.users
-    if #users == 0 then users = { os.getenv("SOFTCXI_USER") or "ADMIN" } end
-    local files = self.args.password_files
-    if #files > #users then util.usage("more --password-file than --user options") end
-    for i, name in ipairs(users) do
-        local pw = util.password("user " .. name, files[i], #users == 1 and "SOFTCXI_PASSWORD" or nil)
-        local ok, err, code = hsm:logon_pass(name, pw)
-        pw = nil -- luacheck: ignore (dropped as soon as used)
-        util.check("logon as '" .. name .. "'", ok, err, code)
+    -- pair each credential with its user
+    local users, default = {}, { name = os.getenv("SOFTCXI_USER") or "ADMIN" }
+    for _, o in ipairs(self.args.logon or {}) do
+        if o.kind == "user" then
+            users[#users + 1] = { name = o.value }
+        else
+            local u = users[#users] or default
+            if #users == 0 and default.used == nil then users[1], default.used = default, true end
+            if u.password or u.key then
+                util.usage("user " .. u.name .. ": one --password-file or --keyfile each")
+            end
+            u[o.kind] = o.value
+        end
+    end
+    if #users == 0 then users[1] = default end
+    for _, u in ipairs(users) do
+        local ok, err, code
+        if u.key then
+            ok, err, code = hsm:logon_sign(u.name, u.key)
+        else
+            local pw = util.password("user " .. u.name, u.password,
+                #users == 1 and "SOFTCXI_PASSWORD" or nil)
+            ok, err, code = hsm:logon_pass(u.name, pw)
+            pw = nil -- luacheck: ignore (dropped as soon as used)
+        end
+        util.check("logon as '" .. u.name .. "'", ok, err, code)
     end
     self.logged_on = true
     return hsm
@@ -133,11 +151,24 @@ local function build_parser()
     p:option("--device-key", "Device key file, if not in its default place "
         .. "(~/.config/softcxi/devices/ID.key); default $SOFTCXI_DEVICE_KEY.")
         :argname("FILE")
+    -- The logon options in command-line order: a --password-file or --keyfile
+    -- belongs to the --user before it (or, before any, to the default user).
+    local function logon_arg(kind)
+        return function(result, target, value)
+            result[target] = result[target] or {}
+            table.insert(result[target], value)
+            result.logon = result.logon or {}
+            table.insert(result.logon, { kind = kind, value = value })
+        end
+    end
     p:option("-u --user", "Log on as NAME (repeat for dual control; default $SOFTCXI_USER, "
         .. "else ADMIN).")
-        :argname("NAME"):count("*"):target("users")
-    p:option("--password-file", "Read the logon password from FILE's first line (one per --user).")
-        :argname("FILE"):count("*"):target("password_files")
+        :argname("NAME"):count("*"):target("users"):action(logon_arg("user"))
+    p:option("--password-file", "Read the password of the --user before it from FILE's first line.")
+        :argname("FILE"):count("*"):target("password_files"):action(logon_arg("password"))
+    p:option("--keyfile", "Log on the --user before it with the private key (PEM, EC P-256 "
+        .. "or Ed25519) in FILE instead of a password.")
+        :argname("FILE"):count("*"):target("keyfiles"):action(logon_arg("key"))
     p:option("--policy", "Policy script (Lua) checked before key generation, use and export.")
         :argname("FILE")
     p:flag("--json", "Print results as one JSON document.")

@@ -228,16 +228,24 @@ local function run_key_import(ctx)
     local t = _M.template(ctx)
     local data = util.read_file(a.file, "key import")
     local format = a.format
-    if not format and not data:find("^%-%-%-%-%-BEGIN") then
-        usage("key import: give --format (pkcs8, spki or raw) for non-PEM data")
+    if not format and not data:find("^%-%-%-%-%-BEGIN") and not data:find("^%s*{") then
+        usage("key import: give --format (pkcs8, spki, jwk, raw, aes-kwp or rsa-aes-kwp) for "
+            .. "non-PEM data")
     end
     local hsm = ctx:session()
+    local unwrap
+    if format == "aes-kwp" or format == "rsa-aes-kwp" then
+        if not a.unwrap then usage("key import --format " .. format .. ": give --unwrap KEY") end
+        unwrap = _M.resolve(ctx, a.unwrap, a.unwrap_store or false)
+    elseif a.unwrap then
+        usage("key import: --unwrap goes with --format aes-kwp or rsa-aes-kwp")
+    end
     local what = "key import " .. a.file
     if a.external then
         if not a.out and not a.store then
             usage("key import --external: give --out FILE and/or --store URL for the blob")
         end
-        local blob = check(what, hsm:key_import(softcxi.FLAG_EXTERNAL, t, data, format))
+        local blob = check(what, hsm:key_import(softcxi.FLAG_EXTERNAL, t, data, format, unwrap))
         data = nil -- luacheck: ignore (dropped as soon as used)
         local where = keep_blob(ctx, blob, what)
         local doc = info_doc(softcxi.key_info(blob))
@@ -251,7 +259,7 @@ local function run_key_import(ctx)
     end
     if not t.name then usage("key import: an internal key needs --name") end
     local flags = a.overwrite and softcxi.FLAG_OVERWRITE or 0
-    local h = check(what, hsm:key_import(flags, t, data, format))
+    local h = check(what, hsm:key_import(flags, t, data, format, unwrap))
     data = nil -- luacheck: ignore
     local info = check(what, hsm:key_info(h))
     ctx:report(info_doc(info), function(say)
@@ -396,17 +404,17 @@ end
 local function run_key_export(ctx)
     local a = ctx.args
     local hsm = ctx:session()
-    if not hsm.key_export then die("key export: this build of the device has no key_export") end
     local key = _M.resolve(ctx, a.key)
-    local opts = { format = a.wrap and nil or "pkcs8" }
-    if a.wrap then
-        opts.wrapping_key = _M.resolve(ctx, a.wrap, a.wrap_store or false)
-    end
-    local out = check("key export " .. a.key, hsm:key_export(key, opts))
+    local wrapping = "plain"
+    if a.wrap then wrapping = _M.resolve(ctx, a.wrap, a.wrap_store or false) end
+    local out = check("key export " .. a.key, hsm:key_export(key, wrapping, a.mech))
     util.write_file(a.out, out, "key export " .. a.key)
-    ctx:report({ key = a.key, out = a.out, wrapped = a.wrap ~= nil }, function(say)
-        say("exported %s to %s (%s)", a.key, a.out, a.wrap and ("wrapped under " .. a.wrap) or "plain PKCS#8")
-    end)
+    out = nil -- luacheck: ignore (a plain export is key material: dropped at once)
+    ctx:report({ key = a.key, out = a.out, wrapped = a.wrap ~= nil, wrapping_key = a.wrap },
+        function(say)
+            say("exported %s to %s (%s)", a.key, a.out,
+                a.wrap and ("wrapped under " .. a.wrap) or "plain: keep the file secret")
+        end)
 end
 
 -- ---- operations -----------------------------------------------------------------------------
@@ -550,9 +558,14 @@ Examples:
         run_key_import, [[
 Examples:
   softcxi key import partner.pem --external --group iot --name partner --out partner.blob
-  softcxi key import aes.bin --format raw --algo aes --group iot --name k1]])
+  softcxi key import aes.bin --format raw --algo aes --group iot --name k1
+  softcxi key import root.wrapped --format aes-kwp --unwrap iot/kek --group iot \
+      --name root2]])
     im:argument("file", "Key file ('-': stdin).")
-    im:option("--format", "pkcs8, spki or raw (PEM input needs none)."):argname("FORMAT")
+    im:option("--format", "pkcs8, spki, jwk, raw, aes-kwp or rsa-aes-kwp (PEM and JWK need none).")
+        :argname("FORMAT")
+    im:option("--unwrap", "Unwrapping key for aes-kwp / rsa-aes-kwp input."):argname("KEY")
+    im:option("--unwrap-store", "Read the unwrapping key from this store."):argname("URL")
     _M.template_options(im, true)
     im:flag("--external", "Return a blob instead of storing the key inside.")
     im:option("--out", "Write the blob to FILE."):argname("FILE")
@@ -561,12 +574,16 @@ Examples:
     im:flag("--overwrite", "Replace an existing key at that address or id.")
 
     local ex = cmd(key, "export", "Export a key where its export policy allows.", run_key_export, [[
+Without --wrap the key is exported plain (PKCS#8 DER, or the AES/HMAC key bytes),
+which only an allow-plain key permits. Every export is in the audit log.
+
 Examples:
   softcxi key export iot/root --wrap iot/kek --out root.wrapped
   softcxi key export dev-1.blob --out dev-1.p8        # export policy allow-plain]])
     key_source(ex)
     ex:option("--wrap", "Wrapping key (AES: RFC 5649 KWP; RSA: OAEP + KWP)."):argname("KEY")
     ex:option("--wrap-store", "Read the wrapping key from this store."):argname("URL")
+    ex:option("--mech", "aes-kwp or rsa-aes-kwp (default: from the wrapping key)."):argname("MECH")
     ex:option("--out", "Output file."):argname("FILE"):count(1)
 
     local rv = cmd(key, "revoke", "Revoke a key: every copy of its blob fails (EREVOKED).",
