@@ -284,6 +284,40 @@ describe("openresty example service", function()
         assert.are.equal(200, status)
         local signed = text:match('softcxi_http_requests_total{route="sign",status="200"} (%d+)')
         assert.is_true(tonumber(signed) >= 120, text)
+        -- each worker opened the key once and then served it from its bounded cache
+        local hits = 0
+        for h in text:gmatch('softcxi_device_cache{worker="%d+",field="hits"} (%d+)') do
+            hits = hits + tonumber(h)
+        end
+        assert.is_true(hits >= 100, text)
+    end)
+
+    it("run refuses bad options before starting anything", function()
+        if pend() then return end
+        local run = "SOFTCXI_NO_APT=1 " .. H.q(root .. "/examples/openresty/run")
+        local rc, out = H.run(run .. " --bogus")
+        assert.are.equal(2, rc)
+        assert.truthy(out:find("run: unknown option '--bogus'", 1, true), out)
+        assert.truthy(out:find("--redis-port N", 1, true), out) -- the usage follows
+        rc, out = H.run(run .. " --port 0")
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("a port is a number from 1 to 65535, not '0'", 1, true), out)
+        rc, out = H.run(run .. " --redis-port http")
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("not 'http'", 1, true), out)
+        rc, out = H.run(run .. " --port 30001 --redis-port 30001")
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("--port and --redis-port must differ", 1, true), out)
+        rc, out = H.run(run .. " --workers 0")
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("--workers takes 1 to 99, not '0'", 1, true), out)
+        local taken = base:match("%d+$")
+        rc, out = H.run(run .. " --port " .. taken)
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("127.0.0.1:" .. taken .. " is taken", 1, true), out)
+        rc, out = H.run(run .. " --help")
+        assert.are.equal(0, rc)
+        assert.truthy(out:find("listening on http://127.0.0.1:N", 1, true), out)
     end)
 
     it("503 while Redis is down, and /healthz says so", function()

@@ -420,6 +420,7 @@ end
 --- log_by_lua: count the request and its latency.
 function _M.log()
     metrics.observe(ngx.ctx.route or "unknown", ngx.status, tonumber(ngx.var.request_time) or 0)
+    if hsm then metrics.device(hsm:device_info()) end
 end
 
 return _M

@@ -6,6 +6,8 @@
 --   softcxi_http_request_duration_seconds_bucket{route="sign",le="0.005"} 40
 --   softcxi_http_request_duration_seconds_sum{route="sign"} 0.081
 --   softcxi_http_request_duration_seconds_count{route="sign"} 42
+--   softcxi_device_cache{worker="1234",field="hits"} 40    (per worker: hits, misses,
+--                                                            evictions, entries)
 --
 -- Only a few keys per route: no per-key or per-token label, so the dict stays
 -- small whatever the traffic.
@@ -33,6 +35,20 @@ function _M.observe(route, status, seconds)
     end
     d:incr("c|" .. route, 1, 0)
     d:incr("s|" .. route, seconds, 0)
+end
+
+-- This worker's device cache counters (hsm:device_info()), kept for a while:
+-- a worker that is gone drops out of /metrics once they expire.
+local CACHE_FIELDS = { "cache_hits", "cache_misses", "cache_evictions", "cache_entries" }
+local WORKER_TTL = 600
+
+function _M.device(info)
+    local d = dict()
+    if not d or not info then return end
+    local pid = ngx.worker.pid()
+    for _, f in ipairs(CACHE_FIELDS) do
+        d:set("w|" .. pid .. "|" .. f, info[f] or 0, WORKER_TTL)
+    end
 end
 
 --- The metrics as Prometheus text.
@@ -70,6 +86,15 @@ function _M.render()
         out[#out + 1] = str_format('softcxi_http_request_duration_seconds_sum{route="%s"} %.6f', r,
             tonumber(d:get("s|" .. r)) or 0)
         out[#out + 1] = str_format('softcxi_http_request_duration_seconds_count{route="%s"} %d', r, count)
+    end
+    out[#out + 1] = "# HELP softcxi_device_cache The opened-key cache of each worker's device session."
+    out[#out + 1] = "# TYPE softcxi_device_cache gauge"
+    for _, k in ipairs(keys) do
+        local pid, f = k:match("^w|(%d+)|(.+)$")
+        if pid then
+            out[#out + 1] = str_format('softcxi_device_cache{worker="%s",field="%s"} %d', pid,
+                f:sub(7), d:get(k) or 0)
+        end
     end
     return table_concat(out, "\n") .. "\n"
 end
