@@ -812,7 +812,49 @@ describe("policy scripts", function()
 
         it("policy.counter refuses what is not a counting store", function()
             H.expect_err("EINVAL", policy.counter(nil))
-            H.expect_err("EINVAL", policy.counter({}))
+            local msg = H.expect_err("EINVAL", policy.counter({}))
+            has(msg, "this store keeps no counters")
+        end)
+    end)
+
+    describe("policy.counter on a file store", function()
+        local st, c
+        setup(function()
+            st = assert(require("softcxi.store").open("file:" .. tmp .. "/counters"))
+            c = assert(policy.counter(st))
+        end)
+        teardown(function() st:close() end)
+
+        it("takes up to a limit, never past it, and without a limit always", function()
+            assert.are.equal(0, c:get("a"))
+            assert.are.same({ true, 2 }, { c:take("a", 2, 3) })
+            assert.are.same({ false, 2 }, { c:take("a", 2, 3) })
+            assert.are.same({ true, 3 }, { c:take("a", 1, 3) })
+            assert.are.same({ true, 103 }, { c:take("a", 100) })
+            assert.is_true(c:reset("a"))
+            assert.are.equal(0, c:get("a"))
+        end)
+
+        it("keeps names of any bytes and length apart, in the store's directory", function()
+            local long1, long2 = string.rep("x", 300) .. "1", string.rep("x", 300) .. "2"
+            for _, name in ipairs { "sign:iot/dev-1", "sign:iot%2Fdev-1", "a b\0", long1, long2 } do
+                assert(c:take(name, 1))
+            end
+            assert(c:take(long1, 1))
+            assert.are.equal(2, c:get(long1))
+            assert.are.equal(1, c:get(long2))
+            assert.are.equal(1, c:get("sign:iot/dev-1"))
+            assert.are.equal(1, c:get("sign:iot%2Fdev-1"))
+            local rc, out = H.run("ls -R " .. H.q(tmp .. "/counters/policy/counters"))
+            assert.are.equal(0, rc, out)
+        end)
+
+        it("works through a policy-wrapped store, and the store still counts only blobs", function()
+            local w = policy.wrap_store(st, policy.new { on_store = function() return true end })
+            local wc = assert(policy.counter(w))
+            assert(wc:take("shared", 5))
+            assert.are.equal(5, c:get("shared"))
+            assert.are.equal(0, assert(st:count()))
         end)
     end)
 
