@@ -55,7 +55,9 @@ describe("openresty example service", function()
             base = out:match("listening on (http://127%.0%.0%.1:%d+)")
             redis_port = out:match("redis on 127%.0%.0%.1:(%d+)")
             if base and redis_port then break end
-            assert(alive(run_pid), "run exited:\n" .. out)
+            assert(alive(run_pid), "run exited:\n" .. out .. "\nerror.log:\n"
+                .. (H.readfile(prefix .. "/logs/error.log") or "") .. "\nredis.log:\n"
+                .. (H.readfile(prefix .. "/logs/redis.log") or ""))
             sleep(0.1)
         end
         assert(base, "run never printed its address:\n" .. (H.readfile(prefix .. "/run.out") or ""))
