@@ -90,9 +90,18 @@ local function check_opts(opts, fn)
 end
 
 local function make(parts, opts, config)
+    -- Which hooks any part has: a session call whose hook no part has skips
+    -- the policy altogether (no attribute parsing, no context).
+    local has = {}
+    for _, part in ipairs(parts) do
+        for hook in pairs(HOOKS) do
+            if part.hooks[hook] then has[hook] = true end
+        end
+    end
     return setmetatable({
         name = opts.name or (#parts == 1 and parts[1].name) or "policy",
         parts = parts,           -- { { name =, hooks = }, ... }, consulted in order
+        has = has,               -- hook name -> true when a part has it
         config = config,         -- the table the policy file returned (its own data too)
         store = opts.store,      -- a store, or a function returning the one to use now
         clock = opts.clock or os_time,
@@ -566,7 +575,9 @@ function _M._attach(softcxi, methods)
         if not orig then return end
         methods[op] = function(self, flags, template, a, b, ...)
             local pol = attached[self]
-            if not pol or type(template) ~= "table" then return orig(self, flags, template, a, b, ...) end
+            if not pol or not pol.has.on_generate or type(template) ~= "table" then
+                return orig(self, flags, template, a, b, ...)
+            end
             c_check(self)
             local ctx = { op = op, flags = flags, count = 1 }
             if op == "bulk_generate" then ctx.count, ctx.names = a, names_of(a, b) end
@@ -579,9 +590,10 @@ function _M._attach(softcxi, methods)
     local function wrap_keyed(op, check)
         local orig = methods[op]
         if not orig then return end
+        local hook = check == "check_use" and "on_use" or "on_export"
         methods[op] = function(self, blob, a, b, ...)
             local pol = attached[self]
-            if not pol then return orig(self, blob, a, b, ...) end
+            if not pol or not pol.has[hook] then return orig(self, blob, a, b, ...) end
             c_check(self)
             local info, err, code = key_of(self, blob)
             if info then
@@ -607,7 +619,9 @@ function _M._attach(softcxi, methods)
         if not orig then return end
         methods[op] = function(self, user, ...)
             local pol = attached[self]
-            if not pol or type(user) ~= "string" then return orig(self, user, ...) end
+            if not pol or not pol.has.on_logon or type(user) ~= "string" then
+                return orig(self, user, ...)
+            end
             c_check(self)
             local ok, err, code = pol:check_logon(user, { op = op })
             if not ok then return nil, err, code end
