@@ -194,6 +194,11 @@ describe("policy scripts", function()
             has(msg, "nope.lua")
         end)
 
+        it("a directory is EINVAL saying it cannot be read", function()
+            local msg = H.expect_err("EINVAL", policy.load(tmp))
+            assert.are.equal("policy.load: cannot read " .. tmp .. ": Is a directory", msg)
+        end)
+
         it("a syntax error is EINVAL with file and line, and no policy", function()
             local path = policy_file("return {\n  on_use = function(key, ctx)\n    return key.\n  end,\n}\n")
             local msg = H.expect_err("EINVAL", policy.load(path))

@@ -138,7 +138,7 @@ function _M.load(file, opts)
     chunk, err = loadfile(file, "t", env)
     if not chunk then
         err = tostring(err)
-        if string_sub(err, 1, #file) ~= file then err = file .. ": " .. err end
+        if not err:find(file, 1, true) then err = file .. ": " .. err end
         return nil, "policy.load: " .. err, "EINVAL"
     end
     local ok, hooks = pcall(chunk, opts.params)
