@@ -4,3 +4,4 @@ max_line_length = 110
 files["spec/"] = { std = "+busted" }
 files["bench/"] = { max_line_length = 120 }
 exclude_files = { "build*/**" }
+files["examples/openresty/"] = { std = "max+ngx_lua" }

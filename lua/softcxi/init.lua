@@ -343,4 +343,8 @@ function methods:secret_agree(blob, mech, peer, opts)
         opts.salt, opts.info)
 end
 
+-- Policy scripts (softcxi.policy): softcxi.open{ policy = }, hsm:set_policy();
+-- the key methods consult a session's policy first.  Last: it wraps them all.
+require("softcxi.policy")._attach(_M, methods)
+
 return _M
