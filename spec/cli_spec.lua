@@ -66,7 +66,7 @@ describe("softcxi command", function()
                 "key list", "key info", "key public", "key delete", "key backup", "key restore",
                 "key import", "key export", "key revoke", "key revoked", "sign", "verify", "encrypt",
                 "decrypt", "provision", "rewrap", "store stats", "store migrate", "db backup",
-                "db restore", "audit show", "audit verify" }
+                "db restore", "audit show", "audit verify", "user set" }
             for _, c in ipairs(cmds) do
                 local help = ok(BIN .. " " .. c .. " --help")
                 assert.matches("Usage: softcxi " .. c:gsub("%-", "%%-"), help)
@@ -267,6 +267,106 @@ describe("softcxi command", function()
             assert.are.equal(2, #json(e.admin .. " --json audit show --last 2"))
             local v = json(e.admin .. " --json audit verify")
             assert.are.equal(true, v.ok)
+        end)
+    end)
+
+    describe("logon, policy, export and the database", function()
+        local e
+
+        setup(function()
+            e = new_env()
+            setup_device(e)
+        end)
+        teardown(function() H.rm_rf(e.dir) end)
+
+        it("logs on with a key file, and two level-1 administrators act together", function()
+            local key, pub = e.dir .. "/op.pem", e.dir .. "/op.pub"
+            ok("openssl genpkey -algorithm ed25519 -out " .. H.q(key) .. " 2>/dev/null && openssl pkey -in "
+                .. H.q(key) .. " -pubout -out " .. H.q(pub))
+            ok(e.admin .. " user add op --groups iot --pubkey " .. H.q(pub))
+            local files = json(e.base .. " --user op --keyfile " .. H.q(key) .. " --json files")
+            local names = {}
+            for _, f in ipairs(files) do names[f.name] = f.size end
+            assert.is_number(names["users.db"])
+            assert.is_number(names["audit.log"])
+            -- a second administrator, both at level 1: one alone is not enough
+            local pw2 = e.dir .. "/admin2.pw"
+            H.writefile(pw2, "second-admin-password\n")
+            ok(e.admin .. " user add ADMIN2 --role admin --level 2 --kdf-cost 10 --new-password-file "
+                .. H.q(pw2))
+            ok(e.admin .. " user set ADMIN2 --level 1")
+            local both = e.base .. " --user ADMIN --password-file " .. H.q(e.admin_pw)
+                .. " --user ADMIN2 --password-file " .. H.q(pw2)
+            ok(both .. " user set ADMIN --level 1")
+            local err = fails(e.admin .. " user list")
+            assert.matches("EAUTH", err)
+            assert.are.equal(4, #json(both .. " --json user list"))
+            -- back to one level-2 administrator for the other tests
+            ok(both .. " user set ADMIN --level 2")
+            ok(e.admin .. " user delete ADMIN2")
+        end)
+
+        it("checks a policy file, and reports a broken one with file and line", function()
+            local pol = root .. "examples/policies/algorithms.lua"
+            local blob = e.dir .. "/p.blob"
+            local err = fails(e.app .. " --policy " .. H.q(pol) .. " key generate --external --algo rsa "
+                .. "--size 2048 --group iot --name p1 --out " .. H.q(blob))
+            assert.matches("EPOLICY", err)
+            assert.matches("rsa", err)
+            assert.is_false(H.exists(blob))
+            ok(e.app .. " --policy " .. H.q(pol) .. " key generate --external --algo ec --group iot --name p2 "
+                .. "--out " .. H.q(blob))
+            local bad, raises = e.dir .. "/bad-policy.lua", e.dir .. "/raises.lua"
+            H.writefile(bad, "return {\n  on_use = function(k, c)\n    return tru e\n  end }\n")
+            err = fails(e.app .. " --policy " .. H.q(bad) .. " key list")
+            assert.matches("bad%-policy%.lua:3:", err)
+            H.writefile(raises, "return { on_use = function() error('quota service down') end }\n")
+            err = fails("printf m | " .. e.app .. " --policy " .. H.q(raises) .. " sign " .. H.q(blob))
+            assert.matches("quota service down", err)
+            assert.matches("EPOLICY", err)
+        end)
+
+        it("exports a key wrapped under another and imports it back", function()
+            ok(e.app .. " key generate --algo aes --group iot --name kek --usage wrap,unwrap")
+            ok(e.app .. " key generate --algo ec --group iot --name mover --export allow")
+            local wrapped = e.dir .. "/mover.wrapped"
+            ok(e.app .. " key export iot/mover --wrap iot/kek --out " .. H.q(wrapped))
+            ok(e.app .. " key import " .. H.q(wrapped) .. " --format aes-kwp --unwrap iot/kek "
+                .. "--group iot --name moved")
+            local a = json(e.app .. " --json key info iot/mover")
+            local b = json(e.app .. " --json key info iot/moved")
+            assert.are.equal(a.public_key, b.public_key)
+            -- a plain export of an "allow" key is refused, and nothing is written
+            local plain = e.dir .. "/mover.p8"
+            local err = fails(e.app .. " key export iot/mover --out " .. H.q(plain))
+            assert.matches("EPOLICY", err)
+            assert.is_false(H.exists(plain))
+        end)
+
+        it("backs up the internal database and restores it on a second device with the same MBK", function()
+            local pws = e.dir .. "/db-shares.pw"
+            H.writefile(pws, "db-share-password-1\ndb-share-password-2\ndb-share-password-3\n")
+            local s = {}
+            for i = 1, 3 do s[i] = e.dir .. "/db-share" .. i .. ".key" end
+            ok(e.admin .. " mbk rotate --kdf-cost 10 --share-passwords " .. H.q(pws) .. " --out "
+                .. H.q(table.concat(s, ",")))
+            ok(e.app .. " key generate --algo ec --group iot --name db-key")
+            local img = e.dir .. "/keys.img"
+            local r = json(e.admin .. " --json db backup " .. H.q(img))
+            assert.is_true(r.keys >= 1)
+            local b = new_env()
+            setup_device(b)
+            -- another MBK: refused, nothing changed
+            local err = fails(b.admin .. " db restore " .. H.q(img))
+            assert.matches("EMBK", err)
+            H.writefile(b.dir .. "/pw", "db-share-password-2\ndb-share-password-3\n")
+            ok(b.admin .. " mbk import " .. H.q(s[2]) .. " " .. H.q(s[3]) .. " --share-passwords "
+                .. H.q(b.dir .. "/pw"))
+            local got = json(b.admin .. " --json db restore " .. H.q(img))
+            assert.are.equal(r.keys, got.keys)
+            assert.are.equal(json(e.app .. " --json key info iot/db-key").public_key,
+                json(b.app .. " --json key info iot/db-key").public_key)
+            H.rm_rf(b.dir)
         end)
     end)
 

@@ -130,6 +130,11 @@ function Ctx:store(url)
     if self.stores[url] then return self.stores[url] end
     local store, err, code = require("softcxi.store").open(url)
     util.check("store " .. url, store, err, code)
+    self.last_store = store
+    if self.policy then
+        -- every write is checked by the policy's on_store first
+        store = require("softcxi.policy").wrap_store(store, self.policy)
+    end
     self.stores[url] = store
     return store
 end
@@ -244,8 +249,10 @@ function _M.main(argv)
     local status = 0
     local done, err = xpcall(function()
         if args.policy then
+            -- a policy that keeps state (a quota) keeps it in the store of the command
             local policy = require "softcxi.policy"
-            ctx.policy = util.check("policy " .. args.policy, policy.load(args.policy))
+            ctx.policy = util.check("policy " .. args.policy, policy.load(args.policy,
+                { store = function() return ctx.last_store end }))
         end
         status = run(ctx) or 0
     end, traceback)

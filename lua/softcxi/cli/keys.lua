@@ -162,10 +162,7 @@ local function keep_blob(ctx, blob, what)
     local a = ctx.args
     local where = {}
     if a.store then
-        local store = ctx:store(a.store)
-        if ctx.policy and ctx.policy.on_store then
-            check(what .. ": policy", require("softcxi.policy").check_store(ctx.policy, a.id, blob))
-        end
+        local store = ctx:store(a.store) -- with --policy, its on_store checks the put
         local ok, err, code = store:put(a.id, blob, { overwrite = a.overwrite or nil })
         if not ok then
             if code == "EEXIST" then
