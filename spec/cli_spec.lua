@@ -281,8 +281,8 @@ describe("softcxi command", function()
 
         it("logs on with a key file, and two level-1 administrators act together", function()
             local key, pub = e.dir .. "/op.pem", e.dir .. "/op.pub"
-            ok("openssl genpkey -algorithm ed25519 -out " .. H.q(key) .. " 2>/dev/null && openssl pkey -in "
-                .. H.q(key) .. " -pubout -out " .. H.q(pub))
+            ok("openssl genpkey -algorithm ed25519 -out " .. H.q(key) .. " 2>/dev/null && "
+                .. "openssl pkey -in " .. H.q(key) .. " -pubout -out " .. H.q(pub))
             ok(e.admin .. " user add op --groups iot --pubkey " .. H.q(pub))
             local files = json(e.base .. " --user op --keyfile " .. H.q(key) .. " --json files")
             local names = {}
@@ -309,13 +309,13 @@ describe("softcxi command", function()
         it("checks a policy file, and reports a broken one with file and line", function()
             local pol = root .. "examples/policies/algorithms.lua"
             local blob = e.dir .. "/p.blob"
-            local err = fails(e.app .. " --policy " .. H.q(pol) .. " key generate --external --algo rsa "
-                .. "--size 2048 --group iot --name p1 --out " .. H.q(blob))
+            local err = fails(e.app .. " --policy " .. H.q(pol) .. " key generate --external "
+                .. "--algo rsa --size 2048 --group iot --name p1 --out " .. H.q(blob))
             assert.matches("EPOLICY", err)
             assert.matches("rsa", err)
             assert.is_false(H.exists(blob))
-            ok(e.app .. " --policy " .. H.q(pol) .. " key generate --external --algo ec --group iot --name p2 "
-                .. "--out " .. H.q(blob))
+            ok(e.app .. " --policy " .. H.q(pol) .. " key generate --external --algo ec --group iot "
+                .. "--name p2 --out " .. H.q(blob))
             local bad, raises = e.dir .. "/bad-policy.lua", e.dir .. "/raises.lua"
             H.writefile(bad, "return {\n  on_use = function(k, c)\n    return tru e\n  end }\n")
             err = fails(e.app .. " --policy " .. H.q(bad) .. " key list")
