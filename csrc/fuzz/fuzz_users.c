@@ -55,7 +55,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (fz_write(path, file, len) == 0) {
         size_t n = 0, m = 0;
-        if (fz_trace("user_list", softcxi_user_list(s, on_user, &n), softcxi_session_error(s)) == 0 &&
+        int rc = softcxi_user_list(s, on_user, &n);
+        if (fz_trace("user_list", rc, softcxi_session_error(s)) == 0 &&
             scx_users_count(s, &m) == 0 && n != m)
             __builtin_trap();
     }

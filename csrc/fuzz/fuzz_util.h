@@ -58,9 +58,9 @@ static inline const char *fz_dir(void)
     if (fz_root[0])
         return fz_root;
     struct stat st;
-    const char *base = stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0
-                           ? "/dev/shm"
-                           : (getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    const char *base = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    if (stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0)
+        base = "/dev/shm";
     snprintf(fz_root, sizeof fz_root, "%s/softcxi-fuzz.XXXXXX", base);
     if (!mkdtemp(fz_root)) {
         fz_root[0] = '\0';
