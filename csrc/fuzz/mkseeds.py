@@ -72,6 +72,18 @@ def users():
                 struct.pack(">Iq", failures, locked))
     p = struct.pack(">I", 2) + user("ADMIN", 1, 2, "") + user("app", 2, 0, "iot,fleet-*", 12, 3, 1767225600)
     write("users", "seed-sealed-two", b"\x01" + p)
+    # logon seeds: the first user's verifier is that of the harness's password
+    salt = bytes(range(16))
+    ver = hashlib.scrypt(b"fuzz-logon-password", salt=salt, n=1 << 10, r=8, p=1, dklen=32)
+    def user_v(name, role, level, groups, failures=0, locked=0):
+        n, g = name.encode(), groups.encode()
+        return (bytes([len(n)]) + n + bytes([role, level]) + struct.pack(">H", len(g)) + g +
+                bytes([10]) + salt + ver + struct.pack(">Iq", failures, locked))
+    write("users", "seed-logon-ok", b"\x03" + struct.pack(">I", 2) +
+          user_v("ops", 2, 1, "iot") + user("ADMIN", 1, 2, ""))
+    write("users", "seed-logon-after-failures", b"\x03" + struct.pack(">I", 1) +
+          user_v("ops", 1, 2, "*", 5, 0))
+    write("users", "seed-logon-wrong", b"\x03" + struct.pack(">I", 1) + user("ops", 2, 0, "*", 10, 3))
     write("users", "seed-sealed-none", b"\x01" + struct.pack(">I", 0))
     key = bytes(32)
     write("users", "seed-raw-frame", b"\x00" + frame(0x12, key, kcv(key), b"", p[:60]))
