@@ -148,10 +148,18 @@ end
 --- A fresh device: { root, path, keyfile, hsm }, created with softcxi.init,
 -- with the application user added and logged on in dev.hsm.  The key file
 -- lives in a sibling directory of the state directory, never in ~/.config.
--- opts.cache is passed through; opts.open = false makes no session.
+-- opts.cache is passed through; opts.open = false makes no session;
+-- opts.root puts the device in a fresh directory under that one.
 function H.new_device(opts)
     opts = opts or {}
-    local root = H.tmpdir()
+    local root
+    if opts.root then
+        local rc, out = H.run("mktemp -d " .. H.q(opts.root .. "/softcxi-spec.XXXXXX"))
+        assert(rc == 0, out)
+        root = out:match("^%s*(.-)%s*$")
+    else
+        root = H.tmpdir()
+    end
     local dev = {
         root = root,
         path = root .. "/state",

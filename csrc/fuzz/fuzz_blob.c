@@ -9,7 +9,7 @@
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc/core \
  *       csrc/fuzz/fuzz_blob.c csrc/core/\*.c -lcrypto -o fuzz_blob
- *   ./fuzz_blob csrc/fuzz/corpus
+ *   ./fuzz_blob csrc/fuzz/corpus/blob   (better: csrc/fuzz/run-fuzz.sh, on a copy)
  *
  * Without libFuzzer, replay.c runs the corpus through the same function
  * (a ctest), so every seed and every crash found stays a regression test.
