@@ -57,24 +57,58 @@ local WRITE = { write = true }
 
 -- ---- scripts ---------------------------------------------------------------
 
--- KEYS: blob, counter, nold index sets to leave, then index sets to join.
--- ARGV: mode ("absent" | "equal"), id, blob, expected, nold, expected-is-a-blob ("1"/"0").
--- Returns 1 (written), 0 (exists, mode absent), -1 (absent, mode equal), -2 (differs).
+-- One script call writes a batch of items (put_many's chunk, or put's one item), all in
+-- one bucket: in a cluster its keys share one slot.
+-- KEYS: the counter, m index sets, then the n items' blob keys.
+-- ARGV: m, n; per item: id, blob, expected, how -- "a": must be absent (one SET NX);
+--       "b"/"f": the stored value must equal expected, a key blob / foreign bytes (a GET,
+--       then a SET); then per index set: the count and ids that leave it, the count and
+--       ids that join it (only items written take effect).
+-- Returns one result per item: 1 (written), 0 ("a": the key exists, whatever it holds),
+-- -1 (absent), -2 (differs), -3 (holds another type).
+-- The index updates go out once per set (SREM/SADD with many members), the counter once
+-- per call by GET and SET (no ACL permission beyond a put's).  Item ids of one call are
+-- distinct (write_cmds), and an id never both leaves and joins one set.
 local WRITE_SCRIPT = [[
-local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == 'absent' then
-  if cur then return 0 end
-elseif not cur then
-  return -1
-elseif cur ~= ARGV[4] then
-  return -2
+local m, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, ok, delta = {}, {}, 0
+local a = 3
+for i = 1, n do
+  local key, id, how = KEYS[1 + m + i], ARGV[a], ARGV[a + 3]
+  local r = 1
+  if how == 'a' then
+    if not redis.call('SET', key, ARGV[a + 1], 'NX') then r = 0 end
+  else
+    local cur = redis.pcall('GET', key)
+    if type(cur) == 'table' then r = -3
+    elseif not cur then r = -1
+    elseif cur ~= ARGV[a + 2] then r = -2
+    else redis.call('SET', key, ARGV[a + 1]) end
+  end
+  if r == 1 then
+    ok[id] = true
+    if how ~= 'b' then delta = delta + 1 end
+  end
+  out[i] = r
+  a = a + 4
 end
-redis.call('SET', KEYS[1], ARGV[3])
-local nold = tonumber(ARGV[5])
-for i = 3, 2 + nold do redis.call('SREM', KEYS[i], ARGV[2]) end
-for i = 3 + nold, #KEYS do redis.call('SADD', KEYS[i], ARGV[2]) end
-if not cur or ARGV[6] ~= '1' then redis.call('INCR', KEYS[2]) end
-return 1
+for s = 2, m + 1 do
+  for _, op in ipairs({ 'SREM', 'SADD' }) do
+    local c = tonumber(ARGV[a])
+    local t = {}
+    for j = a + 1, a + c do
+      local id = ARGV[j]
+      if ok[id] then t[#t + 1] = id end
+    end
+    a = a + c + 1
+    for f = 1, #t, 1000 do redis.call(op, KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
+  end
+end
+if delta ~= 0 then
+  local cnt = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  redis.call('SET', KEYS[1], string.format('%d', cnt + delta))
+end
+return out
 ]]
 
 -- KEYS: blob, counter, index sets to leave.  ARGV: id, expected, expected-is-a-blob.
@@ -461,21 +495,110 @@ end
 
 local WRITE_SHA, WRITE_TEXT = SCRIPTS.write.sha, SCRIPTS.write.text
 
--- The write script for id: mode "absent", or "equal" to old (whose index entries it drops).
--- Built in place: put_many makes one per key.
-local function write_cmd(self, id, blob, info, mode, old)
-    local base = self.P .. self.tags[self:bucket(id)]
-    local key = base .. "k:" .. id
-    local argv = { "EVALSHA", WRITE_SHA, 0, key, base .. "n", key = key, script = WRITE_TEXT }
-    local old_info = old and key_info(old)
-    local n = 5
-    if old_info then n = index_keys(argv, n, base, old_info) end
-    local nold = n - 5
-    n = index_keys(argv, n, base, info)
-    argv[3] = n - 3
-    argv[n + 1], argv[n + 2], argv[n + 3], argv[n + 4], argv[n + 5], argv[n + 6] =
-        mode, id, blob, old or "", nold, old_info and "1" or "0"
-    return argv
+-- Items per write script call: Redis runs a script alone, so a call must stay short
+-- (a few ms at this size); a larger chunk of put_many is several calls in one pipeline.
+local SCRIPT_ITEMS = 500
+
+-- A call being built: one bucket's keys (one slot in a cluster).
+local function new_call(base)
+    local memo = {}
+    for i = 1, #FIELDS do memo[FIELDS[i]] = {} end
+    return { base = base, n = 0, ids = {}, memo = memo, sets = {}, keys = {}, args = {}, idx = {} }
+end
+
+-- The index set field:value of call g: { key, leave = {ids}, join = {ids} }.
+local function set_of(g, f, v)
+    local memo = g.memo[f]
+    local set = memo[v]
+    if not set then
+        set = { g.base .. "idx:" .. f .. ":" .. attr_str(v), leave = {}, join = {} }
+        g.sets[#g.sets + 1] = set
+        memo[v] = set
+    end
+    return set
+end
+
+-- The write script calls for entries { id =, blob =, info =, expect = } (expect: nil for
+-- "must be absent", else the value the stored one must equal, whose index entries the id
+-- leaves).  One call per bucket and at most SCRIPT_ITEMS items, ids distinct within a
+-- call.  Returns cmds and, per cmd, the entry positions it carries (in order).
+local function write_cmds(self, entries)
+    local open, calls = {}, {}
+    local nfields = #FIELDS
+    for ei = 1, #entries do
+        local e = entries[ei]
+        local id, info, old = e.id, e.info, e.expect
+        local b = self.bucket_of and self.bucket_of(id) or 0
+        local g = open[b]
+        if not g or g.n >= SCRIPT_ITEMS or g.ids[id] then
+            g = new_call(self.P .. self.tags[b])
+            open[b] = g
+            calls[#calls + 1] = g
+        end
+        local k = g.n + 1
+        g.n, g.ids[id], g.idx[k] = k, true, ei
+        g.keys[k] = g.base .. "k:" .. id
+        local old_info = old and key_info(old)
+        local args = g.args
+        local n = #args
+        args[n + 1], args[n + 2], args[n + 3] = id, e.blob, old or ""
+        args[n + 4] = not old and "a" or old_info and "b" or "f"
+        -- an attribute value that does not change touches no set
+        if old_info then
+            for i = 1, nfields do
+                local f = FIELDS[i]
+                local v = old_info[f]
+                if v ~= nil and v ~= info[f] then
+                    local list = set_of(g, f, v).leave
+                    list[#list + 1] = id
+                end
+            end
+        end
+        for i = 1, nfields do
+            local f = FIELDS[i]
+            local v = info[f]
+            if v ~= nil and (not old_info or old_info[f] ~= v) then
+                local list = set_of(g, f, v).join
+                list[#list + 1] = id
+            end
+        end
+    end
+    local cmds, members = {}, {}
+    for c = 1, #calls do
+        local g = calls[c]
+        local sets, keys, args = g.sets, g.keys, g.args
+        local counter = g.base .. "n"
+        local argv = { "EVALSHA", WRITE_SHA, 1 + #sets + #keys, counter,
+                       key = counter, script = WRITE_TEXT }
+        local n = 4
+        for i = 1, #sets do argv[n + i] = sets[i][1] end
+        n = n + #sets
+        for i = 1, #keys do argv[n + i] = keys[i] end
+        n = n + #keys
+        argv[n + 1], argv[n + 2] = #sets, #keys
+        n = n + 2
+        for i = 1, #args do argv[n + i] = args[i] end
+        n = n + #args
+        for i = 1, #sets do
+            local set = sets[i]
+            for _, list in ipairs { set.leave, set.join } do
+                n = n + 1
+                argv[n] = #list
+                for j = 1, #list do argv[n + j] = list[j] end
+                n = n + #list
+            end
+        end
+        cmds[c], members[c] = argv, g.idx
+    end
+    return cmds, members
+end
+
+-- One item's write: its result (1, 0, -1, -2, -3) or nil, msg, code.
+local function write_one(self, id, blob, info, expect)
+    local cmds = write_cmds(self, { { id = id, blob = blob, info = info, expect = expect } })
+    local r, err, code = call(self, cmds[1], WRITE)
+    if r == nil then return nil, err, code end
+    return r[1]
 end
 
 local function delete_cmd(self, id, old)
@@ -503,6 +626,7 @@ local WRITE_RESULT = {
     [0] = { "exists (use overwrite or if_match)", "EEXIST" },
     [-1] = { "not found", "ENOTFOUND" },
     [-2] = { "changed (the stored blob is not the one expected)", "ECONFLICT" },
+    [-3] = { "holds a value of another type, not a key blob", "EFORMAT" },
 }
 
 local PUT_OPTS = { overwrite = true, if_match = true }
@@ -521,7 +645,7 @@ function _M:put(id, blob, opts)
     local key = self:blob_key(id)
     local r, err
     if old ~= nil then
-        r, err, code = call(self, write_cmd(self, id, blob, info, "equal", old), WRITE)
+        r, err, code = write_one(self, id, blob, info, old)
     elseif opts.overwrite then
         -- read, then compare-and-set against what was read, so the old index entries go
         for _ = 1, MAX_RACE do
@@ -530,9 +654,9 @@ function _M:put(id, blob, opts)
             cur, err, code = call(self, { "GET", key, key = key }, RETRY)
             if cur == nil then break end
             if cur == null then
-                r, err, code = call(self, write_cmd(self, id, blob, info, "absent"), WRITE)
+                r, err, code = write_one(self, id, blob, info, nil)
             else
-                r, err, code = call(self, write_cmd(self, id, blob, info, "equal", cur), WRITE)
+                r, err, code = write_one(self, id, blob, info, cur)
             end
             if r == nil or r == 1 then break end
         end
@@ -541,7 +665,7 @@ function _M:put(id, blob, opts)
                                       fn, id, MAX_RACE), "ECONFLICT"
         end
     else
-        r, err, code = call(self, write_cmd(self, id, blob, info, "absent"), WRITE)
+        r, err, code = write_one(self, id, blob, info, nil)
     end
     if r == nil then return nil, string_format("%s: '%s': %s", fn, id, err), code end
     if r ~= 1 then
@@ -671,31 +795,35 @@ function _M:put_many(items, opts)
             for j = 1, #batch do cur[j] = res[j] end
         end
 
-        local cmds = {}
         for j, e in ipairs(batch) do
-            local old, mode = e.old, "equal"
+            local old = e.old
             if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
-            if old == nil then mode = "absent" end
-            cmds[j] = write_cmd(self, e.id, e.blob, e.info, mode, old)
+            e.expect = old
         end
+        local cmds, members = write_cmds(self, batch)
         local res, err, code = run(self, cmds, WRITE)
-        for j, e in ipairs(batch) do
-            local r = res[j]
-            if r == 1 then
-                stored = stored + 1
-            elseif r == nil then -- luacheck: ignore 542
-                -- no reply: the connection broke (reported below)
-            elseif is_err(r) then
-                failed(e.id, r.err, rcode(r.err))
-            elseif r == 0 and skip_existing and e.old == nil and not overwrite then
-                skipped = skipped + 1
-            elseif overwrite and e.old == nil then
-                -- raced with another writer between our GET and our write: one at a time
-                local ok, msg, c = self:put(e.id, e.blob, { overwrite = true })
-                if ok then stored = stored + 1 else failed(e.id, msg, c) end
-            else
-                local why = WRITE_RESULT[r] or { "unexpected reply " .. tostring(r), "EIO" }
-                failed(e.id, why[1], why[2])
+        for c = 1, #cmds do
+            local rc = res[c]
+            for k, j in ipairs(members[c]) do
+                local e = batch[j]
+                local r = rc
+                if type(rc) == "table" and not is_err(rc) then r = rc[k] end
+                if r == 1 then
+                    stored = stored + 1
+                elseif r == nil then -- luacheck: ignore 542
+                    -- no reply: the connection broke (reported below)
+                elseif is_err(r) then
+                    failed(e.id, r.err, rcode(r.err))
+                elseif r == 0 and skip_existing and e.old == nil and not overwrite then
+                    skipped = skipped + 1
+                elseif overwrite and e.old == nil and r ~= -3 then
+                    -- raced with another writer between our GET and our write: one at a time
+                    local ok, msg, c2 = self:put(e.id, e.blob, { overwrite = true })
+                    if ok then stored = stored + 1 else failed(e.id, msg, c2) end
+                else
+                    local why = WRITE_RESULT[r] or { "unexpected reply " .. tostring(r), "EIO" }
+                    failed(e.id, why[1], why[2])
+                end
             end
         end
         if err then
