@@ -364,10 +364,16 @@ describe("redis store", function()
         for _, bad in ipairs { "redis:localhost", "redis://h:0", "redis://h:99999", "redis://h:1/x",
                                "redis://h:1?bogus=1", "redis://h:1?timeout=-1", "redis://a:1,b:2",
                                "redis://nocolon@h:1", "redis://h:1?buckets=4",
-                               "redis://h:1?wait_replicas=1.5" } do
+                               "redis://h:1?wait_replicas=1.5", "redis://h:1?transport=bogus" } do
             H.expect_err("EINVAL", store.open(bad))
         end
-        local msg = H.expect_err("EINVAL", store.open("redis://u:s3cr3t@h:1?bogus=1"))
+        -- outside nginx there is no resty transport; auto is hiredis
+        local msg = H.expect_err("EINVAL", store.open("redis://h:1?transport=resty"))
+        assert.truthy(msg:find("resty transport is not available", 1, true), msg)
+        local s = open(URL .. "&transport=auto")
+        assert.are.equal("hiredis", s.transport_name)
+        s:close()
+        msg = H.expect_err("EINVAL", store.open("redis://u:s3cr3t@h:1?bogus=1"))
         assert.is_nil(msg:find("s3cr3t", 1, true), msg)
     end)
 

@@ -1,4 +1,4 @@
--- softcxi.store.redis: key blobs in one Redis server, over softcxi.hiredis.
+-- softcxi.store.redis: key blobs in one Redis server.
 --
 --   local store = require "softcxi.store"
 --   local s = assert(store.open("redis://[user:password@]127.0.0.1:6379/0?prefix=keys:"))
@@ -8,19 +8,23 @@
 --   timeout=2            seconds, for connect and for every reply
 --   wait_replicas=0      after each write, WAIT until this many replicas have it
 --   wait_timeout_ms=1000 how long WAIT may block; fewer acks -> EREPL
+--   chunk=1000           items per pipeline in put_many
+--   transport=auto       hiredis (plain Lua) or resty (cosockets, inside nginx); auto picks
 --
--- Layout under the prefix P (docs/stores-redis.md):
+-- Layout under the prefix P (docs/stores.md):
 --   P k:<id>                   the blob, a Redis string
 --   P idx:<field>:<value>      a set of ids per attribute value (name, specifier, group, algo)
---   P n                        how many blobs the store holds (INCR/DECR in the write scripts)
--- Every write is one Lua script run by Redis (EVALSHA): it checks the current value (absent
+--   P n                        how many blobs the store holds (kept by the write scripts)
+-- Every write is a Lua script run by Redis (EVALSHA): it checks the current value (absent
 -- for a plain put, equal to what the caller expects for if_match, overwrite and delete),
--- writes or deletes the blob, updates the index sets and the counter.  Redis runs a script
--- atomically, so a blob and its index entries never disagree, whatever else runs.
+-- writes or deletes the blob, updates the index sets and the counter; one call writes up
+-- to SCRIPT_ITEMS keys.  Redis runs a script atomically, so a blob and its index entries
+-- never disagree, whatever else runs.
 --
 -- The same code serves the Redis Cluster store (redis_cluster.lua): a store is a layout (how
--- ids map to keys: here one bucket and no hash tag) over a transport (here one Node; there a
--- router that sends each command to the node owning its key's slot).  A transport has
+-- ids map to keys: here one bucket and no hash tag) over a transport (here one node; there a
+-- router that sends each command to the node owning its key's slot).  Nodes come from a
+-- transport module (redis_transport.lua: hiredis or resty); what the store needs of t:
 --   t:pipeline(cmds [, {retry=, write=}]) -> res [, msg, code]
 --        cmds[i] is an argv array with .key (routing key); res[i] is the reply, { err = text }
 --        for a Redis error, or nil when no reply came (msg, code then say why: ECONN);
@@ -31,14 +35,13 @@
 
 local softcxi = require "softcxi"
 local store = require "softcxi.store"
-local hiredis = require "softcxi.hiredis"
+local transport = require "softcxi.store.redis_transport"
 
 local type, tostring, tonumber, pairs, ipairs, setmetatable, error =
     type, tostring, tonumber, pairs, ipairs, setmetatable, error
 local string_format, string_char = string.format, string.char
 local math_floor, math_min, math_max = math.floor, math.min, math.max
 local key_info, check = softcxi.key_info, store.check
-local null = hiredis.null
 
 local _M = { _VERSION = softcxi._VERSION }
 local mt = { __index = _M }
@@ -156,13 +159,7 @@ local function is_err(r)
 end
 _M.is_err = is_err
 
--- The stable code for a Redis error reply.
-local function rcode(text)
-    if text:find("^WRONGPASS") or text:find("^NOAUTH") then return "EAUTH" end
-    if text:find("^NOPERM") then return "EPERM" end
-    if text:find("^WRONGTYPE") then return "EFORMAT" end
-    return "EIO"
-end
+local rcode = transport.rcode
 
 -- An attribute value as it appears in an index key (specifier 3 -> "3", never "3.0").
 local function attr_str(v)
@@ -202,127 +199,10 @@ local function script_cmd(script, keys, args)
     return argv
 end
 
--- ---- a node: one server, one connection, (re)connected lazily ---------------
-
-local Node = {}
-Node.__index = Node
-_M.Node = Node
-
---- A node of host:port.  cfg: user, password, db, timeout (seconds).
-function Node.new(host, port, cfg)
-    return setmetatable({ host = host, port = port, addr = host .. ":" .. port, cfg = cfg,
-                          dirty = false }, Node)
-end
-
-function Node:drop()
-    if self.c then self.c:close() end
-    self.c = nil
-end
-
---- The live connection, connecting (AUTH, SELECT) when there is none.
-function Node:connect()
-    local c = self.c
-    if c and c:alive() then return c end
-    self:drop()
-    local cfg = self.cfg
-    local err, code
-    c, err, code = hiredis.connect(self.host, self.port, cfg.timeout)
-    if not c then return nil, err, code end
-    if cfg.password then
-        local ok
-        ok, err, code = c:command(cfg.user and { "AUTH", cfg.user, cfg.password }
-                                  or { "AUTH", cfg.password })
-        if not ok then
-            c:close()
-            if code ~= "EREDIS" then return nil, err .. " (during AUTH)", code end
-            return nil, string_format("%s: AUTH%s failed: %s", self.addr,
-                                      cfg.user and (" as '" .. cfg.user .. "'") or "", err), "EAUTH"
-        end
-    end
-    if cfg.db and cfg.db ~= 0 then
-        local ok
-        ok, err, code = c:command { "SELECT", cfg.db }
-        if not ok then
-            c:close()
-            if code ~= "EREDIS" then return nil, err .. " (during SELECT)", code end
-            code = rcode(err)
-            return nil, string_format("%s: SELECT %d: %s", self.addr, cfg.db, err),
-                code == "EIO" and "EINVAL" or code
-        end
-    end
-    self.c = c
-    return c
-end
-
--- One pipeline on one connection, no retry.  The fourth value says whether the
--- connection used was an old one (which may simply have gone stale).
-function Node:send(cmds)
-    local old = self.c ~= nil and self.c:alive()
-    local c, err, code = self:connect()
-    if not c then return {}, err, code, false end
-    local n = #cmds
-    for i = 1, n do
-        local ok
-        ok, err, code = c:append(cmds[i])
-        if not ok then
-            self:drop()
-            return {}, err, code, old
-        end
-    end
-    local res = {}
-    for i = 1, n do
-        local v
-        v, err, code = c:get_reply()
-        if v == nil then
-            if code ~= "EREDIS" then
-                self:drop()          -- the context is dead; the next call reconnects
-                return res, err, code, old
-            end
-            v = { err = err }
-        end
-        res[i] = v
-    end
-    return res
-end
-
---- Transport contract (see the top of the file).  opts.retry resends once on a new
--- connection when an old one failed (a server restart, an idle timeout): for reads.
-function Node:pipeline(cmds, opts)
-    local res, err, code, stale = self:send(cmds)
-    if err and stale and code == "ECONN" and opts and opts.retry then
-        res, err, code = self:send(cmds)
-    end
-    if opts and opts.write then self.dirty = true end
-    return res, err, code
-end
-
-function Node:nodes()
-    return { self }
-end
-
---- WAIT for n replicas on this connection if it wrote since the last wait.
-function Node:wait(n, ms)
-    if not self.dirty then return n end
-    self.dirty = false
-    if not self.c then
-        return nil, self.addr .. ": the connection broke before WAIT", "ECONN"
-    end
-    local r, err, code = self.c:command { "WAIT", n, ms }
-    if r == nil then
-        if code == "EREDIS" then code = rcode(err) else self:drop() end
-        return nil, self.addr .. ": " .. err, code
-    end
-    return r
-end
-
-function Node:close()
-    self:drop()
-end
-
 -- ---- URL ----------------------------------------------------------------------
 
 local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeout_ms = true,
-                buckets = true, chunk = true }
+                buckets = true, chunk = true, transport = true }
 
 --- Parse "//[user:password@]host:port[,host:port...][/db][?k=v&...]" (the part after
 -- "redis:" / "redis-cluster:").  Returns { user, password, db, hosts = { {host, port} },
@@ -337,7 +217,7 @@ function _M.parse_url(rest)
             local k, v = pair:match("^([^=]+)=(.*)$")
             if not k or not QUERY[k] then
                 return nil, "unknown URL parameter '" .. (k or pair) .. "' (prefix, timeout, "
-                    .. "wait_replicas, wait_timeout_ms, buckets, chunk)"
+                    .. "wait_replicas, wait_timeout_ms, buckets, chunk, transport)"
             end
             u.query[k] = pct_decode(v)     -- a later repetition wins
         end
@@ -405,6 +285,10 @@ function _M.config(fn, u, opts)
         if v == nil then v = spec[4] or nil end
         cfg[spec[1]] = v
     end
+    local T
+    T, err = transport.choose(merged.transport)
+    if not T then return nil, fn .. ": " .. err end
+    cfg.T = T
     -- a WAIT must not outlast the socket timeout
     if cfg.wait_replicas > 0 then
         cfg.timeout = math_max(cfg.timeout, cfg.wait_timeout_ms / 1000 + 1)
@@ -414,12 +298,14 @@ end
 
 -- ---- the store -------------------------------------------------------------------
 
---- A store over transport t.  layout: name (message prefix), buckets, tags (bucket ->
--- key infix, 0-based), bucket_of(id) and key_id(key) for bucketed layouts.
+--- A store over transport t (a node or a router of cfg.T's nodes).  layout: name (message
+-- prefix), buckets, tags (bucket -> key infix, 0-based), bucket_of(id) and key_id(key) for
+-- bucketed layouts.
 function _M.new(t, cfg, layout)
     local P = cfg.prefix
     local s = {
-        transport = t, name = layout.name, P = P, cluster = layout.cluster or false,
+        transport = t, null = cfg.T.null, transport_name = cfg.T.name,
+        name = layout.name, P = P, cluster = layout.cluster or false,
         nb = layout.buckets or 1, tags = layout.tags or { [0] = "" },
         bucket_of = layout.bucket_of, key_id = layout.key_id,
         match = layout.match or (glob_escape(P) .. "k:*"),
@@ -498,12 +384,16 @@ local WRITE_SHA, WRITE_TEXT = SCRIPTS.write.sha, SCRIPTS.write.text
 -- Items per write script call: Redis runs a script alone, so a call must stay short
 -- (a few ms at this size); a larger chunk of put_many is several calls in one pipeline.
 local SCRIPT_ITEMS = 500
+-- and at most about this many arguments (resty.redis passes them as a vararg: LuaJIT's
+-- unpack stops at 8000)
+local SCRIPT_ARGS = 6000
 
 -- A call being built: one bucket's keys (one slot in a cluster).
 local function new_call(base)
     local memo = {}
     for i = 1, #FIELDS do memo[FIELDS[i]] = {} end
-    return { base = base, n = 0, ids = {}, memo = memo, sets = {}, keys = {}, args = {}, idx = {} }
+    return { base = base, n = 0, nargs = 8, ids = {}, memo = memo, sets = {}, keys = {}, args = {},
+             idx = {} }
 end
 
 -- The index set field:value of call g: { key, leave = {ids}, join = {ids} }.
@@ -513,6 +403,7 @@ local function set_of(g, f, v)
     if not set then
         set = { g.base .. "idx:" .. f .. ":" .. attr_str(v), leave = {}, join = {} }
         g.sets[#g.sets + 1] = set
+        g.nargs = g.nargs + 3
         memo[v] = set
     end
     return set
@@ -530,13 +421,14 @@ local function write_cmds(self, entries)
         local id, info, old = e.id, e.info, e.expect
         local b = self.bucket_of and self.bucket_of(id) or 0
         local g = open[b]
-        if not g or g.n >= SCRIPT_ITEMS or g.ids[id] then
+        if not g or g.n >= SCRIPT_ITEMS or g.nargs > SCRIPT_ARGS or g.ids[id] then
             g = new_call(self.P .. self.tags[b])
             open[b] = g
             calls[#calls + 1] = g
         end
         local k = g.n + 1
         g.n, g.ids[id], g.idx[k] = k, true, ei
+        g.nargs = g.nargs + 5 + 2 * nfields
         g.keys[k] = g.base .. "k:" .. id
         local old_info = old and key_info(old)
         local args = g.args
@@ -653,7 +545,7 @@ function _M:put(id, blob, opts)
             r = nil
             cur, err, code = call(self, { "GET", key, key = key }, RETRY)
             if cur == nil then break end
-            if cur == null then
+            if cur == self.null then
                 r, err, code = write_one(self, id, blob, info, nil)
             else
                 r, err, code = write_one(self, id, blob, info, cur)
@@ -686,7 +578,7 @@ function _M:get(id)
         if code == "EFORMAT" then err = "not a key blob (" .. err .. ")" end
         return nil, string_format("%s: '%s' (key %s): %s", fn, id, key, err), code
     end
-    if v == null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
+    if v == self.null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
     local info, why = key_info(v)
     if not info then
         return nil, string_format("%s: '%s' (key %s): not a key blob: %s", fn, id, key, why), "EFORMAT"
@@ -703,7 +595,7 @@ function _M:delete(id)
     for _ = 1, MAX_RACE do
         local cur, err, code = call(self, { "GET", key, key = key }, RETRY)
         if cur == nil then return nil, string_format("%s: '%s' (key %s): %s", fn, id, key, err), code end
-        if cur == null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
+        if cur == self.null then return nil, string_format("%s: '%s' not found", fn, id), "ENOTFOUND" end
         local r
         r, err, code = call(self, delete_cmd(self, id, cur), WRITE)
         if r == nil then return nil, string_format("%s: '%s': %s", fn, id, err), code end
@@ -862,7 +754,7 @@ local function fetch_blobs(self, fn, ids)
             local why
             if is_err(v) then
                 why = v.err
-            elseif v ~= null then
+            elseif v ~= self.null then
                 local info, e = key_info(v)
                 if info then out[id] = v else why = e end
             end
@@ -907,7 +799,7 @@ function _M:count()
     for i = 1, #cmds do
         local v = res[i]
         if is_err(v) then return nil, fn .. ": " .. v.err, rcode(v.err) end
-        n = n + (tonumber(v ~= null and v or 0) or 0)
+        n = n + (tonumber(v ~= self.null and v or 0) or 0)
     end
     return n
 end
@@ -1115,7 +1007,8 @@ function _M:find(filter, cursor, limit)
     return ids, nxt
 end
 
---- Close the connections.  Closing twice is fine; any other call then raises.
+--- Close the connections (hiredis; the resty transport holds none between calls).
+-- Closing twice is fine; any other call then raises.
 function _M:close()
     if not self.closed then self.transport:close() end
     self.closed = true
@@ -1136,10 +1029,14 @@ function _M.open(rest, opts, url)
     cfg, err = _M.config(fn, u, opts)
     if not cfg then return nil, err, "EINVAL" end
     if cfg.buckets then return nil, fn .. ": buckets= is for redis-cluster:// URLs", "EINVAL" end
-    local node = Node.new(u.hosts[1].host, u.hosts[1].port, cfg)
-    local c, code
-    c, err, code = node:connect()
-    if not c then return nil, fn .. ": " .. err, code end
+    local node = cfg.T.Node.new(u.hosts[1].host, u.hosts[1].port, cfg)
+    -- connect now, to report a bad address or password at once; inside nginx only where
+    -- cosockets exist (in init_worker_by_lua the store connects on first use)
+    if not cfg.T.cosockets or cfg.T.cosockets() then
+        local c, code
+        c, err, code = node:connect()
+        if not c then return nil, fn .. ": " .. err, code end
+    end
     local s = _M.new(node, cfg, { name = "store.redis" })
     s.url = url and url:gsub("//[^@/]*@", "//***@")   -- for messages: never the password
     return s
