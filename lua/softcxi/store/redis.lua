@@ -934,7 +934,7 @@ local function scan(self, fn, cursor, count)
         end
     end
     self.skipped = self.skipped + bad
-    return out, nxt, bad
+    return out, nxt, bad, blobs
 end
 
 --- Iterate the store in bounded memory: ids, next_cursor (nil when done), skipped.
@@ -946,7 +946,19 @@ end
 function _M:scan(cursor, count)
     local fn = self.name .. ".scan"
     if self.closed then error(fn .. ": the store is closed", 2) end
-    return scan(self, fn, cursor, check_limit(fn, count, 100))
+    local ids, nxt, bad = scan(self, fn, cursor, check_limit(fn, count, 100))
+    return ids, nxt, bad
+end
+
+--- scan with the values: ids, { [id] = blob }, next_cursor, skipped.  scan reads every
+-- value anyway (to leave out what is not a key blob); rewrap takes them from here instead
+-- of a second round of GETs.  A blob deleted meanwhile is absent from ids.
+function _M:scan_blobs(cursor, count)
+    local fn = self.name .. ".scan_blobs"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    local ids, nxt, bad, blobs = scan(self, fn, cursor, check_limit(fn, count, 100))
+    if not ids then return nil, nxt, bad end
+    return ids, blobs, nxt, bad
 end
 
 --- Ids whose blob's attributes match filter (fields name, specifier, group, algo; an
