@@ -503,7 +503,11 @@ describe("redis store", function()
         local many = make_blobs(1200, "bm" .. RUN, "gbm")
         cmd(c, { "CONFIG", "RESETSTAT" })
         assert.are.equal(1200, s:put_many(items_of(many)))
-        local calls = tonumber(cmd(c, { "INFO", "commandstats" }):match("cmdstat_evalsha:calls=(%d+)"))
+        local stats = cmd(c, { "INFO", "commandstats" })
+        local calls = 0
+        for _, name in ipairs { "eval", "evalsha" } do
+            calls = calls + tonumber(stats:match("cmdstat_" .. name .. ":calls=(%d+)") or "0")
+        end
         assert.is_true(calls >= 2 and calls <= 10, "EVALSHA calls: " .. tostring(calls))
         assert.are.equal(1200, #members("group", "gbm"))
         assert.are.equal(1202, n())
@@ -635,10 +639,13 @@ describe("redis store", function()
         assert.truthy(r[2]:find("^store%.redis%.put_many: "), r[2])
 
         srv = start_server(dir, persist, srv.port)          -- same port, same AOF
-        assert.are.equal(150, s:count())                    -- the same store object reconnects
+        -- the same store object reconnects; the slice sent ahead of the last confirmed one
+        -- (put_many overlaps them) may have run before the kill: confirmed <= stored
+        local have = s:count()
+        assert.is_true(have >= 150 and have <= 200, "stored after the kill: " .. tostring(have))
         local n, skipped = s:put_many(items, { chunk = 50, skip_existing = true })
-        assert.are.equal(350, n)
-        assert.are.equal(150, skipped)
+        assert.are.equal(500 - have, n)
+        assert.are.equal(have, skipped)
         assert.are.equal(500, s:count())
         local ids, bad = scan_all(s, 100)
         assert.are.equal(0, bad)

@@ -387,6 +387,9 @@ local SCRIPT_ITEMS = 500
 -- and at most about this many arguments (resty.redis passes them as a vararg: LuaJIT's
 -- unpack stops at 8000)
 local SCRIPT_ARGS = 6000
+-- put_many over hiredis sends a slice of this many items before it reads the replies of
+-- the previous one (see put_many)
+local AHEAD_ITEMS = 250
 
 -- A call being built: one bucket's keys (one slot in a cluster).
 local function new_call(base)
@@ -412,8 +415,9 @@ end
 -- The write script calls for entries { id =, blob =, info =, expect = } (expect: nil for
 -- "must be absent", else the value the stored one must equal, whose index entries the id
 -- leaves).  One call per bucket and at most SCRIPT_ITEMS items, ids distinct within a
--- call.  Returns cmds and, per cmd, the entry positions it carries (in order).
-local function write_cmds(self, entries)
+-- call.  Returns cmds and, per cmd, the entry positions it carries (in order).  eval:
+-- send the script's text (EVAL) rather than its SHA1.
+local function write_cmds(self, entries, eval)
     local open, calls = {}, {}
     local nfields = #FIELDS
     for ei = 1, #entries do
@@ -462,6 +466,7 @@ local function write_cmds(self, entries)
         local counter = g.base .. "n"
         local argv = { "EVALSHA", WRITE_SHA, 1 + #sets + #keys, counter,
                        key = counter, script = WRITE_TEXT }
+        if eval then argv[1], argv[2], argv.script = "EVAL", WRITE_TEXT, nil end
         local n = 4
         for i = 1, #sets do argv[n + i] = sets[i][1] end
         n = n + #sets
@@ -636,9 +641,18 @@ function _M:put_many(items, opts)
     local stored, skipped, nfail = 0, 0, 0
     local fail_msg, fail_code
 
-    -- a malformed item fails the whole call before anything is written (each chunk is
-    -- checked before it is sent: a single chunk needs no pass of its own)
-    for i = 1, total > chunk and total or 0 do
+    -- With the hiredis transport (one node, no WAIT, no overwrite's reads in between), a
+    -- slice is sent before the previous one's replies are read: Redis runs one slice's
+    -- script while this process checks and encodes the next.  Slices of at most AHEAD_ITEMS
+    -- keep that overlap inside a chunk too.
+    local t = self.transport
+    local ahead = t.send_ahead ~= nil and not overwrite and (self.wait_replicas or 0) <= 0
+    local slice = ahead and math_min(chunk, AHEAD_ITEMS) or chunk
+    local inflight
+
+    -- a malformed item fails the whole call before anything is written (each slice is
+    -- checked before it is sent: a single slice needs no pass of its own)
+    for i = 1, total > slice and total or 0 do
         local it = items[i]
         if type(it) ~= "table" then
             error(string_format("%s: item %d must be a table { id =, blob = }", fn, i), 2)
@@ -655,46 +669,11 @@ function _M:put_many(items, opts)
         if not fail_msg then fail_msg, fail_code = string_format("'%s' %s", id, msg), code end
     end
 
-    for first = 1, total, chunk do
-        local last = math_min(total, first + chunk - 1)
-        local batch = {}
-        for i = first, last do
-            local it = items[i]
-            if type(it) ~= "table" then
-                error(string_format("%s: item %d must be a table { id =, blob = }", fn, i), 2)
-            end
-            if it.if_match ~= nil and type(it.if_match) ~= "string" then
-                error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
-            end
-            local id, info, code = check(it.id, it.blob, fn)
-            if not id then return nil, string_format("%s (item %d)", info, i), code, stored end
-            batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match }
-        end
-
-        -- overwrite: read what is there first, then compare-and-set against it
-        local cur = {}
-        if overwrite then
-            local gets = {}
-            for j, e in ipairs(batch) do
-                local key = self:blob_key(e.id)
-                gets[j] = { "GET", key, key = key }
-            end
-            local res, err, code = run(self, gets, RETRY)
-            if err then
-                return nil, string_format("%s: reading current values: %s (%d of %d keys stored)",
-                                          fn, err, stored, total), code, stored
-            end
-            for j = 1, #batch do cur[j] = res[j] end
-        end
-
-        for j, e in ipairs(batch) do
-            local old = e.old
-            if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
-            e.expect = old
-        end
-        local cmds, members = write_cmds(self, batch)
-        local res, err, code = run(self, cmds, WRITE)
-        for c = 1, #cmds do
+    -- Count the replies of one slice (sent as cmds, carrying members[c] of batch); then,
+    -- at the end of a chunk, WAIT and on_chunk.  nil, or the error to return.
+    local function settle(sl, res, err, code)
+        local batch, members = sl.batch, sl.members
+        for c = 1, #sl.cmds do
             local rc = res[c]
             for k, j in ipairs(members[c]) do
                 local e = batch[j]
@@ -719,13 +698,88 @@ function _M:put_many(items, opts)
             end
         end
         if err then
-            return nil, string_format("%s: connection lost after %d of %d keys were confirmed stored"
-                                      .. " (%d skipped as existing): %s", fn, stored, total, skipped, err),
-                code, stored
+            return { nil, string_format("%s: connection lost after %d of %d keys were confirmed stored"
+                                        .. " (%d skipped as existing): %s", fn, stored, total, skipped, err),
+                     code, stored }
         end
-        local ok, msg, c = replicated(self, fn, string_format("%d keys", stored))
-        if not ok then return nil, msg, c, stored end
-        if on_chunk then on_chunk(last, total) end
+        if sl.chunk_end then
+            local ok, msg, c = replicated(self, fn, string_format("%d keys", stored))
+            if not ok then return { nil, msg, c, stored } end
+            if on_chunk then on_chunk(sl.last, total) end
+        end
+    end
+
+    for cfirst = 1, total, chunk do
+        local clast = math_min(total, cfirst + chunk - 1)
+        for first = cfirst, clast, slice do
+            local last = math_min(clast, first + slice - 1)
+            local batch = {}
+            for i = first, last do
+                local it = items[i]
+                if type(it) ~= "table" then
+                    error(string_format("%s: item %d must be a table { id =, blob = }", fn, i), 2)
+                end
+                if it.if_match ~= nil and type(it.if_match) ~= "string" then
+                    error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
+                end
+                local id, info, code = check(it.id, it.blob, fn)
+                if not id then
+                    if inflight then
+                        local r = settle(inflight, t:receive(#inflight.cmds))
+                        if r then return r[1], r[2], r[3], r[4] end
+                    end
+                    return nil, string_format("%s (item %d)", info, i), code, stored
+                end
+                batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match }
+            end
+
+            -- overwrite: read what is there first, then compare-and-set against it
+            local cur = {}
+            if overwrite then
+                local gets = {}
+                for j, e in ipairs(batch) do
+                    local key = self:blob_key(e.id)
+                    gets[j] = { "GET", key, key = key }
+                end
+                local res, err, code = run(self, gets, RETRY)
+                if err then
+                    return nil, string_format("%s: reading current values: %s (%d of %d keys stored)",
+                                              fn, err, stored, total), code, stored
+                end
+                for j = 1, #batch do cur[j] = res[j] end
+            end
+
+            for j, e in ipairs(batch) do
+                local old = e.old
+                if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
+                e.expect = old
+            end
+            local cmds, members = write_cmds(self, batch, ahead)
+            local sl = { batch = batch, cmds = cmds, members = members, last = last,
+                         chunk_end = last == clast }
+            if ahead then
+                -- EVAL (write_cmds' third argument): never NOSCRIPT, so no reply needs
+                -- a resend while the next slice is in flight
+                local ok, err, code = t:send_ahead(cmds)
+                if inflight then
+                    local r = settle(inflight, t:receive(#inflight.cmds))
+                    if r then return r[1], r[2], r[3], r[4] end
+                end
+                if not ok then
+                    return nil, string_format("%s: connection lost after %d of %d keys were confirmed "
+                                              .. "stored (%d skipped as existing): %s", fn, stored, total,
+                                              skipped, err), code, stored
+                end
+                inflight = sl
+            else
+                local r = settle(sl, run(self, cmds, WRITE))
+                if r then return r[1], r[2], r[3], r[4] end
+            end
+        end
+    end
+    if inflight then
+        local r = settle(inflight, t:receive(#inflight.cmds))
+        if r then return r[1], r[2], r[3], r[4] end
     end
     if fail_msg then
         return nil, string_format("%s: %s%s; %d of %d keys stored", fn, fail_msg,

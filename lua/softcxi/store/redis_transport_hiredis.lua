@@ -23,6 +23,7 @@ end
 function Node:drop()
     if self.c then self.c:close() end
     self.c = nil
+    self.inflight = 0
 end
 
 --- The live connection, connecting (AUTH, SELECT) when there is none.
@@ -97,6 +98,56 @@ function Node:pipeline(cmds, opts)
     end
     if opts and opts.write then self.dirty = true end
     return res, err, code
+end
+
+--- Send cmds without reading their replies: true | nil, msg, code.  put_many overlaps
+-- its work on the next slice with the server's on this one; receive(n) reads the replies
+-- later, in order.  Never reconnects while replies are outstanding: they would be lost.
+function Node:send_ahead(cmds)
+    local c = self.c
+    if self.inflight and self.inflight > 0 then
+        if not (c and c:alive()) then
+            return nil, self.addr .. ": the connection broke with replies outstanding", "ECONN"
+        end
+    else
+        local err, code
+        c, err, code = self:connect()
+        if not c then return nil, err, code end
+    end
+    local ok, err, code
+    for i = 1, #cmds do
+        ok, err, code = c:append(cmds[i])
+        if not ok then break end
+    end
+    if ok then ok, err, code = c:flush() end
+    self.dirty = true
+    self.inflight = (self.inflight or 0) + #cmds
+    if not ok then return nil, err, code end    -- receive() reports the rest
+    return true
+end
+
+--- The replies of n commands sent ahead: res [, msg, code] as pipeline's.
+function Node:receive(n)
+    self.inflight = (self.inflight or 0) - n
+    local c = self.c
+    local res = {}
+    if not (c and c:alive() and c:pending() >= n) then
+        self:drop()
+        return res, self.addr .. ": the connection broke before the replies came", "ECONN"
+    end
+    for i = 1, n do
+        local v, err, code = c:get_reply()
+        if v == nil then
+            if code ~= "EREDIS" then
+                self:drop()
+                self.inflight = 0
+                return res, err, code
+            end
+            v = { err = err }
+        end
+        res[i] = v
+    end
+    return res
 end
 
 function Node:nodes()
