@@ -631,18 +631,25 @@ describe("redis store", function()
             assert.are.equal(500, total)
             if done == 150 then stop_server(srv, "KILL") end
         end }))
-        assert.are.same({ 50, 100, 150 }, progress)
+        -- put_many sends each chunk before it reads the replies of the one before: the
+        -- chunk in flight when Redis died (151-200) may have been answered before the
+        -- kill, and then it is confirmed too.  What is confirmed is stored, and the
+        -- message and the fourth value say exactly how much that is.
+        local confirmed = progress[#progress]
+        assert.is_true(confirmed == 150 or confirmed == 200, "confirmed: " .. tostring(confirmed))
+        for i, done in ipairs(progress) do assert.are.equal(50 * i, done) end
         assert.is_nil(r[1])
         assert.are.equal("ECONN", r[3], r[2])
-        assert.are.equal(150, r[4])
-        assert.truthy(r[2]:find("150 of 500 keys were confirmed stored", 1, true), r[2])
+        assert.are.equal(confirmed, r[4])
+        assert.truthy(r[2]:find(confirmed .. " of 500 keys were confirmed stored", 1, true), r[2])
         assert.truthy(r[2]:find("^store%.redis%.put_many: "), r[2])
 
         srv = start_server(dir, persist, srv.port)          -- same port, same AOF
-        -- the same store object reconnects; the slice sent ahead of the last confirmed one
-        -- (put_many overlaps them) may have run before the kill: confirmed <= stored
+        -- the same store object reconnects; the chunk sent ahead of the last confirmed one
+        -- may have run before the kill: confirmed <= stored <= confirmed + one chunk
         local have = s:count()
-        assert.is_true(have >= 150 and have <= 200, "stored after the kill: " .. tostring(have))
+        assert.is_true(have >= confirmed and have <= confirmed + 50,
+                       "stored after the kill: " .. tostring(have))
         local n, skipped = s:put_many(items, { chunk = 50, skip_existing = true })
         assert.are.equal(500 - have, n)
         assert.are.equal(have, skipped)
