@@ -622,7 +622,8 @@ local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on
 -- opts.skip_existing: an id already stored is left alone and counted, not an error.
 -- opts.on_chunk(done, total) runs after each chunk is confirmed (and replicated).
 -- Returns stored, skipped; or nil, msg, code, stored -- stored counts the keys whose
--- write Redis confirmed before the failure (ECONN: the connection broke mid-batch).
+-- write Redis confirmed before the failure (ECONN: the connection broke mid-batch; the
+-- unconfirmed chunk, and over hiredis the one sent ahead of it, may or may not be written).
 -- Every item is checked first: a malformed one (EFORMAT) fails the call before anything
 -- is written.  Items failing one by one at the server (EEXIST, ECONFLICT) do not stop
 -- the pipeline: the rest is written, then the first failure is returned with how many
