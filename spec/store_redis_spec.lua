@@ -297,6 +297,21 @@ describe("softcxi.hiredis", function()
         assert.are.equal(60, c:command(argv))
         assert.are.same(want, c:command { "LRANGE", P .. "list", 0, -1 })
         c:command { "DEL", P .. "list" }
+        -- flush sends what is queued now; the replies wait, in order, until read
+        assert.is_true(c:append { "SET", P .. "f", "sent" })
+        assert.is_true(c:flush())
+        assert.is_true(c:flush())                       -- nothing queued: a no-op
+        local other = admin(MAIN.port)
+        for _ = 1, 50 do
+            if other:command { "GET", P .. "f" } == "sent" then break end
+            hiredis.sleep(0.01)
+        end
+        assert.are.equal("sent", other:command { "GET", P .. "f" })   -- ran before any read
+        other:close()
+        assert.is_true(c:append { "DEL", P .. "f" })
+        assert.are.equal(2, c:pending())
+        assert.are.equal("OK", c:get_reply())
+        assert.are.equal(1, c:get_reply())
     end)
 
     it("raises on misuse and returns ECONN for a refused connection", function()
@@ -332,6 +347,16 @@ describe("softcxi.hiredis", function()
         assert.is_false(d:alive())
         assert.are.equal(0, d:pending())
         H.expect_err("ECONN", d:command { "PING" })
+        H.expect_err("ECONN", d:flush())
+        d:close()
+        -- flush itself meets the dead peer: ECONN, nothing pending, no SIGPIPE
+        srv = start_server(dir)
+        d = admin(srv.port)
+        stop_server(srv, "KILL")
+        for i = 1, 2000 do d:append { "SET", "k" .. i, big } end
+        H.expect_err("ECONN", d:flush())
+        assert.is_false(d:alive())
+        assert.are.equal(0, d:pending())
         d:close()
     end)
 end)
@@ -513,6 +538,29 @@ describe("redis store", function()
         assert.are.equal(1202, n())
         assert.are.equal(1202, s:count())
         cmd(c, { "DEL", P .. "k:z" })
+        s:close()
+    end)
+
+    it("an on_chunk that raises leaves no reply unread: the store answers right afterwards", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local blobs = make_blobs(150, "oc" .. RUN, "goc")
+        local ok, err = pcall(s.put_many, s, items_of(blobs), { chunk = 50, on_chunk = function(done)
+            if done == 50 then error("stop here", 0) end
+        end })
+        assert.is_false(ok)
+        assert.are.equal("stop here", err)
+        -- the chunk sent ahead (51-100) may have landed; its reply was dropped with the
+        -- connection, never read as the answer to what follows
+        local ids = ids_of(blobs)
+        assert.are.equal(blobs[1], s:get(ids[1]))
+        local n = s:count()
+        assert.is_true(n == 50 or n == 100, "count " .. tostring(n))
+        H.expect_err("ENOTFOUND", s:get(ids[150]))
+        local stored, skipped = s:put_many(items_of(blobs), { skip_existing = true })
+        assert.are.equal(150 - n, stored)
+        assert.are.equal(n, skipped)
+        for _, id in ipairs(ids) do assert.is_true(s:delete(id)) end
         s:close()
     end)
 
