@@ -395,20 +395,25 @@ local SCRIPT_ARGS = 6000
 local AHEAD_ITEMS = 1000
 local AHEAD_WINDOW = 1
 
+-- The shared empty list of a set nobody leaves or joins (yet): most sets are only joined.
+local EMPTY = {}
+
 -- A call being built: one bucket's keys (one slot in a cluster).
 local function new_call(base)
-    local memo = {}
-    for i = 1, #FIELDS do memo[FIELDS[i]] = {} end
-    return { base = base, n = 0, nargs = 8, ids = {}, memo = memo, sets = {}, keys = {}, args = {},
+    return { base = base, n = 0, nargs = 8, ids = {}, memo = {}, sets = {}, keys = {}, args = {},
              idx = {} }
 end
 
 -- The index set field:value of call g: { key, leave = {ids}, join = {ids} }.
 local function set_of(g, f, v)
     local memo = g.memo[f]
+    if not memo then
+        memo = {}
+        g.memo[f] = memo
+    end
     local set = memo[v]
     if not set then
-        set = { g.base .. "idx:" .. f .. ":" .. attr_str(v), leave = {}, join = {} }
+        set = { g.base .. "idx:" .. f .. ":" .. attr_str(v), leave = EMPTY, join = EMPTY }
         g.sets[#g.sets + 1] = set
         g.nargs = g.nargs + 3
         memo[v] = set
@@ -449,8 +454,9 @@ local function write_cmds(self, entries, eval)
                 local f = FIELDS[i]
                 local v = old_info[f]
                 if v ~= nil and v ~= info[f] then
-                    local list = set_of(g, f, v).leave
-                    list[#list + 1] = id
+                    local set = set_of(g, f, v)
+                    if set.leave == EMPTY then set.leave = {} end
+                    set.leave[#set.leave + 1] = id
                 end
             end
         end
@@ -458,8 +464,9 @@ local function write_cmds(self, entries, eval)
             local f = FIELDS[i]
             local v = info[f]
             if v ~= nil and (not old_info or old_info[f] ~= v) then
-                local list = set_of(g, f, v).join
-                list[#list + 1] = id
+                local set = set_of(g, f, v)
+                if set.join == EMPTY then set.join = {} end
+                set.join[#set.join + 1] = id
             end
         end
     end
@@ -482,12 +489,16 @@ local function write_cmds(self, entries, eval)
         n = n + #args
         for i = 1, #sets do
             local set = sets[i]
-            for _, list in ipairs { set.leave, set.join } do
-                n = n + 1
-                argv[n] = #list
-                for j = 1, #list do argv[n + j] = list[j] end
-                n = n + #list
-            end
+            local list = set.leave
+            n = n + 1
+            argv[n] = #list
+            for j = 1, #list do argv[n + j] = list[j] end
+            n = n + #list
+            list = set.join
+            n = n + 1
+            argv[n] = #list
+            for j = 1, #list do argv[n + j] = list[j] end
+            n = n + #list
         end
         cmds[c], members[c] = argv, g.idx
     end
