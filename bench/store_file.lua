@@ -73,7 +73,14 @@ end
 local function run()
     print(string.format("info %s %s %s", type(jit) == "table" and jit.version or _VERSION,
         softcxi._VERSION, root))
+    -- a throw-away device, and a user who may make keys of any group
+    assert(softcxi.init { path = root .. "/dev", keyfile = root .. "/keys/device.key",
+        password = "bench-admin-password", kdf_cost = 10 })
     local hsm = assert(softcxi.open { path = root .. "/dev", keyfile = root .. "/keys/device.key" })
+    assert(hsm:logon_pass("ADMIN", "bench-admin-password"))
+    assert(hsm:user_add { name = "bench", password = "bench-password", groups = { "*" }, kdf_cost = 10 })
+    hsm:logoff()
+    assert(hsm:logon_pass("bench", "bench-password"))
 
     -- 2N keys of one group, made before any clock runs
     local blobs = assert(hsm:bulk_generate(softcxi.FLAG_EXTERNAL,

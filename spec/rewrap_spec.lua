@@ -90,4 +90,58 @@ describe("rewrap", function()
         s2:close()
         H.destroy(other)
     end)
+    local URL = os.getenv("SOFTCXI_TEST_REDIS_URL")
+    if URL and URL ~= "" then
+        it("in Redis takes the values scan read (scan_blobs) and compare-and-sets them", function()
+            local P = "rw" .. tostring(os.time()) .. math.random(1000000) .. ":"
+            local rs = assert(store_mod.open(URL .. "&prefix=" .. P))
+            assert(provision.run { hsm = hsm, store = rs, count = 40, batch = 16,
+                name_format = "r%02d", template = { algo = "ec", group = "iot" } })
+            local shares, pws = {}, { "share-pw-three", "share-pw-four" }
+            for i = 1, 2 do shares[i] = root .. "/r" .. i end
+            assert(admin:mbk_generate { m = 2, shares = shares, passwords = pws, kdf_cost = 10 })
+            assert(admin:mbk_import { shares = shares, passwords = pws })
+            local new_kcv = admin:mbk_info().current
+            -- r05 is replaced after the scan read it: its compare-and-set must fail alone
+            local theirs = assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec", group = "iot",
+                name = "r05" }))
+            local replaced = false
+            local stale = setmetatable({
+                scan_blobs = function(_, cursor, count)
+                    local ids, blobs, nxt, bad = rs:scan_blobs(cursor, count)
+                    if blobs and blobs["iot/r05"] and not replaced then
+                        assert(rs:put("iot/r05", theirs, { overwrite = true }))
+                        replaced = true
+                    end
+                    return ids, blobs, nxt, bad
+                end,
+            }, { __index = function(_, k)
+                local v = rs[k]
+                if type(v) == "function" then return function(_, ...) return v(rs, ...) end end
+                return v
+            end })
+            local r = assert(rewrap.run { hsm = hsm, store = stale, page = 7 })
+            assert.are.equal(40, r.seen)
+            assert.are.equal(39, r.rewrapped)
+            assert.are.equal(1, r.conflicts)
+            assert.are.equal(theirs, rs:get("iot/r05"))
+            local n = 0
+            local cursor
+            repeat
+                local ids, blobs, nxt = assert(rs:scan_blobs(cursor, 100))
+                for _, id in ipairs(ids) do
+                    n = n + 1
+                    if id ~= "iot/r05" then assert.are.equal(new_kcv, softcxi.key_info(blobs[id]).kcv) end
+                end
+                cursor = nxt
+            until not cursor
+            assert.are.equal(40, n)
+            assert.are.equal(40, rs:count())
+            assert.are.equal(40, #assert(rs:find({ group = "iot" }, nil, 100)))
+            local cleanup = {}
+            for i = 1, 40 do cleanup[i] = ("iot/r%02d"):format(i) end
+            for _, id in ipairs(cleanup) do assert(rs:delete(id)) end
+            rs:close()
+        end)
+    end
 end)

@@ -12,6 +12,7 @@
  *   local conn, msg, code = hiredis.connect("127.0.0.1", 6379, 2.0)
  *   local v, msg, code = conn:command({ "SET", key, blob })
  *   conn:append({ "GET", k1 }); conn:append({ "GET", k2 })   -- a pipeline
+ *   conn:flush()                           -- optional: send now, read later
  *   local v1 = conn:get_reply(); local v2 = conn:get_reply()
  *   conn:close()                                              -- also __gc/__close
  *
@@ -382,6 +383,33 @@ static int c_append(lua_State *L)
     return 1;
 }
 
+/* conn:flush() -> true | nil, msg, "ECONN": write every queued command now, without
+ * waiting for a reply, so the server works on them while the caller does something
+ * else; get_reply reads the replies later, in order. */
+static int c_flush(lua_State *L)
+{
+    lconn *lc = check_conn(L);
+    redisContext *c = lc->c;
+    if (c->err) {
+        lc->pending = 0;
+        return push_conn_error(L, c);
+    }
+    if (c->obuf && sdslen(c->obuf) > 0) {
+        sigpipe_guard g;
+        int done = 0;
+        sigpipe_block(&g);
+        while (!done && redisBufferWrite(c, &done) == REDIS_OK)
+            ;
+        sigpipe_restore(&g);
+        if (c->err) {
+            lc->pending = 0; /* the context is dead: no reply will come */
+            return push_conn_error(L, c);
+        }
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* conn:get_reply() -> reply | nil, msg, code  (flushes the queue first) */
 static int c_get_reply(lua_State *L)
 {
@@ -485,6 +513,7 @@ static int l_connect(lua_State *L)
 
 static const luaL_Reg conn_methods[] = {
     {"command", c_command},   {"append", c_append}, {"get_reply", c_get_reply},
+    {"flush", c_flush},
     {"pending", c_pending},   {"alive", c_alive},   {"set_timeout", c_set_timeout},
     {"close", c_close},       {NULL, NULL},
 };

@@ -7,7 +7,8 @@
 --   -- r.seen, r.rewrapped, r.current (already under the current MBK),
 --   -- r.conflicts (changed by someone else meanwhile), r.skipped
 --
--- The store is walked with scan() in pages (memory stays flat).  Each blob
+-- The store is walked with scan() in pages (memory stays flat; scan_blobs where the store
+-- has it, which returns the values scan read anyway).  Each blob
 -- is re-sealed by the device (hsm:key_rewrap: the key never leaves C) and
 -- a page is written back in one put_many with compare-and-set per item
 -- (if_match = old), so a blob replaced meanwhile by another writer is left
@@ -39,13 +40,22 @@ function _M.run(opts)
 
     local cursor
     repeat
-        local ids, nxt, code = store:scan(cursor, page)
-        if not ids then
-            return nil, "rewrap.run: scan: " .. tostring(nxt), code, r
-        end
-        local blobs, errs = store:get_many(ids)
-        if not blobs then
-            return nil, "rewrap.run: get_many: " .. tostring(errs), "EIO", r
+        -- a store that reads the values while it scans (Redis) hands them over; else a
+        -- get_many of the page
+        local ids, blobs, nxt, code
+        if store.scan_blobs then
+            ids, blobs, nxt = store:scan_blobs(cursor, page)
+            if not ids then return nil, "rewrap.run: scan: " .. tostring(blobs), nxt, r end
+        else
+            ids, nxt, code = store:scan(cursor, page)
+            if not ids then
+                return nil, "rewrap.run: scan: " .. tostring(nxt), code, r
+            end
+            local errs
+            blobs, errs = store:get_many(ids)
+            if not blobs then
+                return nil, "rewrap.run: get_many: " .. tostring(errs), "EIO", r
+            end
         end
         local items = {}
         for _, id in ipairs(ids) do

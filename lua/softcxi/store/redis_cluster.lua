@@ -26,15 +26,13 @@
 -- Lua 5.4 has no bit library.
 
 local redis = require "softcxi.store.redis"
-local hiredis = require "softcxi.hiredis"
 
 local type, tostring, tonumber, pairs, ipairs, setmetatable =
     type, tostring, tonumber, pairs, ipairs, setmetatable
 local string_byte, string_format = string.byte, string.format
 local math_floor, math_min = math.floor, math.min
 local table_sort = table.sort
-local Node, is_err = redis.Node, redis.is_err
-local null = hiredis.null
+local is_err = redis.is_err
 
 local _M = { _VERSION = redis._VERSION }
 
@@ -111,10 +109,12 @@ _M.Router = Router
 
 local ASKING = { "ASKING" }
 
---- A router over the seed addresses ("host:port") with node settings cfg.
+--- A router over the seed addresses ("host:port") with node settings cfg (cfg.T: the
+-- transport module of its nodes).
 function Router.new(seeds, cfg)
     return setmetatable({
-        cfg = cfg, seeds = seeds, by_addr = {}, slots = {}, masters = {}, tag_slots = {}, ntags = 0,
+        cfg = cfg, T = cfg.T, seeds = seeds, by_addr = {}, slots = {}, masters = {},
+        tag_slots = {}, ntags = 0,
         stats = { moved = 0, ask = 0, tryagain = 0, refresh = 0 },
     }, Router)
 end
@@ -123,7 +123,7 @@ function Router:node(addr)
     local n = self.by_addr[addr]
     if not n then
         local host, port = addr:match("^(.*):(%d+)$")
-        n = Node.new(host, tonumber(port), self.cfg)
+        n = self.T.Node.new(host, tonumber(port), self.cfg)
         self.by_addr[addr] = n
     end
     return n
@@ -156,7 +156,7 @@ function Router:refresh()
                 for _, range in ipairs(r) do
                     local m = range[3]
                     local host = m[1]
-                    if host == null or host == "" or host == "?" then host = node.host end
+                    if host == self.T.null or host == "" or host == "?" then host = node.host end
                     local a = host .. ":" .. string_format("%d", m[2])
                     for s = range[1], range[2] do slots[s] = a end
                     if not seen[a] then
@@ -267,7 +267,7 @@ function Router:pipeline(cmds, opts)
         if refresh then self:refresh() end
         if #again == 0 then break end
         if busy then
-            hiredis.sleep(backoff)
+            self.T.sleep(backoff)
             backoff = math_min(backoff * 2, 0.5)
         end
         pending, ask = again, nask
@@ -329,6 +329,12 @@ function _M.open(rest, opts, url)
     local nb = cfg.buckets or DEFAULT_BUCKETS
     if nb > 16384 then return nil, fn .. ": buckets must be at most 16384", "EINVAL" end
 
+    local can, phase = true, nil
+    if cfg.T.cosockets then can, phase = cfg.T.cosockets() end
+    if not can then
+        return nil, fn .. ": no cosockets in nginx's '" .. tostring(phase) .. "' phase: open a "
+            .. "cluster store in a request handler or an ngx.timer (it reads the slot map)", "EINVAL"
+    end
     local seeds = {}
     for i, h in ipairs(u.hosts) do seeds[i] = h.host .. ":" .. h.port end
     local router = Router.new(seeds, cfg)
