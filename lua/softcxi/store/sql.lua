@@ -86,6 +86,7 @@ local pg = {
     scheme = "postgres", name = "store.postgres",
     id_type = 'text COLLATE "C"', blob_type = "bytea",
     begin = "BEGIN",
+    table_exists = "to_regclass($1) IS NOT NULL",
 }
 function pg.ph(i, col) -- placeholder i, typed where the server cannot infer it
     if col then return "$" .. i .. "::" .. PG_TYPES[col] end
@@ -110,6 +111,7 @@ local sq = {
     scheme = "sqlite", name = "store.sqlite",
     id_type = "TEXT", blob_type = "BLOB",
     begin = "BEGIN IMMEDIATE",   -- take the write lock up front: no upgrade deadlock
+    table_exists = "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
 }
 function sq.ph(i) return "?" .. i end
 function sq.old_ph(i) return "?" .. i end
@@ -217,9 +219,11 @@ end
 
 -- ---- schema migration --------------------------------------------------------------
 
+-- The table's recorded schema version, 0 when there is none -- or when the table itself
+-- is gone (dropped by hand): every step is idempotent, so it is simply made again.
 local function schema_version(self, retry)
     local rows, err, code = q(self, "SELECT version FROM softcxi_schema WHERE tbl = "
-                              .. self.d.ph(1), { self.table }, "t", retry)
+                              .. self.d.ph(1) .. " AND " .. self.d.table_exists, { self.table }, "t", retry)
     if not rows then return nil, err, code end
     return rows[1] and rows[1][1] or 0
 end
