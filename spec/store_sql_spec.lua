@@ -303,6 +303,139 @@ describe("sql stores", function()
     end
 end)
 
+-- ---- the bindings underneath ---------------------------------------------------------------
+
+describe("softcxi.sqlite3", function()
+    local sqlite3 = require "softcxi.sqlite3"
+
+    it("binds and returns NULL, integers, floats, text and blobs with zero bytes as they are", function()
+        local db = assert(sqlite3.open(root .. "/bind.db"))
+        assert(db:script("CREATE TABLE t (a, b, c, d, e)"))
+        local bin = "\0\1\255 zero \0 inside"
+        local _, n = assert(db:exec("INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)",
+            { n = 5, nil, 42, 2.5, "text\0too", bin }, "tttt" .. "b"))
+        assert.are.equal(1, n)
+        local rows = assert(db:exec("SELECT a, b, c, d, e, typeof(d), typeof(e) FROM t"))
+        assert.are.same({ { nil, 42, 2.5, "text\0too", bin, "text", "blob" } }, rows)
+        assert.is_true(db:exec("SELECT 1")[1][1] == 1)
+        db:close()
+    end)
+
+    it("raises on misuse, returns nil, msg, code on runtime failure", function()
+        local db = assert(sqlite3.open(root .. "/misuse.db"))
+        assert.has_error(function() db:exec("SELECT ?1", { {} }) end)
+        assert.has_error(function() db:exec("SELECT ?1, ?2", { 1 }) end)
+        local r = H.pack(db:exec("SELEKT 1"))
+        assert.is_nil(r[1])
+        assert.are.equal("ESQLITE", r[3])
+        assert.truthy(r[2]:find("syntax error", 1, true), r[2])
+        assert(db:script("CREATE TABLE u (id TEXT PRIMARY KEY)"))
+        assert(db:exec("INSERT INTO u VALUES (?1)", { "x" }))
+        r = H.pack(db:exec("INSERT INTO u VALUES (?1)", { "x" }))
+        assert.are.equal("ECONSTRAINT", r[3], r[2])
+        db:close()
+        db:close() -- twice is fine
+        assert.has_error(function() db:exec("SELECT 1") end, "softcxi.sqlite3: the database is closed")
+        H.expect_err("EOPEN", sqlite3.open(root .. "/no/such/dir/x.db"))
+    end)
+end)
+
+describe("softcxi.pq", function()
+    if not PG_URL then
+        pending("SOFTCXI_TEST_PG_URL is not set (./run test starts a PostgreSQL)")
+        return
+    end
+    local pq = require "softcxi.pq"
+    local conninfo = PG_URL:gsub("^postgres:", "postgresql:"):gsub("%?.*$", "")
+
+    it("sends strings as binary (bytea with zero bytes intact) and reads every column type it knows",
+       function()
+        local c = assert(pq.connect(conninfo))
+        local bin = "\0\1\255 zero \0 inside"
+        local rows = assert(c:exec("SELECT $1::bytea, $2::text, $3::int8, $4::int4, $5::int2,"
+            .. " $6::float8, $7::float4, $8::bool, $9::text, -9007199254740993::int8",
+            { n = 9, bin, "tëxt", 42, -7, 3, 2.5, 0.5, true, nil }))
+        assert.are.same({ { bin, "tëxt", 42, -7, 3, 2.5, 0.5, true, nil, -9007199254740993 } }, rows)
+        local _, n = assert(c:exec("SELECT * FROM generate_series(1, 3)"))
+        assert.are.equal(3, n)
+        -- arrays: one parameter per column of a batch, NULL elements included
+        rows = assert(c:exec("SELECT * FROM unnest($1::bytea[], $2::int8[], $3::text[])",
+            { { type = "bytea", n = 3, bin, "", nil }, { type = "int8", n = 3, 1, nil, -2 },
+              { type = "text", n = 3, "a", "b", "c" } }))
+        assert.are.same({ { bin, 1, "a" }, { "", nil, "b" }, { nil, -2, "c" } }, rows)
+        assert.are.same({}, assert(c:exec("SELECT * FROM unnest($1::text[])", { { type = "text" } })))
+        assert.has_error(function() c:exec("SELECT $1::text[]", { { type = "uuid", "x" } }) end)
+        assert.has_error(function() c:exec("SELECT $1::int8[]", { { type = "int8", "1" } }) end)
+        assert.has_error(function() c:exec("SELECT $1::text[]", { { type = "text", 1 } }) end)
+        c:close()
+    end)
+
+    it("raises on misuse, returns SQLSTATE codes and ECONN", function()
+        local c = assert(pq.connect(conninfo))
+        assert.has_error(function() c:exec("SELECT $1", { {} }) end)
+        assert.has_error(function() c:exec("SELECT now()") end) -- a type it does not read
+        local r = H.pack(c:exec("SELEKT 1"))
+        assert.is_nil(r[1])
+        assert.are.equal("42601", r[3])
+        assert.truthy(r[2]:find("syntax error", 1, true), r[2])
+        assert.is_true(c:alive())
+        -- the server ends the session: the connection is lost, not a SQL error
+        r = H.pack(c:exec("SELECT pg_terminate_backend(pg_backend_pid())::text"))
+        assert.are.equal("ECONN", r[3], r[2])
+        assert.is_false(c:alive())
+        c:close()
+        c:close()
+        assert.has_error(function() c:exec("SELECT 1") end, "softcxi.pq: the connection is closed")
+        H.expect_err("ECONN", pq.connect("postgresql://nobody@127.0.0.1:1/x?connect_timeout=2"))
+    end)
+
+    it("an id PostgreSQL cannot hold (not UTF-8) is EINVAL naming the call, nothing stored", function()
+        make_blobs()
+        local s = assert(store.open(pg_url("utf")))
+        finally(function()
+            pcall(s._q, s, "DROP TABLE IF EXISTS " .. s.table)
+            pcall(s._q, s, "DELETE FROM softcxi_schema WHERE tbl = $1", { s.table })
+            s:close()
+        end)
+        local msg = H.expect_err("EINVAL", s:put("bad\255id", blobs[1]))
+        assert.truthy(msg:find("^store%.postgres%.put: 'bad"), msg)
+        assert.are.equal(0, s:count())
+    end)
+end)
+
+describe("softcxi store migrate", function()
+    it("copies a file store into SQLite and on into PostgreSQL, resumably", function()
+        make_blobs()
+        local repo = (debug.getinfo(1, "S").source:match("^@(.-)spec/[^/]*$") or "./")
+        local bin = H.q(H.interpreter()) .. " " .. H.q(repo .. "bin/softcxi") .. " --json "
+        local src = assert(store.open("file:" .. root .. "/mig-src"))
+        assert.are.equal(40, src:put_many(items(1, 40)))
+        src:close()
+        local chain = { "file:" .. root .. "/mig-src", "sqlite:" .. root .. "/mig.db" }
+        if PG_URL then chain[3] = pg_url("mig") end
+        for i = 2, #chain do
+            for _, want in ipairs { '"copied":40', '"skipped":40' } do
+                local rc, out = H.run(env_prefix() .. bin .. "store migrate --from " .. H.q(chain[i - 1])
+                    .. " --to " .. H.q(chain[i]))
+                assert(rc == 0, out)
+                assert.truthy(out:find(want, 1, true), out)
+            end
+        end
+        local dst = assert(store.open(chain[#chain]))
+        local got = assert(dst:get_many((function()
+            local ids = {}
+            for i = 1, 40 do ids[i] = id_of(i) end
+            return ids
+        end)()))
+        for i = 1, 40 do assert.are.equal(blobs[i], got[id_of(i)]) end
+        if PG_URL then
+            dst._q(dst, "DROP TABLE " .. dst.table)
+            dst._q(dst, "DELETE FROM softcxi_schema WHERE tbl = $1", { dst.table })
+        end
+        dst:close()
+    end)
+end)
+
 -- ---- PostgreSQL restarted in the middle of a put_many -----------------------------------
 
 local function sleep(seconds) os.execute("sleep " .. seconds) end

@@ -21,6 +21,8 @@
  *   integer, float  -> text format (decimal), for integer columns
  *   boolean         -> text format "true"/"false"
  *   nil             -> NULL (params.n gives the count when there are holes)
+ *   { type = "text" | "bytea" | "int8", n =, ... }  -> a binary array of that type
+ *                      (nil elements are NULL), for $1::text[] and unnest
  * Result columns, by type:
  *   bytea, text, varchar, name, char -> string      int2/4/8 -> integer
  *   float4/8 -> number    bool -> boolean    NULL -> nil    other -> raises
@@ -244,6 +246,101 @@ static int push_rows(lua_State *L, const PGresult *r)
     return 2;
 }
 
+/* ---- array parameters ------------------------------------------------------ */
+
+static void put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* The array parameter { type = "text" | "bytea" | "int8", n = count, v1, v2, ... } at
+ * stack index idx, in PostgreSQL's binary array format (array_recv): a userdata pushed
+ * on the stack, which anchors it until the command has been sent.  Elements may be nil
+ * (NULL).  One parameter carries a whole column of a batch -- INSERT ... SELECT * FROM
+ * unnest($1::text[], ...) -- so the server parses one short statement, not a VALUES
+ * list of thousands of parameters (which costs it ten times the inserts themselves). */
+static const unsigned char *push_array(lua_State *L, int idx, int param, size_t *len)
+{
+    lua_getfield(L, idx, "type");
+    const char *type = lua_tostring(L, -1);
+    Oid oid;
+    if (type && !strcmp(type, "text"))
+        oid = OID_TEXT;
+    else if (type && !strcmp(type, "bytea"))
+        oid = OID_BYTEA;
+    else if (type && !strcmp(type, "int8"))
+        oid = OID_INT8;
+    else {
+        luaL_error(L, "softcxi.pq: parameter %d: an array needs type = \"text\", \"bytea\" or "
+                      "\"int8\"",
+                   param);
+        return NULL; /* not reached */
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, idx, "n");
+    lua_Integer n = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : (lua_Integer)lua_rawlen(L, idx);
+    lua_pop(L, 1);
+    if (n < 0 || n > INT_MAX / 16)
+        luaL_error(L, "softcxi.pq: parameter %d: bad array length", param);
+    /* pass 1: the size, and a check of every element */
+    size_t total = 20, hasnull = 0;
+    for (int k = 1; k <= (int)n; k++) {
+        int t = lua_rawgeti(L, idx, k);
+        if (t == LUA_TNIL) {
+            hasnull = 1;
+            total += 4;
+        } else if (oid == OID_INT8) {
+            if (!lua_isinteger(L, -1))
+                luaL_error(L, "softcxi.pq: parameter %d[%d] must be an integer", param, k);
+            total += 12;
+        } else {
+            if (t != LUA_TSTRING)
+                luaL_error(L, "softcxi.pq: parameter %d[%d] must be a string, not %s", param,
+                           (int)k, luaL_typename(L, -1));
+            size_t l = lua_rawlen(L, -1);
+            if (l > INT_MAX || total > (size_t)INT_MAX - 4 - l)
+                luaL_error(L, "softcxi.pq: parameter %d is too long", param);
+            total += 4 + l;
+        }
+        lua_pop(L, 1);
+    }
+    if (total > INT_MAX)
+        luaL_error(L, "softcxi.pq: parameter %d is too long", param);
+    /* pass 2: header (ndim 1, null flag, element type, size, lower bound 1), elements */
+    unsigned char *buf = lua_newuserdata(L, total), *p = buf;
+    put_be32(p, 1);
+    put_be32(p + 4, (uint32_t)hasnull);
+    put_be32(p + 8, (uint32_t)oid);
+    put_be32(p + 12, (uint32_t)n);
+    put_be32(p + 16, 1);
+    p += 20;
+    for (int k = 1; k <= (int)n; k++) {
+        int t = lua_rawgeti(L, idx, k);
+        if (t == LUA_TNIL) {
+            put_be32(p, 0xffffffffu);
+            p += 4;
+        } else if (oid == OID_INT8) {
+            uint64_t v = (uint64_t)(int64_t)lua_tointeger(L, -1);
+            put_be32(p, 8);
+            put_be32(p + 4, (uint32_t)(v >> 32));
+            put_be32(p + 8, (uint32_t)v);
+            p += 12;
+        } else {
+            size_t l;
+            const char *str = lua_tolstring(L, -1, &l);
+            put_be32(p, (uint32_t)l);
+            memcpy(p + 4, str, l);
+            p += 4 + l;
+        }
+        lua_pop(L, 1);
+    }
+    *len = total;
+    return buf;
+}
+
 /* c:exec(sql [, params]) -> rows, n | nil, msg, code */
 static int c_exec(lua_State *L)
 {
@@ -298,9 +395,18 @@ static int c_exec(lua_State *L)
             lengths[i] = 0;
             formats[i] = 0;
             break;
+        case LUA_TTABLE: {
+            size_t len = 0;
+            luaL_checkstack(L, 4, "softcxi.pq: too many array parameters");
+            values[i] = (const char *)push_array(L, lua_gettop(L), i + 1, &len);
+            lengths[i] = (int)len;
+            formats[i] = 1;
+            lua_remove(L, -2); /* the table; the encoded array stays on the stack */
+            continue;
+        }
         default:
-            return luaL_error(L, "softcxi.pq: parameter %d must be a string, number, boolean "
-                                 "or nil, not %s",
+            return luaL_error(L, "softcxi.pq: parameter %d must be a string, number, boolean, "
+                                 "array table or nil, not %s",
                               i + 1, luaL_typename(L, -1));
         }
         lua_pop(L, 1);
