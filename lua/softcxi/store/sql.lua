@@ -227,9 +227,9 @@ end
 _M._q = q
 
 -- Run body() inside one transaction, again (up to TX_RETRIES times) after a deadlock
--- or a busy database.  body returns true or nil, msg, code, retryable.  Returns what
--- body returned, with committed = whether COMMIT succeeded; "commit_unknown" when the
--- connection broke while COMMIT was in flight.
+-- or a busy database.  body returns true or nil, msg, code, retryable.  Returns true once
+-- COMMIT succeeded, else nil, msg, code -- and a fourth value "commit_unknown" when the
+-- connection broke while COMMIT was in flight (it may or may not have committed).
 local function transaction(self, body)
     local msg, code, again
     for _ = 1, TX_RETRIES do
@@ -270,9 +270,10 @@ function _M:migrate()
     local ok, msg, code = transaction(self, function()
         local r, e, c
         if self.d == pg then
-            -- one migrator per table at a time; CREATE ... IF NOT EXISTS races otherwise
-            r, e, c = q(self, "SELECT pg_advisory_xact_lock(7290415, hashtext($1))::text",
-                        { self.table })
+            -- one migrator at a time in the database (a rare event): two concurrent
+            -- CREATE ... IF NOT EXISTS of one table, softcxi_schema included, race in
+            -- the catalog and one fails with a unique violation
+            r, e, c = q(self, "SELECT pg_advisory_xact_lock(7290415)::text")
             if not r then return nil, e, c end
         end
         r, e, c = self.c:script([[CREATE TABLE IF NOT EXISTS softcxi_schema (
