@@ -155,6 +155,10 @@ describe("sql stores", function()
                 for _, want in ipairs { "expiry", "grp", "kcv", "name" } do
                     assert.truthy(table.concat(names, " "):find(want, 1, true), table.concat(names, " "))
                 end
+                if name == "sqlite" then
+                    assert.are.same({ { "wal" } }, raw(s, "PRAGMA journal_mode"))
+                    assert.are.same({ { 2 } }, raw(s, "PRAGMA synchronous"))      -- FULL
+                end
                 assert.is_true(s:put(nil, blobs[1]))
                 -- a second open (and a migrate run again) changes nothing
                 local s2 = assert(store.open(url))
@@ -169,6 +173,35 @@ describe("sql stores", function()
                 raw(s, "UPDATE softcxi_schema SET version = 1 WHERE tbl = "
                     .. (name == "postgres" and "$1" or "?1"), { s.table })
                 assert.are.equal(blobs[1], s:get(id_of(1)))
+            end)
+
+            it("bad cursors and bad calls: EINVAL or a raise, naming the call", function()
+                local s, url = open("badcalls")
+                assert.are.equal(5, s:put_many(items(1, 5)))
+                local ids, cursor = assert(s:scan(nil, 2))
+                assert.are.equal(2, #ids)
+                assert.is_string(cursor)
+                local msg = H.expect_err("EINVAL", s:scan("not a cursor", 2))
+                assert.truthy(msg:find("scan: bad cursor 'not a cursor'", 1, true), msg)
+                H.expect_err("EINVAL", s:find({ group = "g" .. RUN }, "sql:", 2))
+                assert.has_error(function() s:scan(42) end)
+                assert.has_error(function() s:scan(nil, 0) end)
+                assert.has_error(function() s:find({ group = "x" }, nil, 1.5) end)
+                assert.has_error(function() s:put_many({ "not a table" }) end)
+                assert.has_error(function() s:put_many({ { blob = blobs[1], if_match = 3 } }) end)
+                assert.has_error(function() s:put_many(items(1, 2), { chunk = 0 }) end)
+                assert.has_error(function() s:get_many({ "" }) end)
+                -- a specifier that no blob can have matches nothing, and is not an error
+                assert.are.same({}, (s:find({ specifier = "x" })))
+                assert.are.same({}, (s:find({ specifier = 1.5 })))
+                -- the rest of the pages after a cursor: every id once, in id order
+                local rest = assert(s:scan(cursor, 100))
+                assert.are.equal(3, #rest)
+                assert.is_true(rest[1] > ids[2])
+                local s2 = assert(store.open(url))
+                s2:close()
+                assert.has_error(function() s2:get("x") end, s2.name .. ".get: the store is closed")
+                assert.is_true(s2:close())
             end)
 
             it("keeps the clear attributes in indexed columns, and finds by kcv", function()
