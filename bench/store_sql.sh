@@ -17,6 +17,7 @@ mod=lua54
 [ "$lua" = luajit ] && mod=luajit
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -x "$bin/initdb" ] || { echo "store_sql.sh: PostgreSQL is not installed" >&2; exit 1; }
+[ -c /dev/null ] || { echo "store_sql.sh: /dev/null is not a character device: initdb cannot run" >&2; exit 1; }
 
 dir=$(mktemp -d "${PGDIR_PARENT:-${TMPDIR:-/tmp}}/softcxi-pgbench.XXXXXX")
 as=()
