@@ -1,6 +1,6 @@
 -- The key store contract, one suite run against every store URL:
---   always a fresh file:<tmpdir>;
---   SOFTCXI_TEST_REDIS_URL and SOFTCXI_TEST_REDIS_CLUSTER_URL when set.
+--   always a fresh file:<tmpdir> and a fresh sqlite:<tmpdir>/contract.db;
+--   SOFTCXI_TEST_REDIS_URL, SOFTCXI_TEST_REDIS_CLUSTER_URL and SOFTCXI_TEST_PG_URL when set.
 -- A Redis store is shared between tests and runs, so every id and group
 -- here carries a per-run random tag and every test deletes what it put.
 -- File-store-specific faults (torn files, fan-out, concurrent writers,
@@ -22,8 +22,8 @@ local G1, G2 = "g" .. RUN .. "-a", "g" .. RUN .. "-b"
 local N = 200
 
 local root = H.tmpdir()
-local urls = { "file:" .. root .. "/contract" }
-for _, var in ipairs { "SOFTCXI_TEST_REDIS_URL", "SOFTCXI_TEST_REDIS_CLUSTER_URL" } do
+local urls = { "file:" .. root .. "/contract", "sqlite:" .. root .. "/contract.db" }
+for _, var in ipairs { "SOFTCXI_TEST_REDIS_URL", "SOFTCXI_TEST_REDIS_CLUSTER_URL", "SOFTCXI_TEST_PG_URL" } do
     local u = os.getenv(var)
     if u and u ~= "" then urls[#urls + 1] = u end
 end

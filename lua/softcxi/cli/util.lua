@@ -70,6 +70,20 @@ function _M.write_file(path, data, what)
         io.stdout:flush()
         return
     end
+    -- A device or a FIFO (/dev/null, /dev/stderr, a pipe) is written to, never replaced:
+    -- write_durable renames a temp file onto the name, which would leave a regular file
+    -- where the device was (run as root, `--out /dev/null` replaced /dev/null itself).
+    local st = sys.stat(path)
+    if st and st.type == "other" then
+        local f, err = io.open(path, "wb")
+        local ok = f and f:write(data)
+        if f then
+            local closed, cerr = f:close()
+            if ok and not closed then ok, err = nil, cerr end
+        end
+        if not ok then _M.die(what .. ": cannot write " .. path .. " (" .. tostring(err) .. ")") end
+        return
+    end
     local ok, err = sys.write_durable(path, data)
     if not ok then _M.die(what .. ": cannot write " .. path .. " (" .. tostring(err) .. ")") end
 end

@@ -5,6 +5,8 @@
 --   local s = assert(store.open("file:./keystore"))
 --   local s = assert(store.open("redis://[user:password@]127.0.0.1:6379/0?prefix=keys:"))
 --   local s = assert(store.open("redis-cluster://127.0.0.1:7000,127.0.0.1:7001"))
+--   local s = assert(store.open("postgres://app@127.0.0.1:5432/keys?table=keys"))
+--   local s = assert(store.open("sqlite:./keys.db"))
 --
 -- Every backend implements (docs/stores.md has the contract in full):
 --   s:put(id, blob [, opts])   -> true            opts.overwrite, opts.if_match = old_blob
@@ -80,6 +82,7 @@ local schemes = {
     file = "softcxi.store.file",
     redis = "softcxi.store.redis",
     ["redis-cluster"] = "softcxi.store.redis_cluster",
+    postgres = "softcxi.store.sql", postgresql = "softcxi.store.sql", sqlite = "softcxi.store.sql",
 }
 
 --- Open a store by URL.  opts are passed to the backend.
@@ -91,7 +94,8 @@ function _M.open(url, opts)
     local mod = scheme and schemes[scheme]
     if not mod then
         return nil, "store.open: unknown store URL '" .. url
-            .. "' (file:DIR, redis://HOST:PORT/DB, redis-cluster://HOST:PORT,...)", "EINVAL"
+            .. "' (file:DIR, redis://HOST:PORT/DB, redis-cluster://HOST:PORT,..., postgres://USER@HOST/DB,"
+            .. " sqlite:FILE)", "EINVAL"
     end
     return require(mod).open(rest, opts or {}, url)
 end
