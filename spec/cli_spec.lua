@@ -206,6 +206,13 @@ describe("softcxi command", function()
             assert.are.equal("OKP", cjson.decode(jwk).kty)
             assert.matches("NOT verified", note)
 
+            -- --json: the signature in base64, which verifies like the raw one
+            local js = json(e.app .. " --json sign --store " .. H.q(store) .. " iot/d1 --in " .. H.q(msg))
+            assert.are.equal(64, js.bytes)
+            H.writefile(sig, H.b64decode(js.base64))
+            assert.are.equal(true, json(e.app .. " --json verify --store " .. H.q(store) .. " iot/d1 --in "
+                .. H.q(msg) .. " --sig " .. H.q(sig)).valid)
+
             -- AES-GCM through stdin and stdout
             local blob = H.q(e.dir .. "/k1.blob")
             local plain = ok("printf 'attack at dawn' | " .. e.app .. " encrypt " .. blob .. " | "

@@ -438,8 +438,23 @@ local function input(ctx)
     return util.read_file(ctx.args["in"] or "-", "reading the input")
 end
 
-local function output(ctx, data, what)
-    util.write_file(ctx.args.out or "-", data, what)
+-- The result of sign, encrypt or decrypt: raw bytes to --out (default
+-- stdout); with --json a report instead, holding the bytes in base64 unless
+-- they went to a file.
+local function output(ctx, data, what, doc)
+    local out = ctx.args.out
+    if ctx.args.json then
+        if out and out ~= "-" then
+            util.write_file(out, data, what)
+            doc.out = out
+        else
+            doc.base64 = util.base64(data)
+        end
+        doc.bytes = #data
+        ctx:report(doc)
+        return
+    end
+    util.write_file(out or "-", data, what)
 end
 
 local function run_sign(ctx)
@@ -454,7 +469,7 @@ local function run_sign(ctx)
     else
         sig = check("sign with " .. a.key, hsm:sign(key, mech, msg, a.format and { format = a.format }))
     end
-    output(ctx, sig, "sign with " .. a.key)
+    output(ctx, sig, "sign with " .. a.key, { key = a.key, mech = mech })
 end
 
 local function run_verify(ctx)
@@ -485,7 +500,7 @@ local function run_crypt(op)
         local data = input(ctx)
         local hsm = ctx:session()
         local res = check(op .. " with " .. a.key, hsm[op](hsm, key, mech, data, { aad = a.aad }))
-        output(ctx, res, op .. " with " .. a.key)
+        output(ctx, res, op .. " with " .. a.key, { key = a.key, mech = mech })
     end
 end
 

@@ -216,6 +216,22 @@ function _M.hex(s)
     return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
 end
 
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+--- Standard base64 (RFC 4648, with padding).
+function _M.base64(s)
+    local out, n = {}, #s
+    for i = 1, n, 3 do
+        local a, b, c = s:byte(i, i + 2)
+        local v = a * 65536 + (b or 0) * 256 + (c or 0)
+        local c1, c2 = floor(v / 262144) % 64, floor(v / 4096) % 64
+        local c3, c4 = floor(v / 64) % 64, v % 64
+        out[#out + 1] = B64:sub(c1 + 1, c1 + 1) .. B64:sub(c2 + 1, c2 + 1)
+            .. (b and B64:sub(c3 + 1, c3 + 1) or "=") .. (c and B64:sub(c4 + 1, c4 + 1) or "=")
+    end
+    return table.concat(out)
+end
+
 --- Byte counts the way people read them.
 function _M.bytes(n)
     local units = { "B", "KiB", "MiB", "GiB", "TiB" }
