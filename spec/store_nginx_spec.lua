@@ -65,7 +65,10 @@ local function http_get(port, path)
     return body
 end
 
+-- As root, nginx's workers would drop to "nobody", who cannot read a checkout
+-- under /root (or the files the specs make): they stay the master's user.
 local CONF = [[
+@USER@
 load_module @MODULES@ndk_http_module.so;
 load_module @MODULES@ngx_http_lua_module.so;
 worker_processes 2;
@@ -127,7 +130,9 @@ describe("redis store inside nginx (resty transport)", function()
         for _ = 1, 20 do
             port = 30000 + math.random(0, 9999)
             if not port_taken(port) then
+                local uid = select(2, H.run("id -u")):match("%d+")
                 local conf = CONF:gsub("@(%u+)@", { MODULES = MODULES, REPO = REPO, SPEC = SPEC_DIR,
+                                                    USER = uid == "0" and "user root;" or "",
                                                     PREFIX = prefix, CPATH = luajit_cpath(),
                                                     PORT = tostring(port) })
                 H.writefile(prefix .. "/conf/nginx.conf", conf)
