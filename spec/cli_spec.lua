@@ -404,10 +404,9 @@ describe("softcxi command", function()
                 .. " --share-passwords " .. H.q(bad))
             assert.matches("share3%.key", err)
             assert.is_nil(err:find("wrong-password-3", 1, true))
-            local good = b.dir .. "/good.pws"
-            H.writefile(good, "share-password-1\nshare-password-3\n")
-            ok(b.admin .. " mbk import " .. H.q(s[1]) .. " " .. H.q(s[3]) .. " --share-passwords "
-                .. H.q(good))
+            -- the passwords from the environment, as a script would give them
+            ok("SOFTCXI_SHARE_PASSWORD_1=share-password-1 SOFTCXI_SHARE_PASSWORD_2=share-password-3 "
+                .. b.admin .. " mbk import " .. H.q(s[1]) .. " " .. H.q(s[3]))
             assert.are.equal(r.current, json(b.base .. " --json mbk info").current)
             ok("printf 'hi' | " .. b.app .. " sign " .. H.q(blob) .. " --out " .. H.q(b.dir .. "/sig"))
             local v = json("printf 'hi' | " .. a.app .. " --json verify " .. H.q(blob) .. " --sig "

@@ -136,7 +136,8 @@ function _M.password(what, file, env, confirm)
     return pw
 end
 
---- n passwords for share files: the lines of file, else prompts.
+--- n passwords for share files: the lines of file, else the environment
+-- (SOFTCXI_SHARE_PASSWORD_1 .. _n), else prompts.
 function _M.share_passwords(n, file, what, confirm)
     local pws = {}
     if file then
@@ -148,8 +149,13 @@ function _M.share_passwords(n, file, what, confirm)
         end
         return pws
     end
+    -- for scripts: SOFTCXI_SHARE_PASSWORD_1 .. _n, all of them
+    for i = 1, n do pws[i] = os.getenv("SOFTCXI_SHARE_PASSWORD_" .. i) end
+    if #pws == n then return pws end
+    pws = {}
     if not stdin_is_terminal() then
-        _M.die("share passwords: give --share-passwords FILE (one line per share) or run on a terminal")
+        _M.die("share passwords: give --share-passwords FILE (one line per share), set "
+            .. "SOFTCXI_SHARE_PASSWORD_1.." .. n .. ", or run on a terminal")
     end
     for i = 1, n do
         pws[i] = _M.password(what(i), nil, nil, confirm)
