@@ -172,9 +172,10 @@ describe("bulk_generate_start", function()
         assert.are.equal(300, #assert(job:wait()))
 
         -- both dropped together, the job running
-        h = H.open(dev)
-        job = assert(h:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 2000))
-        h, job = nil, nil -- luacheck: ignore
+        do
+            local h2 = H.open(dev)
+            assert(h2:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 2000))
+        end
         collectgarbage()
         collectgarbage()
     end)
