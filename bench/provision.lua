@@ -66,9 +66,25 @@ local T = sys.monotonic
 local store = assert(keystore.open(url))
 local stamp = ("b%d-"):format(os.time())
 local gen_s, prov_s, lo, hi = 0, 0, math.huge, 0
+-- CPU: this process's (os.clock: every thread, the generators included) and, for a
+-- redis:// store, the server's (INFO cpu).  On a loaded machine CPU per key is the figure
+-- that other jobs disturb least.
+local server_cpu = function() return 0 end
+do
+    local host, port = url:match("^redis://[^/]-([%w%.%-]+):(%d+)")
+    if host then
+        local admin = assert(require("softcxi.hiredis").connect(host, tonumber(port), 10))
+        server_cpu = function()
+            local st = assert(admin:command { "INFO", "cpu" })
+            return tonumber(st:match("used_cpu_user:([%d.]+)")) + tonumber(st:match("used_cpu_sys:([%d.]+)"))
+        end
+    end
+end
+local gen_cpu, prov_cpu, prov_srv = 0, 0, 0
 local marks, done_total = {}, 0
 for _ = 1, rounds do
     -- 1. generation alone, in the same batches
+    local c0 = os.clock()
     local t0 = T()
     for first = 1, per_round, batch do
         local n = math.min(batch, per_round - first + 1)
@@ -76,7 +92,10 @@ for _ = 1, rounds do
             { name_format = "gen-%08d", start = first }))
     end
     local g = T() - t0
+    gen_cpu = gen_cpu + os.clock() - c0
     -- 2. the whole pipeline into the store
+    c0 = os.clock()
+    local s0 = server_cpu()
     t0 = T()
     local base = done_total
     assert(provision.run {
@@ -90,6 +109,7 @@ for _ = 1, rounds do
         end,
     })
     local p = T() - t0
+    prov_cpu, prov_srv = prov_cpu + os.clock() - c0, prov_srv + server_cpu() - s0
     done_total = done_total + per_round
     gen_s, prov_s = gen_s + g, prov_s + p
     lo, hi = math.min(lo, p / g), math.max(hi, p / g)
@@ -98,6 +118,8 @@ print(("provision generate_only %.0f keys/s"):format(count / gen_s))
 print(("provision into_store %.0f keys/s"):format(count / prov_s))
 print(("provision ratio %.2f range %.2f-%.2f (provision time / generation time, %d rounds; target <= 1.30)")
     :format(prov_s / gen_s, lo, hi, rounds))
+print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads)"
+    .. ", server %.1f us"):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
 print("provision rss " .. table.concat(marks, " "))
 local n_stored = store:count()
 print(("provision stored %d"):format(n_stored or -1))
