@@ -21,7 +21,7 @@ local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
 local rewrap = require "softcxi.rewrap"
 
-local args, rounds, do_rewrap = {}, 5, true
+local args, rounds, do_rewrap, before_file = {}, 5, true, nil
 do
     local i = 1
     while i <= #arg do
@@ -30,13 +30,17 @@ do
             i = i + 1
         elseif arg[i] == "--no-rewrap" then
             do_rewrap = false
+        elseif arg[i] == "--before" then
+            before_file = assert(arg[i + 1], "--before FILE")
+            i = i + 1
         else
             args[#args + 1] = arg[i]
         end
         i = i + 1
     end
 end
-local url = args[1] or error("usage: provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--no-rewrap]")
+local url = args[1] or error("usage: provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--no-rewrap] "
+    .. "[--before PROVISION_LUA]")
 local count = tonumber(args[2] or "") or 100000
 local batch = tonumber(args[3] or "") or 1000
 local per_round = math.floor(count / rounds)
@@ -82,7 +86,29 @@ do
 end
 local gen_cpu, prov_cpu, prov_srv = 0, 0, 0
 local marks, done_total = {}, 0
-for _ = 1, rounds do
+-- --before FILE: another version's provision.lua, run in every round as well (the order
+-- alternating), so that both versions see the same load.
+local old = before_file and assert(loadfile(before_file))()
+local old_s, old_cpu, old_srv, old_lo, old_hi = 0, 0, 0, math.huge, 0
+
+local function provision_round(mod, track)
+    local c0, s0, t0 = os.clock(), server_cpu(), T()
+    local base = done_total
+    assert(mod.run {
+        hsm = hsm, store = store, template = template, count = per_round, batch = batch,
+        start = base + 1, name_format = stamp .. "%08d",
+        on_progress = track and function(done)
+            local before, now = base + done - batch, base + done
+            if math.floor(now * 10 / count) > math.floor(before * 10 / count) then
+                marks[#marks + 1] = ("%d%%:%.0fMiB"):format(math.floor(now * 100 / count), rss_mib())
+            end
+        end or nil,
+    })
+    done_total = done_total + per_round
+    return T() - t0, os.clock() - c0, server_cpu() - s0
+end
+
+for r = 1, rounds do
     -- 1. generation alone, in the same batches
     local c0 = os.clock()
     local t0 = T()
@@ -93,26 +119,18 @@ for _ = 1, rounds do
     end
     local g = T() - t0
     gen_cpu = gen_cpu + os.clock() - c0
-    -- 2. the whole pipeline into the store
-    c0 = os.clock()
-    local s0 = server_cpu()
-    t0 = T()
-    local base = done_total
-    assert(provision.run {
-        hsm = hsm, store = store, template = template, count = per_round, batch = batch,
-        start = base + 1, name_format = stamp .. "%08d",
-        on_progress = function(done)
-            local before, now = base + done - batch, base + done
-            if math.floor(now * 10 / count) > math.floor(before * 10 / count) then
-                marks[#marks + 1] = ("%d%%:%.0fMiB"):format(math.floor(now * 100 / count), rss_mib())
-            end
-        end,
-    })
-    local p = T() - t0
-    prov_cpu, prov_srv = prov_cpu + os.clock() - c0, prov_srv + server_cpu() - s0
-    done_total = done_total + per_round
+    -- 2. the whole pipeline into the store (and the other version's, in turn)
+    local p, pc, ps, o, oc, os_
+    if old and r % 2 == 0 then o, oc, os_ = provision_round(old, false) end
+    p, pc, ps = provision_round(provision, true)
+    if old and r % 2 == 1 then o, oc, os_ = provision_round(old, false) end
+    prov_cpu, prov_srv = prov_cpu + pc, prov_srv + ps
     gen_s, prov_s = gen_s + g, prov_s + p
     lo, hi = math.min(lo, p / g), math.max(hi, p / g)
+    if old then
+        old_s, old_cpu, old_srv = old_s + o, old_cpu + oc, old_srv + os_
+        old_lo, old_hi = math.min(old_lo, o / g), math.max(old_hi, o / g)
+    end
 end
 print(("provision generate_only %.0f keys/s"):format(count / gen_s))
 print(("provision into_store %.0f keys/s"):format(count / prov_s))
@@ -120,6 +138,14 @@ print(("provision ratio %.2f range %.2f-%.2f (provision time / generation time, 
     :format(prov_s / gen_s, lo, hi, rounds))
 print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads)"
     .. ", server %.1f us"):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
+if old then
+    print(("provision before_into_store %.0f keys/s (%s)"):format(count / old_s, before_file))
+    print(("provision before_ratio %.2f range %.2f-%.2f (the same rounds, the other version)")
+        :format(old_s / gen_s, old_lo, old_hi))
+    print(("provision before_cpu_per_key into_store %.1f us (this process), server %.1f us")
+        :format(old_cpu / count * 1e6, old_srv / count * 1e6))
+    print(("provision after/before time %.2f"):format(prov_s / old_s))
+end
 print("provision rss " .. table.concat(marks, " "))
 local n_stored = store:count()
 print(("provision stored %d"):format(n_stored or -1))
