@@ -91,20 +91,22 @@ local marks, done_total = {}, 0
 local old = before_file and assert(loadfile(before_file))()
 local old_s, old_cpu, old_srv, old_lo, old_hi = 0, 0, 0, math.huge, 0
 
+local new_done = 0 -- keys provisioned by this version, for the RSS marks
 local function provision_round(mod, track)
     local c0, s0, t0 = os.clock(), server_cpu(), T()
-    local base = done_total
+    local base, mark_base = done_total, new_done
     assert(mod.run {
         hsm = hsm, store = store, template = template, count = per_round, batch = batch,
         start = base + 1, name_format = stamp .. "%08d",
         on_progress = track and function(done)
-            local before, now = base + done - batch, base + done
+            local before, now = mark_base + done - batch, mark_base + done
             if math.floor(now * 10 / count) > math.floor(before * 10 / count) then
                 marks[#marks + 1] = ("%d%%:%.0fMiB"):format(math.floor(now * 100 / count), rss_mib())
             end
         end or nil,
     })
     done_total = done_total + per_round
+    if track then new_done = new_done + per_round end
     return T() - t0, os.clock() - c0, server_cpu() - s0
 end
 
