@@ -74,10 +74,12 @@ local gen_s, prov_s, lo, hi = 0, 0, math.huge, 0
 -- redis:// store, the server's (INFO cpu).  On a loaded machine CPU per key is the figure
 -- that other jobs disturb least.
 local server_cpu = function() return 0 end
+local srv_fmt = "server n/a%.0s" -- measured for redis:// only
 do
     local host, port = url:match("^redis://[^/]-([%w%.%-]+):(%d+)")
     if host then
         local admin = assert(require("softcxi.hiredis").connect(host, tonumber(port), 10))
+        srv_fmt = "server %.1f us"
         server_cpu = function()
             local st = assert(admin:command { "INFO", "cpu" })
             return tonumber(st:match("used_cpu_user:([%d.]+)")) + tonumber(st:match("used_cpu_sys:([%d.]+)"))
@@ -138,13 +140,13 @@ print(("provision generate_only %.0f keys/s"):format(count / gen_s))
 print(("provision into_store %.0f keys/s"):format(count / prov_s))
 print(("provision ratio %.2f range %.2f-%.2f (provision time / generation time, %d rounds; target <= 1.30)")
     :format(prov_s / gen_s, lo, hi, rounds))
-print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads)"
-    .. ", server %.1f us"):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
+print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads), "
+    .. srv_fmt):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
 if old then
     print(("provision before_into_store %.0f keys/s (%s)"):format(count / old_s, before_file))
     print(("provision before_ratio %.2f range %.2f-%.2f (the same rounds, the other version)")
         :format(old_s / gen_s, old_lo, old_hi))
-    print(("provision before_cpu_per_key into_store %.1f us (this process), server %.1f us")
+    print(("provision before_cpu_per_key into_store %.1f us (this process), " .. srv_fmt)
         :format(old_cpu / count * 1e6, old_srv / count * 1e6))
     print(("provision after/before time %.2f"):format(prov_s / old_s))
 end
