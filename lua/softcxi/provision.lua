@@ -125,6 +125,7 @@ function _M.run(opts)
             -- The next batch's existence check while this one is generated.
             local first = cur.first + cur.n
             local nxt = first < count and prepare(first) or nil
+            report.skipped = report.skipped + (cur.n - #cur.missing_names)
             local blobs = {}
             if running then
                 local job = running
@@ -136,7 +137,6 @@ function _M.run(opts)
                 end
                 report.generated = report.generated + #blobs
             end
-            report.skipped = report.skipped + (cur.n - #cur.missing_names)
             -- The next batch is generated while this one is stored.
             local nxt_err, nxt_code
             if nxt and nxt.err then
