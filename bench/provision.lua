@@ -21,7 +21,7 @@ local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
 local rewrap = require "softcxi.rewrap"
 
-local args, rounds, do_rewrap = {}, 5, true
+local args, rounds, do_rewrap, before_file = {}, 5, true, nil
 do
     local i = 1
     while i <= #arg do
@@ -30,13 +30,17 @@ do
             i = i + 1
         elseif arg[i] == "--no-rewrap" then
             do_rewrap = false
+        elseif arg[i] == "--before" then
+            before_file = assert(arg[i + 1], "--before FILE")
+            i = i + 1
         else
             args[#args + 1] = arg[i]
         end
         i = i + 1
     end
 end
-local url = args[1] or error("usage: provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--no-rewrap]")
+local url = args[1] or error("usage: provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--no-rewrap] "
+    .. "[--before PROVISION_LUA]")
 local count = tonumber(args[2] or "") or 100000
 local batch = tonumber(args[3] or "") or 1000
 local per_round = math.floor(count / rounds)
@@ -66,9 +70,51 @@ local T = sys.monotonic
 local store = assert(keystore.open(url))
 local stamp = ("b%d-"):format(os.time())
 local gen_s, prov_s, lo, hi = 0, 0, math.huge, 0
+-- CPU: this process's (os.clock: every thread, the generators included) and, for a
+-- redis:// store, the server's (INFO cpu).  On a loaded machine CPU per key is the figure
+-- that other jobs disturb least.
+local server_cpu = function() return 0 end
+local srv_fmt = "server n/a%.0s" -- measured for redis:// only
+do
+    local host, port = url:match("^redis://[^/]-([%w%.%-]+):(%d+)")
+    if host then
+        local admin = assert(require("softcxi.hiredis").connect(host, tonumber(port), 10))
+        srv_fmt = "server %.1f us"
+        server_cpu = function()
+            local st = assert(admin:command { "INFO", "cpu" })
+            return tonumber(st:match("used_cpu_user:([%d.]+)")) + tonumber(st:match("used_cpu_sys:([%d.]+)"))
+        end
+    end
+end
+local gen_cpu, prov_cpu, prov_srv = 0, 0, 0
 local marks, done_total = {}, 0
-for _ = 1, rounds do
+-- --before FILE: another version's provision.lua, run in every round as well (the order
+-- alternating), so that both versions see the same load.
+local old = before_file and assert(loadfile(before_file))()
+local old_s, old_cpu, old_srv, old_lo, old_hi = 0, 0, 0, math.huge, 0
+
+local new_done = 0 -- keys provisioned by this version, for the RSS marks
+local function provision_round(mod, track)
+    local c0, s0, t0 = os.clock(), server_cpu(), T()
+    local base, mark_base = done_total, new_done
+    assert(mod.run {
+        hsm = hsm, store = store, template = template, count = per_round, batch = batch,
+        start = base + 1, name_format = stamp .. "%08d",
+        on_progress = track and function(done)
+            local before, now = mark_base + done - batch, mark_base + done
+            if math.floor(now * 10 / count) > math.floor(before * 10 / count) then
+                marks[#marks + 1] = ("%d%%:%.0fMiB"):format(math.floor(now * 100 / count), rss_mib())
+            end
+        end or nil,
+    })
+    done_total = done_total + per_round
+    if track then new_done = new_done + per_round end
+    return T() - t0, os.clock() - c0, server_cpu() - s0
+end
+
+for r = 1, rounds do
     -- 1. generation alone, in the same batches
+    local c0 = os.clock()
     local t0 = T()
     for first = 1, per_round, batch do
         local n = math.min(batch, per_round - first + 1)
@@ -76,28 +122,34 @@ for _ = 1, rounds do
             { name_format = "gen-%08d", start = first }))
     end
     local g = T() - t0
-    -- 2. the whole pipeline into the store
-    t0 = T()
-    local base = done_total
-    assert(provision.run {
-        hsm = hsm, store = store, template = template, count = per_round, batch = batch,
-        start = base + 1, name_format = stamp .. "%08d",
-        on_progress = function(done)
-            local before, now = base + done - batch, base + done
-            if math.floor(now * 10 / count) > math.floor(before * 10 / count) then
-                marks[#marks + 1] = ("%d%%:%.0fMiB"):format(math.floor(now * 100 / count), rss_mib())
-            end
-        end,
-    })
-    local p = T() - t0
-    done_total = done_total + per_round
+    gen_cpu = gen_cpu + os.clock() - c0
+    -- 2. the whole pipeline into the store (and the other version's, in turn)
+    local p, pc, ps, o, oc, os_
+    if old and r % 2 == 0 then o, oc, os_ = provision_round(old, false) end
+    p, pc, ps = provision_round(provision, true)
+    if old and r % 2 == 1 then o, oc, os_ = provision_round(old, false) end
+    prov_cpu, prov_srv = prov_cpu + pc, prov_srv + ps
     gen_s, prov_s = gen_s + g, prov_s + p
     lo, hi = math.min(lo, p / g), math.max(hi, p / g)
+    if old then
+        old_s, old_cpu, old_srv = old_s + o, old_cpu + oc, old_srv + os_
+        old_lo, old_hi = math.min(old_lo, o / g), math.max(old_hi, o / g)
+    end
 end
 print(("provision generate_only %.0f keys/s"):format(count / gen_s))
 print(("provision into_store %.0f keys/s"):format(count / prov_s))
 print(("provision ratio %.2f range %.2f-%.2f (provision time / generation time, %d rounds; target <= 1.30)")
     :format(prov_s / gen_s, lo, hi, rounds))
+print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads), "
+    .. srv_fmt):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
+if old then
+    print(("provision before_into_store %.0f keys/s (%s)"):format(count / old_s, before_file))
+    print(("provision before_ratio %.2f range %.2f-%.2f (the same rounds, the other version)")
+        :format(old_s / gen_s, old_lo, old_hi))
+    print(("provision before_cpu_per_key into_store %.1f us (this process), " .. srv_fmt)
+        :format(old_cpu / count * 1e6, old_srv / count * 1e6))
+    print(("provision after/before time %.2f"):format(prov_s / old_s))
+end
 print("provision rss " .. table.concat(marks, " "))
 local n_stored = store:count()
 print(("provision stored %d"):format(n_stored or -1))

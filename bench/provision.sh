@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R]: provisioning P-256 keys into
-# a local Redis (started here on a free loopback port, stopped by PID) and into the file
-# store, against generation alone; prints keys/s, the ratio, the client's RSS along the
+# bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--before PROVISION_LUA]:
+# provisioning P-256 keys into a local Redis (started here on a free loopback port, stopped
+# by PID) and into the file store, against generation alone; prints keys/s, the ratio, the client's RSS along the
 # way, the store's own put_many/get_many rates, the rewrap rate, and Redis's memory per key.
 # Needs a build (./run build).  REDIS_ARGS adds redis-server options (default: no
 # persistence), e.g. REDIS_ARGS="--appendonly yes --appendfsync everysec".  SOFTCXI_LUA_DIR
 # runs another lua/ tree (e.g. an older commit's, from git archive) against the same build
-# and bench script: a before/after in one sitting.
+# and bench script: a before/after in one sitting.  --before FILE runs another version's
+# provision.lua too, in the same rounds (order alternating), and prints both ratios.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${BUILD_DIR:-$repo/build}
@@ -15,6 +16,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
     --no-file) file=0 ;;
     --rounds) extra+=(--rounds "$2"); shift ;;
+    --before) extra+=(--before "$2"); shift ;;
     *) pos+=("$1") ;;
     esac
     shift

@@ -6,7 +6,10 @@
 #
 #   bench/store_sql.sh [N=100000 [BATCH=1000]]      (run ./run build first)
 #
-# Environment: BUILD_DIR (default ./build), SOFTCXI_LUA (default lua5.4),
+# Environment: BUILD_DIR (default ./build), SOFTCXI_LUA (default lua5.4), SOFTCXI_LUA_DIR
+# (another lua/ tree, e.g. an older commit's from git archive, against the same build),
+# SQL_BENCH=provision runs bench/provision.lua (generation and provisioning alternated in
+# rounds, CPU per key; pass --no-rewrap to skip its rewrap) instead of bench/store_sql.lua,
 # PGDIR_PARENT (where the cluster goes, default $TMPDIR or /tmp: put it on the disk to
 # measure), KEEP=1 keeps the cluster's directory.
 set -euo pipefail
@@ -48,5 +51,6 @@ done
 [ -n "$pid" ] || { cat "$dir/postgres.log"; echo "store_sql.sh: postgres did not start" >&2; exit 1; }
 echo "info postgres $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port, data in $dir/data"
 echo "info $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-LUA_PATH="$here/lua/?.lua;$here/lua/?/init.lua;;" LUA_CPATH="$build/$mod/?.so;;" \
-    "$lua" "$here/bench/store_sql.lua" "postgres://softcxi@127.0.0.1:$port/postgres" "$@"
+luadir=${SOFTCXI_LUA_DIR:-$here/lua}
+LUA_PATH="$luadir/?.lua;$luadir/?/init.lua;;" LUA_CPATH="$build/$mod/?.so;;" \
+    "$lua" "$here/bench/${SQL_BENCH:-store_sql}.lua" "postgres://softcxi@127.0.0.1:$port/postgres" "$@"

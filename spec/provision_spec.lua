@@ -98,6 +98,92 @@ describe("provision", function()
         real:close()
     end)
 
+    -- A store that forwards to real, with some methods replaced.
+    local function wrap(real, over)
+        return setmetatable({}, { __index = function(_, k)
+            if over[k] then return over[k] end
+            local v = real[k]
+            if type(v) == "function" then return function(_, ...) return v(real, ...) end end
+            return v
+        end })
+    end
+
+    it("generates the next batch while it stores this one (hsm busy during put_many)", function()
+        local real = new_store()
+        local busy = {}
+        local st = wrap(real, { put_many = function(_, items, o)
+            -- another call on hsm raises exactly when a generation job runs on it
+            local ok, err = pcall(hsm.device_info, hsm)
+            busy[#busy + 1] = not ok and tostring(err):find("busy", 1, true) ~= nil
+            return real:put_many(items, o)
+        end })
+        local r = assert(provision.run { hsm = hsm, store = st, template = TEMPLATE, count = 50,
+            batch = 20, name_format = "ov%03d" })
+        assert.are.equal(50, r.stored)
+        -- batches 1 and 2 were stored while the next one was being generated; the last not
+        assert.are.same({ true, true, false }, busy)
+        assert(hsm:device_info()) -- and nothing is left running
+        assert.are.equal(50, real:count())
+        real:close()
+    end)
+
+    it("an on_progress that raises: the error comes out, and hsm is left free", function()
+        local store = new_store()
+        assert.has_error(function()
+            provision.run { hsm = hsm, store = store, template = TEMPLATE, count = 60, batch = 20,
+                name_format = "pr%03d", on_progress = function(done)
+                    if done == 20 then error("stop here", 0) end
+                end }
+        end, "stop here")
+        assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec", name = "free-again" }))
+        assert.are.equal(20, store:count())
+        local r = assert(provision.run { hsm = hsm, store = store, template = TEMPLATE, count = 60,
+            batch = 20, name_format = "pr%03d" })
+        assert.are.equal(40, r.generated)
+        assert.are.equal(20, r.skipped)
+        store:close()
+    end)
+
+    it("a store that fails to read the next batch: the batch before is still stored", function()
+        local real = new_store()
+        local reads = 0
+        local st = wrap(real, { get_many = function(_, ids)
+            reads = reads + 1
+            if reads == 3 then return nil, "read timeout", "ETIMEOUT" end
+            return real:get_many(ids)
+        end })
+        local r, msg, code, partial = provision.run { hsm = hsm, store = st, template = TEMPLATE,
+            count = 100, batch = 20, name_format = "rd%03d" }
+        assert.is_nil(r)
+        assert.are.equal("ETIMEOUT", code)
+        assert.matches("reading batch at key 41", msg, 1, true)
+        assert.are.equal(40, partial.stored)
+        assert.are.equal(40, real:count())
+        assert(hsm:device_info())
+        real:close()
+    end)
+
+    it("generation refused for a later batch: the error names it, counts are exact", function()
+        local store = new_store()
+        local calls = 0
+        local h = H.open(dev)
+        h:set_policy(require("softcxi.policy").new { on_generate = function()
+            calls = calls + 1
+            if calls == 3 then return false, "enough" end
+            return true
+        end })
+        local r, msg, code, partial = provision.run { hsm = h, store = store, template = TEMPLATE,
+            count = 100, batch = 20, name_format = "pg%03d" }
+        assert.is_nil(r)
+        assert.are.equal("EPOLICY", code)
+        assert.matches("generating batch at key 41", msg, 1, true)
+        assert.are.equal(40, partial.stored)
+        assert.are.equal(40, partial.generated)
+        assert.are.equal(40, store:count())
+        h:close()
+        store:close()
+    end)
+
     it("misuse raises, a bad template is EINVAL", function()
         local store = new_store()
         assert.has_error(function() provision.run { hsm = hsm, store = store, count = 1 } end)

@@ -436,14 +436,17 @@ int softcxi_key_generate(softcxi_session *s, softcxi_buf *blob, unsigned flags,
 
 /* ---- bulk generation on worker threads --------------------------------- */
 
+/* A worker needs only the blob key and its check value, never the device:
+ * an asynchronous job (below) runs on a copy of them. */
 typedef struct worker {
     pthread_t thread;
-    softcxi_device *dev;
+    const uint8_t *blob_key, *kcv;
     const softcxi_template *t; /* checked */
     const char *const *names;
     softcxi_buf *blobs;
     size_t first, step, n;
-    int *stop; /* set by the first worker that fails */
+    int *stop;           /* set by the first worker that fails */
+    unsigned *finished;  /* a job's count of finished workers, or NULL */
     int rc;
     size_t failed_at;
     softcxi_error err;
@@ -456,7 +459,7 @@ static void *worker_run(void *arg)
     scx_rndpool *pool = OPENSSL_zalloc(sizeof *pool);
     EVP_CIPHER_CTX *gcm = EVP_CIPHER_CTX_new();
     EVP_PKEY_CTX *gen = uses_gen_ctx(w->t->algo) ? new_gen_ctx(w->t) : NULL;
-    int have_x = scx_xaes_init(&x, w->dev->sec->blob_key) == 0;
+    int have_x = scx_xaes_init(&x, w->blob_key) == 0;
 
     w->rc = 0;
     if (!pool || !gcm || !have_x || (uses_gen_ctx(w->t->algo) && !gen)) {
@@ -464,7 +467,7 @@ static void *worker_run(void *arg)
         w->failed_at = w->first;
         __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
     } else {
-        sealer z = {&x, gcm, pool, w->dev->kcv};
+        sealer z = {&x, gcm, pool, w->kcv};
         softcxi_template t = *w->t;
         for (size_t i = w->first; i < w->n; i += w->step) {
             if (__atomic_load_n(w->stop, __ATOMIC_RELAXED))
@@ -485,7 +488,54 @@ static void *worker_run(void *arg)
     EVP_PKEY_CTX_free(gen);
     if (pool)
         OPENSSL_clear_free(pool, sizeof *pool);
+    /* Last: the job's owner may look at everything above once it counts. */
+    if (w->finished)
+        __atomic_add_fetch(w->finished, 1, __ATOMIC_RELEASE);
     return NULL;
+}
+
+/* What both forms check before any key is made; t is the caller's copy. */
+static int bulk_prepare(softcxi_session *s, unsigned flags, softcxi_template *t)
+{
+    int rc;
+    if (!(flags & SOFTCXI_FLAG_EXTERNAL))
+        return scx_fail(&s->err, SOFTCXI_EINVAL,
+                        "bulk_generate: FLAG_EXTERNAL is required (the internal database "
+                        "holds 8 MiB: bulk keys belong outside)");
+    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(t, &s->err)) != 0 ||
+        (rc = scx_access_key(s, t->group, t->group ? strlen(t->group) : 0, "bulk_generate")) !=
+            0 ||
+        (rc = scx_device_sync(s)) != 0)
+        return rc;
+    return 0;
+}
+
+static unsigned bulk_threads(unsigned threads, size_t n)
+{
+    if (threads == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = cpus > 0 ? (unsigned)cpus : 1;
+    }
+    if (threads > SOFTCXI_BULK_MAX_THREADS)
+        threads = SOFTCXI_BULK_MAX_THREADS;
+    if (threads > n)
+        threads = (unsigned)n;
+    return threads;
+}
+
+/* The first failed worker's error (in worker order), as the message of the
+ * whole call; 0 when none failed. */
+static int bulk_outcome(softcxi_error *err, const worker *ws, unsigned threads,
+                        const char *const *names)
+{
+    for (unsigned i = 0; i < threads; i++) {
+        if (ws[i].rc)
+            return scx_fail(err, ws[i].rc, "bulk_generate: key %zu%s%s%s: %s",
+                            ws[i].failed_at + 1, names ? " ('" : "",
+                            names ? names[ws[i].failed_at] : "", names ? "')" : "",
+                            ws[i].err.msg);
+    }
+    return 0;
 }
 
 int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags,
@@ -497,26 +547,13 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     int stop = 0, rc;
 
     memset(blobs, 0, n * sizeof *blobs);
-    if (!(flags & SOFTCXI_FLAG_EXTERNAL))
-        return scx_fail(&s->err, SOFTCXI_EINVAL,
-                        "bulk_generate: FLAG_EXTERNAL is required (the internal database "
-                        "holds 8 MiB: bulk keys belong outside)");
-    if ((rc = check_flags(flags, &s->err)) != 0 || (rc = scx_template_check(&t, &s->err)) != 0 ||
-        (rc = scx_access_key(s, t.group, t.group ? strlen(t.group) : 0, "bulk_generate")) != 0 ||
-        (rc = scx_device_sync(s)) != 0)
+    if ((rc = bulk_prepare(s, flags, &t)) != 0)
         return rc;
     if (n == 0) {
         scx_ok(&s->err);
         return 0;
     }
-    if (threads == 0) {
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = cpus > 0 ? (unsigned)cpus : 1;
-    }
-    if (threads > SOFTCXI_BULK_MAX_THREADS)
-        threads = SOFTCXI_BULK_MAX_THREADS;
-    if (threads > n)
-        threads = (unsigned)n;
+    threads = bulk_threads(threads, n);
     /* Each worker takes every threads-th key with contexts of its own.  The
      * calling thread is worker 0, and also runs the share of any worker
      * whose thread could not be started. */
@@ -524,7 +561,8 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     for (unsigned i = 0; i < threads; i++) {
         worker *w = &ws[i];
         memset(w, 0, sizeof *w);
-        w->dev = s->dev, w->t = &t, w->names = names, w->blobs = blobs;
+        w->blob_key = s->dev->sec->blob_key, w->kcv = s->dev->kcv;
+        w->t = &t, w->names = names, w->blobs = blobs;
         w->first = i, w->step = threads, w->n = n, w->stop = &stop;
     }
     for (unsigned i = 1; i < threads; i++)
@@ -535,21 +573,157 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     for (unsigned i = 1; i < threads; i++)
         if (running[i])
             pthread_join(ws[i].thread, NULL);
-    for (unsigned i = 0; i < threads; i++) {
-        if (ws[i].rc) {
-            rc = ws[i].rc;
-            scx_fail(&s->err, rc, "bulk_generate: key %zu%s%s%s: %s", ws[i].failed_at + 1,
-                     names ? " ('" : "", names ? names[ws[i].failed_at] : "", names ? "')" : "",
-                     ws[i].err.msg);
-            break;
-        }
-    }
-    if (rc) {
+    if ((rc = bulk_outcome(&s->err, ws, threads, names)) != 0) {
         for (size_t i = 0; i < n; i++)
             softcxi_buf_free(&blobs[i]);
         return rc;
     }
     scx_ok(&s->err);
+    return 0;
+}
+
+/* ---- bulk generation that runs while the caller does something else ------ */
+
+/* Everything a job's workers touch is the job's own: copies of the checked
+ * template (and its strings), of the names, and of the blob key (on a locked
+ * page) and its check value.  Nothing points into the session, the device
+ * or the caller's memory, so neither may change or go away under a worker. */
+struct softcxi_bulk_job {
+    worker ws[SOFTCXI_BULK_MAX_THREADS];
+    int running[SOFTCXI_BULK_MAX_THREADS];
+    unsigned threads;
+    unsigned finished; /* workers done: atomic */
+    int stop;          /* atomic */
+    int joined, collected;
+    softcxi_template t;
+    char *strings;      /* the template's strings, then the names */
+    size_t strings_len;
+    const char **names; /* NULL: the template's name */
+    size_t n;
+    softcxi_buf *blobs;
+    uint8_t *key;       /* the blob key: locked, wiped once the workers end */
+    uint8_t kcv[SCX_KCV_LEN];
+};
+
+/* Copy s (or NULL) to *p, advancing it. */
+static const char *job_str(char **p, const char *s)
+{
+    if (!s)
+        return NULL;
+    size_t len = strlen(s) + 1;
+    memcpy(*p, s, len);
+    const char *out = *p;
+    *p += len;
+    return out;
+}
+
+static void job_join(softcxi_bulk_job *job)
+{
+    if (job->joined)
+        return;
+    for (unsigned i = 0; i < job->threads; i++)
+        if (job->running[i])
+            pthread_join(job->ws[i].thread, NULL);
+    job->joined = 1;
+    scx_locked_free(job->key, 32); /* the workers are gone: wipe it now */
+    job->key = NULL;
+}
+
+void softcxi_bulk_job_free(softcxi_bulk_job *job)
+{
+    if (!job)
+        return;
+    __atomic_store_n(&job->stop, 1, __ATOMIC_RELAXED); /* a running job stops early */
+    job_join(job);
+    if (job->blobs)
+        for (size_t i = 0; i < job->n; i++)
+            softcxi_buf_free(&job->blobs[i]);
+    OPENSSL_free(job->blobs);
+    OPENSSL_free(job->names);
+    OPENSSL_clear_free(job->strings, job->strings_len);
+    OPENSSL_clear_free(job, sizeof *job);
+}
+
+int softcxi_bulk_generate_start(softcxi_session *s, softcxi_bulk_job **out, unsigned flags,
+                                const softcxi_template *tin, const char *const *names,
+                                size_t n, unsigned threads)
+{
+    softcxi_template t = *tin;
+    int rc;
+
+    *out = NULL;
+    if ((rc = bulk_prepare(s, flags, &t)) != 0)
+        return rc;
+    softcxi_bulk_job *job = OPENSSL_zalloc(sizeof *job);
+    if (!job)
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "bulk_generate: out of memory");
+    job->n = n;
+    /* One allocation for the template's strings and the names. */
+    size_t len = (t.name ? strlen(t.name) + 1 : 0) + (t.group ? strlen(t.group) + 1 : 0) +
+                 (t.label ? strlen(t.label) + 1 : 0);
+    for (size_t i = 0; names && i < n; i++)
+        len += names[i] ? strlen(names[i]) + 1 : 0;
+    job->strings_len = len ? len : 1;
+    job->strings = OPENSSL_malloc(job->strings_len);
+    job->blobs = OPENSSL_zalloc((n ? n : 1) * sizeof *job->blobs);
+    job->names = names ? OPENSSL_malloc((n ? n : 1) * sizeof *job->names) : NULL;
+    job->key = scx_locked_alloc(32);
+    if (!job->strings || !job->blobs || (names && !job->names) || !job->key) {
+        softcxi_bulk_job_free(job);
+        return scx_fail(&s->err, SOFTCXI_ENOMEM, "bulk_generate: out of memory");
+    }
+    char *p = job->strings;
+    job->t = t;
+    job->t.name = job_str(&p, t.name);
+    job->t.group = job_str(&p, t.group);
+    job->t.label = job_str(&p, t.label);
+    for (size_t i = 0; names && i < n; i++)
+        job->names[i] = job_str(&p, names[i]);
+    memcpy(job->key, s->dev->sec->blob_key, 32);
+    memcpy(job->kcv, s->dev->kcv, SCX_KCV_LEN);
+
+    job->threads = n ? bulk_threads(threads, n) : 0;
+    for (unsigned i = 0; i < job->threads; i++) {
+        worker *w = &job->ws[i];
+        w->blob_key = job->key, w->kcv = job->kcv;
+        w->t = &job->t, w->names = job->names, w->blobs = job->blobs;
+        w->first = i, w->step = job->threads, w->n = n;
+        w->stop = &job->stop, w->finished = &job->finished;
+    }
+    /* Every worker on a thread of its own; the share of one that cannot be
+     * started is run here, before returning (slower, never wrong). */
+    for (unsigned i = 0; i < job->threads; i++)
+        job->running[i] = pthread_create(&job->ws[i].thread, NULL, worker_run, &job->ws[i]) == 0;
+    for (unsigned i = 0; i < job->threads; i++)
+        if (!job->running[i])
+            worker_run(&job->ws[i]);
+    *out = job;
+    scx_ok(&s->err);
+    return 0;
+}
+
+int softcxi_bulk_job_ready(const softcxi_bulk_job *job)
+{
+    return job->collected || __atomic_load_n(&job->finished, __ATOMIC_ACQUIRE) == job->threads;
+}
+
+size_t softcxi_bulk_job_count(const softcxi_bulk_job *job) { return job->n; }
+
+int softcxi_bulk_job_wait(softcxi_bulk_job *job, softcxi_buf **blobs, softcxi_error *err)
+{
+    *blobs = NULL;
+    if (job->collected)
+        return scx_fail(err, SOFTCXI_EINVAL, "bulk_generate: the job was waited for already");
+    job_join(job);
+    job->collected = 1;
+    int rc = bulk_outcome(err, job->ws, job->threads, job->names);
+    if (rc) {
+        for (size_t i = 0; i < job->n; i++)
+            softcxi_buf_free(&job->blobs[i]);
+        return rc;
+    }
+    *blobs = job->blobs;
+    scx_ok(err);
     return 0;
 }
 

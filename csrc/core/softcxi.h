@@ -500,6 +500,34 @@ SOFTCXI_MUST_CHECK int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *bl
                                              const char *const *names, size_t n,
                                              unsigned threads);
 
+/* The same, started now and collected later: the workers run on threads of
+ * their own and the call returns at once (the checks of template, flags and
+ * logon are made here, and fail here).  The job copies what it uses (the
+ * template, the names, the sealing key), so once started it depends on
+ * neither the session nor the caller's memory: the session may be used or
+ * freed meanwhile, and the keys are sealed under the MBK current at the
+ * start.  (The Lua binding still refuses other calls on a session while its
+ * job runs: see docs/api.md.)  Threads as above; a worker whose thread cannot
+ * be started runs in the starting call. */
+typedef struct softcxi_bulk_job softcxi_bulk_job;
+SOFTCXI_MUST_CHECK int softcxi_bulk_generate_start(softcxi_session *s, softcxi_bulk_job **job,
+                                                   unsigned flags, const softcxi_template *t,
+                                                   const char *const *names, size_t n,
+                                                   unsigned threads);
+/* 1 when every worker has finished (softcxi_bulk_job_wait will not block). */
+int softcxi_bulk_job_ready(const softcxi_bulk_job *job);
+/* The number of keys the job makes. */
+size_t softcxi_bulk_job_count(const softcxi_bulk_job *job);
+/* Wait for the workers.  0: *blobs points to the job's count blobs, in
+ * order (the caller may take and free each; softcxi_bulk_job_free frees the
+ * rest).  On failure none is returned and err says which key failed, as
+ * softcxi_bulk_generate.  Once per job: a second call is EINVAL. */
+SOFTCXI_MUST_CHECK int softcxi_bulk_job_wait(softcxi_bulk_job *job, softcxi_buf **blobs,
+                                             softcxi_error *err);
+/* Stop a running job early (each worker after its current key), wait for
+ * its threads, wipe and free it.  NULL is fine. */
+void softcxi_bulk_job_free(softcxi_bulk_job *job);
+
 /* Import a key from outside into a blob.  Formats:
  *  PKCS8  a private key, PKCS#8 (or traditional) DER, or PEM;
  *  SPKI   a public key (SubjectPublicKeyInfo DER or PEM): the blob has no

@@ -21,6 +21,7 @@
 #include "softcxi.h"
 
 #define SESSION_MT "softcxi.session"
+#define JOB_MT "softcxi.bulk_job"
 
 #if defined(__GNUC__)
 #define EXPORT __attribute__((visibility("default")))
@@ -28,9 +29,25 @@
 #define EXPORT
 #endif
 
+struct ljob;
+
+/* busy: the bulk_generate_start job that runs on this session, until it is
+ * waited for, cancelled or collected.  Every call but close raises
+ * meanwhile.  The job and the session point at each other, and each clears
+ * the other's pointer when it goes first (close, wait, cancel, __gc). */
 typedef struct lsession {
     softcxi_session *s;
+    struct ljob *busy;
 } lsession;
+
+typedef struct ljob {
+    softcxi_bulk_job *job; /* NULL once waited for, cancelled or collected */
+    lsession *owner;       /* the session it keeps busy, or NULL */
+    size_t count;
+    int state;             /* JOB_RUNNING, JOB_WAITED, JOB_CANCELLED */
+} ljob;
+
+enum { JOB_RUNNING, JOB_WAITED, JOB_CANCELLED };
 
 /* ---- helpers ----------------------------------------------------------- */
 
@@ -66,6 +83,9 @@ static lsession *check_session(lua_State *L)
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
     if (!ls->s)
         luaL_error(L, "softcxi: the session is closed");
+    if (ls->busy)
+        luaL_error(L, "softcxi: the session is busy: a bulk_generate_start job runs on it "
+                      "(job:wait() or job:cancel() first)");
     return ls;
 }
 
@@ -389,6 +409,7 @@ static int l_open(lua_State *L)
     /* The userdata first, so a raised error cannot strand the device. */
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;
+    ls->busy = NULL;
     luaL_setmetatable(L, SESSION_MT);
     if (softcxi_device_open(&dev, &req, &err) != 0)
         return push_error(L, &err);
@@ -459,9 +480,15 @@ static int l_hash_compute(lua_State *L)
 
 /* ---- session methods --------------------------------------------------- */
 
+/* Closing a busy session is allowed: the job needs nothing of it (the core
+ * job holds copies of all it uses) and still delivers its keys. */
 static int m_close(lua_State *L)
 {
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    if (ls->busy) {
+        ls->busy->owner = NULL;
+        ls->busy = NULL;
+    }
     softcxi_session_free(ls->s);
     ls->s = NULL;
     return 0;
@@ -515,10 +542,19 @@ static int m_key_generate(lua_State *L)
     return 1;
 }
 
-/* bulk_generate(flags, template, n [, names [, threads]]) -> { blob, ... } */
-static int m_bulk_generate(lua_State *L)
+/* The arguments of bulk_generate and bulk_generate_start: (flags, template,
+ * n [, names [, threads]]) at 2..6.  Returns 0, or -1 with nil, msg, code
+ * pushed.  *names is a userdata-held array (collected even if something
+ * raises) of strings the names table keeps alive. */
+typedef struct bulk_args {
+    unsigned flags, threads;
+    size_t count;
+    softcxi_template t;
+    const char **names;
+} bulk_args;
+
+static int check_bulk_args(lua_State *L, const char *fn, bulk_args *a)
 {
-    lsession *ls = check_session(L);
     lua_Integer flags = luaL_checkinteger(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
     lua_Integer n = luaL_checkinteger(L, 4);
@@ -528,32 +564,162 @@ static int m_bulk_generate(lua_State *L)
         luaL_checktype(L, 5, LUA_TTABLE);
     lua_Integer threads = luaL_optinteger(L, 6, 0);
     luaL_argcheck(L, threads >= 0 && threads <= SOFTCXI_BULK_MAX_THREADS, 6, "0 to 16 threads");
-    softcxi_template t;
     char msg[200];
-    if (read_template(L, 3, &t, msg, sizeof msg, 1) != 0)
-        return push_einval(L, msg);
-    size_t count = (size_t)n;
-    /* Scratch arrays as userdata: collected even if a later call raises. */
-    const char **names = has_names ? lua_newuserdata(L, (count ? count : 1) * sizeof *names) : NULL;
-    softcxi_buf *blobs = lua_newuserdata(L, (count ? count : 1) * sizeof *blobs);
-    for (size_t i = 0; has_names && i < count; i++) {
+    if (read_template(L, 3, &a->t, msg, sizeof msg, 1) != 0) {
+        push_einval(L, msg);
+        return -1;
+    }
+    a->flags = (unsigned)flags;
+    a->threads = (unsigned)threads;
+    a->count = (size_t)n;
+    a->names = has_names ? lua_newuserdata(L, (a->count ? a->count : 1) * sizeof *a->names)
+                         : NULL;
+    for (size_t i = 0; has_names && i < a->count; i++) {
         lua_rawgeti(L, 5, (int)(i + 1));
-        names[i] = get_name(L, -1);
-        if (!names[i])
-            return luaL_error(L, "bulk_generate: name %d is not a string without NUL",
-                              (int)(i + 1));
+        a->names[i] = get_name(L, -1);
+        if (!a->names[i])
+            luaL_error(L, "%s: name %d is not a string without NUL", fn, (int)(i + 1));
         lua_pop(L, 1); /* the table keeps the string alive */
     }
-    if (softcxi_bulk_generate(ls->s, blobs, (unsigned)flags, &t, names, count,
-                              (unsigned)threads) != 0)
+    return 0;
+}
+
+/* bulk_generate(flags, template, n [, names [, threads]]) -> { blob, ... } */
+static int m_bulk_generate(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    bulk_args a;
+    if (check_bulk_args(L, "bulk_generate", &a) != 0)
+        return 3;
+    /* Scratch array as userdata: collected even if a later call raises. */
+    softcxi_buf *blobs = lua_newuserdata(L, (a.count ? a.count : 1) * sizeof *blobs);
+    if (softcxi_bulk_generate(ls->s, blobs, a.flags, &a.t, a.names, a.count, a.threads) != 0)
         return session_error(L, ls);
-    lua_createtable(L, (int)count, 0);
-    for (size_t i = 0; i < count; i++) {
+    lua_createtable(L, (int)a.count, 0);
+    for (size_t i = 0; i < a.count; i++) {
         push_buf(L, &blobs[i]);
         lua_rawseti(L, -2, (int)(i + 1));
     }
     return 1;
 }
+
+/* ---- bulk generation jobs ------------------------------------------------ */
+
+/* Stop (if running), join, free; the session is no longer busy. */
+static void job_end(ljob *j, int state)
+{
+    softcxi_bulk_job_free(j->job); /* joins the workers: they never call Lua */
+    j->job = NULL;
+    if (j->owner) {
+        j->owner->busy = NULL;
+        j->owner = NULL;
+    }
+    if (j->state == JOB_RUNNING)
+        j->state = state;
+}
+
+/* bulk_generate_start(flags, template, n [, names [, threads]]) -> job.
+ * The checks of the call fail here (nil, msg, code); the keys are made on
+ * C threads while Lua goes on, and job:wait() collects them. */
+static int m_bulk_generate_start(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    bulk_args a;
+    if (check_bulk_args(L, "bulk_generate_start", &a) != 0)
+        return 3;
+    /* The userdata first, so that a raised error cannot strand a job. */
+    ljob *j = lua_newuserdata(L, sizeof *j);
+    j->job = NULL;
+    j->owner = NULL;
+    j->count = a.count;
+    j->state = JOB_RUNNING;
+    luaL_setmetatable(L, JOB_MT);
+    softcxi_bulk_job *job = NULL;
+    if (softcxi_bulk_generate_start(ls->s, &job, a.flags, &a.t, a.names, a.count, a.threads) !=
+        0) {
+        j->state = JOB_CANCELLED;
+        return session_error(L, ls);
+    }
+    j->job = job;
+    j->owner = ls;
+    ls->busy = j;
+    return 1;
+}
+
+static ljob *check_job(lua_State *L)
+{
+    return luaL_checkudata(L, 1, JOB_MT);
+}
+
+/* job:wait() -> { blob, ... } or nil, msg, code: blocks until the keys are
+ * made; all or nothing, as bulk_generate.  Once per job. */
+static int j_wait(lua_State *L)
+{
+    ljob *j = check_job(L);
+    if (j->state != JOB_RUNNING || !j->job)
+        return luaL_error(L, "softcxi: bulk_generate job: %s already",
+                          j->state == JOB_WAITED ? "waited for" : "cancelled");
+    softcxi_buf *blobs = NULL;
+    softcxi_error err = {0, ""};
+    int rc = softcxi_bulk_job_wait(j->job, &blobs, &err);
+    j->state = JOB_WAITED;
+    if (j->owner) { /* the session is free again, whatever comes next */
+        j->owner->busy = NULL;
+        j->owner = NULL;
+    }
+    if (rc != 0) {
+        job_end(j, JOB_WAITED);
+        return push_error(L, &err);
+    }
+    /* If a push raises (out of memory), __gc frees the blobs not taken. */
+    lua_createtable(L, (int)j->count, 0);
+    for (size_t i = 0; i < j->count; i++) {
+        push_buf(L, &blobs[i]);
+        lua_rawseti(L, -2, (int)(i + 1));
+    }
+    job_end(j, JOB_WAITED);
+    return 1;
+}
+
+/* job:ready() -> true when wait() would not block (or the job is over). */
+static int j_ready(lua_State *L)
+{
+    ljob *j = check_job(L);
+    lua_pushboolean(L, !j->job || softcxi_bulk_job_ready(j->job));
+    return 1;
+}
+
+/* job:cancel(): stop the workers after their current key, wait for them,
+ * drop what they made; the session is free again.  A no-op once over. */
+static int j_cancel(lua_State *L)
+{
+    job_end(check_job(L), JOB_CANCELLED);
+    return 0;
+}
+
+static int j_gc(lua_State *L)
+{
+    job_end(check_job(L), JOB_CANCELLED);
+    return 0;
+}
+
+static int j_tostring(lua_State *L)
+{
+    ljob *j = check_job(L);
+    const char *st = j->state == JOB_WAITED      ? "waited for"
+                     : j->state == JOB_CANCELLED ? "cancelled"
+                     : softcxi_bulk_job_ready(j->job) ? "ready"
+                                                      : "running";
+    lua_pushfstring(L, "softcxi.bulk_job (%d keys, %s)", (int)j->count, st);
+    return 1;
+}
+
+static const luaL_Reg job_methods[] = {
+    {"wait", j_wait},
+    {"ready", j_ready},
+    {"cancel", j_cancel},
+    {NULL, NULL},
+};
 
 /* key_import(flags, template, data, format [, unwrap_key]) -> blob */
 static int m_key_import(lua_State *L)
@@ -1368,6 +1534,7 @@ static const luaL_Reg session_methods[] = {
     {"device_info", m_device_info},
     {"key_generate", m_key_generate},
     {"bulk_generate", m_bulk_generate},
+    {"bulk_generate_start", m_bulk_generate_start},
     {"key_import", m_key_import},
     {"sign", m_sign},
     {"verify", m_verify},
@@ -1401,6 +1568,18 @@ EXPORT int luaopen_softcxi_core(lua_State *L)
      * the module again (a hot reload, lua_code_cache off) never sees the
      * facade's wrappers from the last load.  Live sessions share the
      * metatable and pick up the new table. */
+    luaL_newmetatable(L, JOB_MT);
+    lua_pushcfunction(L, j_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, j_gc);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, j_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushliteral(L, JOB_MT);
+    lua_setfield(L, -2, "__name");
+    luaL_newlib(L, job_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
     luaL_newmetatable(L, SESSION_MT);
     lua_pushcfunction(L, m_close);
     lua_setfield(L, -2, "__gc");

@@ -16,6 +16,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,6 +83,7 @@ static void test_free_null(void)
     softcxi_buf_free(NULL);
     softcxi_buf b = {0};
     softcxi_buf_free(&b);
+    softcxi_bulk_job_free(NULL);
     CHECK(1);
 }
 
@@ -773,6 +775,97 @@ static void test_bulk_generate(void)
     softcxi_session_free(s);
 }
 
+/* The start-now, collect-later form: the same blobs and errors, and a job
+ * that outlives its session and its caller's strings. */
+static void test_bulk_job(void)
+{
+    current = "bulk_generate_start";
+    uint8_t mbk[32];
+    CHECK(RAND_bytes(mbk, sizeof mbk) == 1);
+    softcxi_session *s = mem_session(mbk, 16);
+    enum { N = 40 };
+    char namebuf[N][16], group[8] = "iot";
+    const char *names[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(namebuf[i], sizeof namebuf[i], "job-%04d", i);
+        names[i] = namebuf[i];
+    }
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = group;
+    softcxi_bulk_job *job = NULL;
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, names, N, 2), 0);
+    CHECK(job != NULL && softcxi_bulk_job_count(job) == N);
+    /* The caller's strings and the session go away while the job runs. */
+    memset(namebuf, 'z', sizeof namebuf);
+    memset(group, 0, sizeof group);
+    softcxi_session_free(s);
+    softcxi_buf *blobs = NULL;
+    softcxi_error err;
+    CHECK_RC_MSG(softcxi_bulk_job_wait(job, &blobs, &err), 0, err.msg);
+    CHECK(blobs != NULL && softcxi_bulk_job_ready(job));
+    s = mem_session(mbk, 16);
+    int ok = blobs != NULL;
+    for (int i = 0; ok && i < N; i++) {
+        softcxi_key_info info;
+        char want[16];
+        snprintf(want, sizeof want, "job-%04d", i);
+        ok &= softcxi_key_info_check(s, &info, blobs[i].data, blobs[i].len) == 0 &&
+              info.name_len == strlen(want) && !memcmp(info.name, want, info.name_len) &&
+              info.group_len == 3 && !memcmp(info.group, "iot", 3);
+    }
+    CHECK(ok);
+    if (blobs)
+        sign_roundtrip(s, &blobs[N - 1], SOFTCXI_MECH_ECDSA_SHA256, 0);
+    /* The caller may take blobs; the job frees the rest. */
+    if (blobs)
+        softcxi_buf_free(&blobs[0]);
+    /* Waiting twice is refused. */
+    CHECK_RC(softcxi_bulk_job_wait(job, &blobs, &err), SOFTCXI_EINVAL);
+    CHECK(blobs == NULL);
+    softcxi_bulk_job_free(job);
+
+    /* A bad name fails the whole job at wait, names the key, returns nothing. */
+    for (int i = 0; i < N; i++) {
+        snprintf(namebuf[i], sizeof namebuf[i], "job-%04d", i);
+        names[i] = namebuf[i];
+    }
+    memcpy(group, "iot", 4);
+    char longname[300];
+    memset(longname, 'x', sizeof longname - 1);
+    longname[sizeof longname - 1] = '\0';
+    names[7] = longname;
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, names, N, 3), 0);
+    CHECK_RC(softcxi_bulk_job_wait(job, &blobs, &err), SOFTCXI_EINVAL);
+    CHECK(strstr(err.msg, "key 8") != NULL && blobs == NULL);
+    softcxi_bulk_job_free(job);
+
+    /* Checks of the call itself fail at the start, with no job. */
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, 0, &t, NULL, N, 2), SOFTCXI_EINVAL);
+    CHECK(job == NULL);
+    softcxi_template bad = t;
+    bad.algo = 99;
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &bad, NULL, N, 2),
+             SOFTCXI_EINVAL);
+    CHECK(job == NULL);
+
+    /* No keys: ready at once, an empty result. */
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 0, 0), 0);
+    CHECK(job && softcxi_bulk_job_ready(job));
+    CHECK_RC(softcxi_bulk_job_wait(job, &blobs, &err), 0);
+    softcxi_bulk_job_free(job);
+
+    /* A job freed while it runs stops, joins its threads, frees what it made. */
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 2000, 2), 0);
+    softcxi_bulk_job_free(job);
+    /* ... and one that ran to the end without a wait. */
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 5, 1), 0);
+    while (!softcxi_bulk_job_ready(job))
+        sched_yield();
+    softcxi_bulk_job_free(job);
+    softcxi_session_free(s);
+    OPENSSL_cleanse(mbk, sizeof mbk);
+}
+
 static void test_shares(void)
 {
     current = "mbk shares in memory";
@@ -912,6 +1005,7 @@ int main(int argc, char **argv)
     test_users();
     test_fork_pool();
     test_bulk_generate();
+    test_bulk_job();
     test_shares();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);

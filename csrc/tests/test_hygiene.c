@@ -477,7 +477,23 @@ static void part_memory(const vec v[3])
     CHECK_RC(rc, SOFTCXI_EMBK);
     check_err(s2, rc, "foreign MBK");
     softcxi_session_free(s2);
+
+    /* Bulk jobs copy the blob key: the copy must be gone once each job is
+     * (waited for and freed, freed while running, or outliving its session). */
+    current = "bulk jobs";
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.name = "job";
+    softcxi_bulk_job *job = NULL;
+    softcxi_buf *blobs = NULL;
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 20, 2), 0);
+    CHECK_RC(softcxi_bulk_job_wait(job, &blobs, &err), 0);
+    softcxi_bulk_job_free(job);
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 500, 2), 0);
+    softcxi_bulk_job_free(job);
+    CHECK_RC(softcxi_bulk_generate_start(s, &job, SOFTCXI_FLAG_EXTERNAL, &t, NULL, 20, 2), 0);
     softcxi_session_free(s);
+    CHECK_RC(softcxi_bulk_job_wait(job, &blobs, &err), 0);
+    softcxi_bulk_job_free(job);
 }
 
 /* ---- part B: a device on disk ----------------------------------------------------- */

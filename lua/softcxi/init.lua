@@ -86,9 +86,23 @@ local c_encrypt, c_decrypt, c_agree = methods.encrypt, methods.decrypt, methods.
 local c_check = methods._check
 
 local c_bulk_generate = methods.bulk_generate
+local c_bulk_generate_start = methods.bulk_generate_start
 local string_format = string.format
 
 local BULK_GEN_OPTS = { name_format = true, start = true, names = true, threads = true }
+
+local function bulk_names(opts, n, fn)
+    opts = opt_table(opts, fn)
+    check_fields(opts, BULK_GEN_OPTS, fn)
+    local names = opts.names
+    if opts.name_format then
+        if names then error(fn .. ": give names or name_format, not both", 3) end
+        local first = (opts.start or 1) - 1
+        names = {}
+        for i = 1, n do names[i] = string_format(opts.name_format, first + i) end
+    end
+    return names, opts.threads
+end
 
 --- bulk_generate(flags, template, n [, opts]) -> { blob1, ..., blobn }
 -- n keys of one template, generated and sealed on C worker threads (one per
@@ -96,16 +110,19 @@ local BULK_GEN_OPTS = { name_format = true, start = true, names = true, threads 
 -- string.format(opts.name_format, opts.start + i - 1) (start defaults to 1),
 -- or template.name.
 function methods:bulk_generate(flags, template, n, opts)
-    opts = opt_table(opts, "bulk_generate")
-    check_fields(opts, BULK_GEN_OPTS, "bulk_generate")
-    local names = opts.names
-    if opts.name_format then
-        if names then error("bulk_generate: give names or name_format, not both", 2) end
-        local first = (opts.start or 1) - 1
-        names = {}
-        for i = 1, n do names[i] = string_format(opts.name_format, first + i) end
-    end
-    return c_bulk_generate(self, flags, template, n, names, opts.threads)
+    local names, threads = bulk_names(opts, n, "bulk_generate")
+    return c_bulk_generate(self, flags, template, n, names, threads)
+end
+
+--- bulk_generate_start(flags, template, n [, opts]) -> job
+-- The same keys, generated on C threads while Lua goes on: job:wait()
+-- returns what bulk_generate would have (the blobs, or nil, msg, code),
+-- job:ready() says whether wait would block, job:cancel() stops it.  Until
+-- then every other call on this session raises (close excepted).  Checks of
+-- the arguments, flags and logon fail here, as nil, msg, code.
+function methods:bulk_generate_start(flags, template, n, opts)
+    local names, threads = bulk_names(opts, n, "bulk_generate_start")
+    return c_bulk_generate_start(self, flags, template, n, names, threads)
 end
 
 local c_key_import = methods.key_import

@@ -580,7 +580,9 @@ function _M._attach(softcxi, methods)
             end
             c_check(self)
             local ctx = { op = op, flags = flags, count = 1 }
-            if op == "bulk_generate" then ctx.count, ctx.names = a, names_of(a, b) end
+            if op == "bulk_generate" or op == "bulk_generate_start" then
+                ctx.count, ctx.names = a, names_of(a, b)
+            end
             local t, err, code = pol:check_generate(template, ctx)
             if not t then return nil, err, code end
             return orig(self, flags, t, a, b, ...)
@@ -629,7 +631,9 @@ function _M._attach(softcxi, methods)
         end
     end
 
-    for _, op in ipairs { "key_generate", "bulk_generate", "key_import" } do wrap_generate(op) end
+    for _, op in ipairs { "key_generate", "bulk_generate", "bulk_generate_start", "key_import" } do
+        wrap_generate(op)
+    end
     for _, op in ipairs { "sign", "verify", "bulk_sign", "mac", "mac_verify", "encrypt", "decrypt",
                           "secret_agree" } do
         wrap_keyed(op, "check_use")
