@@ -1,0 +1,368 @@
+-- Concurrency (issue 8, item 6): several processes use one device and one file store at
+-- the same time, and afterwards nothing confirmed is lost and nothing is corrupted.
+--
+--   * WORKERS processes (users of group "*") each loop: an external key generated and put
+--     into the store, an internal key generated, every third internal key backed up to a
+--     file, every fourth external key revoked;
+--   * one administrator process rotates the MBK twice while the workers run (mbk_import of
+--     a new share set, which also rewraps the internal keys) and rewraps the store after
+--     each rotation (softcxi.rewrap: compare-and-set per blob);
+--   * one administrator process makes database backups in a loop, each after reading which
+--     internal keys the workers had confirmed by then, and verifies the audit log and lists
+--     the keys between them.
+--
+-- Every child logs each confirmed step on its own flushed line before the next, so the
+-- logs say exactly what each process saw succeed.  The children start together (each
+-- opens and logs on, says "ready", and waits for a go file); the administrators' steps
+-- wait for the workers' progress in their logs, and the workers wait halfway for the
+-- first rotation and at three quarters for the second, so the rotations and backups fall
+-- in the middle of the key writes on any machine.  No wall-clock assertion.
+--
+-- Afterwards: every confirmed external blob is in the store, opens, and signs (or is
+-- refused as revoked, for the revoked ones) and every blob file parses; every confirmed
+-- internal key is listed and signs; every key backup restores on a second device that
+-- holds the same MBKs (imported from the same shares); every database image restores
+-- there, holding every internal key confirmed before it was made; the audit log verifies.
+-- Under Lua 5.4 only (LuaJIT reports one placeholder success): the C core, the file
+-- system and the stores' locking are what is tested.
+
+local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
+local softcxi = H.softcxi
+
+local WORKERS = 3
+local KEYS = tonumber(os.getenv("SOFTCXI_CONCURRENCY_KEYS") or "") or 60   -- per worker
+local PW = { "share-password-1", "share-password-2", "share-password-3" }
+
+-- Every child: open, log on (each name in turn), say ready, wait for the go file.
+local PRELUDE = [[
+local softcxi = require "softcxi"
+local path, keyfile, log_path, go, dir = arg[1], arg[2], arg[3], arg[4], arg[5]
+local h = assert(softcxi.open { path = path, keyfile = keyfile })
+for user, password in (arg[6]):gmatch("([^:,]+):([^,]+)") do
+    assert(h:logon_pass(user, password))
+end
+local log = assert(io.open(log_path, "a"))
+local function confirm(s) log:write(s, "\n"); log:flush() end
+local function lines(p)
+    local t, f = {}, io.open(p, "rb")
+    if not f then return t end
+    for l in f:lines() do t[#t + 1] = l end
+    f:close()
+    return t
+end
+local function pause() os.execute("sleep 0.02") end
+confirm("ready")
+for _ = 1, 3000 do
+    local f = io.open(go, "rb")
+    if f then f:close() break end
+    pause()
+end
+-- The workers' logs so far: how many steps each confirmed, and the internal keys.
+local function progress()
+    local steps, done, internal = 0, 0, {}
+    for w = 1, tonumber(arg[7]) do
+        for _, l in ipairs(lines(dir .. "/worker-" .. w .. ".log")) do
+            steps = steps + 1
+            if l == "complete" then done = done + 1 end
+            local name = l:match("^int (%S+)$")
+            if name then internal[#internal + 1] = name end
+        end
+    end
+    return steps, done, internal
+end
+-- Wait until the workers have confirmed `n` steps in all (or all finished).
+local function wait_steps(n)
+    for _ = 1, 3000 do
+        local steps, done = progress()
+        if steps >= n or done == tonumber(arg[7]) then return end
+        pause()
+    end
+end
+]]
+
+local WORKER = PRELUDE .. [[
+local prefix, n = arg[8], tonumber(arg[9])
+local store = assert(require("softcxi.store").open("file:" .. dir .. "/store"))
+local usage = { "sign", "verify" }
+-- Halfway, and at three quarters, wait for the first and the second rotation: both fall
+-- in the middle of this worker's writes, however the processes are scheduled.
+local function wait_rotations(k)
+    for _ = 1, 3000 do
+        local m = 0
+        for _, l in ipairs(lines(dir .. "/rotate.log")) do
+            if l:match("^mbk ") or l == "complete" then m = m + 1 end
+        end
+        if m >= k then return end
+        pause()
+    end
+end
+for i = 1, n do
+    if i == math.floor(n / 2) then wait_rotations(1) end
+    if i == math.floor(n * 3 / 4) then wait_rotations(2) end
+    local ename, iname = string.format("%s-ext-%03d", prefix, i), string.format("%s-int-%03d", prefix, i)
+    local blob = assert(h:key_generate(softcxi.FLAG_EXTERNAL,
+        { algo = "ec", group = "iot", name = ename, usage = usage }))
+    local id = "iot/" .. ename
+    assert(store:put(id, blob))
+    confirm("ext " .. id)
+    local hd = assert(h:key_generate(0, { algo = "ec", group = "iot", name = iname, usage = usage }))
+    confirm("int " .. iname)
+    if i % 3 == 0 then
+        local file = dir .. "/backup-" .. iname
+        local f = assert(io.open(file, "wb"))
+        f:write(assert(h:key_backup(hd)))
+        assert(f:close())
+        confirm("backup " .. iname .. " " .. file)
+    end
+    if i % 4 == 0 then
+        assert(h:key_revoke(blob, "concurrency spec"))
+        confirm("revoked " .. id)
+    end
+end
+confirm("complete")
+]]
+
+local ROTATE = PRELUDE .. [[
+local rewrap = require "softcxi.rewrap"
+local store = assert(require("softcxi.store").open("file:" .. dir .. "/store"))
+local total = tonumber(arg[7]) * tonumber(arg[8]) * 2
+for round = 2, 3 do
+    wait_steps(math.floor(total * (round - 1) / 3))
+    local shares = { dir .. "/mbk-" .. round .. "-1.share", dir .. "/mbk-" .. round .. "-3.share" }
+    assert(h:mbk_import { shares = shares, passwords = { arg[9], arg[10] } })
+    confirm("mbk " .. h:mbk_info().current)
+    local steps = progress()
+    local r = assert(rewrap.run { hsm = h, store = store, page = 16 })
+    confirm(string.format("rewrap after %d worker steps: seen %d rewrapped %d current %d "
+        .. "conflicts %d skipped %d", steps, r.seen, r.rewrapped, r.current, r.conflicts, r.skipped))
+end
+confirm("complete")
+]]
+
+local DBBACKUP = PRELUDE .. [[
+local total = tonumber(arg[7]) * tonumber(arg[8]) * 2
+local k = 0
+repeat
+    k = k + 1
+    local _, done, internal = progress()
+    local image, keys = assert(h:backup_database())
+    local file = dir .. "/db-" .. k .. ".img"
+    local f = assert(io.open(file, "wb"))
+    f:write(image)
+    assert(f:close())
+    confirm("db " .. file .. " " .. keys .. " " .. table.concat(internal, ","))
+    assert(h:audit_verify())
+    confirm("audit")
+    assert(h:key_list())
+    if done < tonumber(arg[7]) then wait_steps(math.floor(total * k / 6)) end
+until done == tonumber(arg[7]) or k >= 12
+confirm("complete")
+]]
+
+local function lines(path)
+    local t = {}
+    local data = H.readfile(path) or ""
+    for l in data:gmatch("([^\n]*)\n") do t[#t + 1] = l end
+    return t
+end
+
+local function env()
+    return "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
+        .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
+end
+
+describe("concurrency: processes sharing one device and one file store", function()
+    if type(jit) == "table" then
+        it("runs under Lua 5.4 only (the C core, the file system and the locks are tested)",
+            function() end)
+        return
+    end
+    local dev, dev2
+    setup(function()
+        local base
+        if H.run("test -d /dev/shm -a -w /dev/shm") == 0 then base = "/dev/shm" end
+        dev = H.new_device(base and { root = base } or nil)
+        dev2 = H.new_device(base and { root = base } or nil)
+    end)
+    teardown(function()
+        H.destroy(dev)
+        H.destroy(dev2)
+    end)
+
+    it("keys generated, the MBK rotated with rewrap, database and key backups, revocations "
+        .. "at once: nothing confirmed lost, nothing corrupted", function()
+        local dir = dev.root .. "/conc"
+        H.mkdir_p(dir .. "/store")
+        -- three share sets: set 1 is imported first on both devices (so that the database
+        -- images, sealed under whatever MBK is current, restore on the second), sets 2
+        -- and 3 are the rotations, imported on the second device afterwards
+        local admin = assert(softcxi.open { path = dev.path, keyfile = dev.keyfile })
+        assert(admin:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
+        for s = 1, 3 do
+            local shares = {}
+            for i = 1, 3 do shares[i] = dir .. "/mbk-" .. s .. "-" .. i .. ".share" end
+            assert(admin:mbk_generate { m = 2, shares = shares, passwords = PW, kdf_cost = 10 })
+        end
+        assert(admin:mbk_import { shares = { dir .. "/mbk-1-1.share", dir .. "/mbk-1-2.share" },
+            passwords = { PW[1], PW[2] } })
+        admin:close()
+
+        local go = dir .. "/go"
+        local users = H.USER .. ":" .. H.USER_PASSWORD
+        local admins = H.ADMIN .. ":" .. H.ADMIN_PASSWORD .. "," .. users
+        local children = {}
+        local function spawn(name, script, who, ...)
+            local sf = dir .. "/" .. name .. ".lua"
+            H.writefile(sf, script)
+            local c = { name = name, log = dir .. "/" .. name .. ".log", rc = dir .. "/" .. name .. ".rc",
+                out = dir .. "/" .. name .. ".out" }
+            local args = { dev.path, dev.keyfile, c.log, go, dir, who, tostring(WORKERS), ... }
+            for i, a in ipairs(args) do args[i] = H.q(a) end
+            local rc, out = H.run("( " .. env() .. H.q(H.interpreter()) .. " " .. H.q(sf) .. " "
+                .. table.concat(args, " ") .. " >" .. H.q(c.out) .. " 2>&1 </dev/null; echo $? >"
+                .. H.q(c.rc) .. ".tmp; mv " .. H.q(c.rc) .. ".tmp " .. H.q(c.rc)
+                .. " ) >/dev/null 2>&1 &")
+            assert(rc == 0, out)
+            children[#children + 1] = c
+        end
+        for w = 1, WORKERS do
+            spawn("worker-" .. w, WORKER, users, "w" .. w, tostring(KEYS))
+        end
+        spawn("rotate", ROTATE, admins, tostring(KEYS), PW[1], PW[3])
+        spawn("dbbackup", DBBACKUP, admins, tostring(KEYS))
+        -- all ready (opened, logged on), then go
+        local function all(pred)
+            for _ = 1, 6000 do
+                local n = 0
+                for _, c in ipairs(children) do if pred(c) then n = n + 1 end end
+                if n == #children then return true end
+                os.execute("sleep 0.02")
+            end
+            return false
+        end
+        local function ready(c) return (lines(c.log)[1] == "ready") or H.exists(c.rc) end
+        assert(all(ready), "the children did not all get ready")
+        H.writefile(go, "")
+        assert(all(function(c) return H.exists(c.rc) end), "the children did not all finish")
+        for _, c in ipairs(children) do
+            local rc = tonumber(H.readfile(c.rc):match("%d+"))
+            assert(rc == 0, c.name .. " failed (" .. rc .. "): " .. (H.readfile(c.out) or ""))
+            local l = lines(c.log)
+            assert.are.equal("complete", l[#l], c.name)
+        end
+
+        -- what the children confirmed
+        local ext, int, backups, revoked, images, kcvs = {}, {}, {}, {}, {}, {}
+        for _, c in ipairs(children) do
+            for _, l in ipairs(lines(c.log)) do
+                local id = l:match("^ext (%S+)$")
+                if id then ext[#ext + 1] = id end
+                local name = l:match("^int (%S+)$")
+                if name then int[#int + 1] = name end
+                local bname, bfile = l:match("^backup (%S+) (%S+)$")
+                if bname then backups[#backups + 1] = { name = bname, file = bfile } end
+                id = l:match("^revoked (%S+)$")
+                if id then revoked[id] = true end
+                local file, keys, names = l:match("^db (%S+) (%d+) ?(%S*)$")
+                if file then images[#images + 1] = { file = file, keys = tonumber(keys), names = names } end
+                local kcv = l:match("^mbk (%x+)$")
+                if kcv then kcvs[#kcvs + 1] = kcv end
+                if l:match("^rewrap ") then
+                    io.write("\n  concurrency_spec: ", l)
+                end
+            end
+        end
+        assert.are.equal(WORKERS * KEYS, #ext)
+        assert.are.equal(WORKERS * KEYS, #int)
+        assert.are.equal(2, #kcvs)
+        assert.is_true(#images >= 2, "database backups: " .. #images)
+
+        local hsm = H.open(dev)
+        assert.are.equal(kcvs[2], hsm:mbk_info().current)
+        -- every confirmed external blob is stored, opens and signs; a revoked one is refused
+        local store = assert(require("softcxi.store").open("file:" .. dir .. "/store"))
+        assert.are.equal(#ext, store:count())
+        local nrev = 0
+        for _, id in ipairs(ext) do
+            local blob = assert(store:get(id))
+            local info = assert(softcxi.key_info(blob))
+            assert.are.equal(id, "iot/" .. info.name)
+            if revoked[id] then
+                nrev = nrev + 1
+                H.expect_err("EREVOKED", hsm:sign(blob, "ecdsa-sha256", "m"))
+            else
+                assert(hsm:sign(blob, "ecdsa-sha256", "m"), id)
+            end
+        end
+        assert.are.equal(WORKERS * math.floor(KEYS / 4), nrev)
+        -- every blob file parses: none torn by the concurrent rewraps
+        local rc, out = H.run("find " .. H.q(dir .. "/store/blobs") .. " -type f -name '*.blob'")
+        assert(rc == 0, out)
+        local files = 0
+        for f in out:gmatch("[^\n]+") do
+            assert(softcxi.key_info(assert(H.readfile(f))), "torn blob file " .. f)
+            files = files + 1
+        end
+        assert.are.equal(#ext, files)
+        -- a rewrap now finds the blobs that were stored under an older MBK after the last
+        -- rewrap passed them, and nothing else to do
+        local r = assert(require("softcxi.rewrap").run { hsm = hsm, store = store })
+        assert.are.equal(#ext, r.seen)
+        assert.are.equal(0, r.conflicts)
+        r = assert(require("softcxi.rewrap").run { hsm = hsm, store = store })
+        assert.are.equal(#ext, r.current)
+        store:close()
+
+        -- every confirmed internal key is listed and signs
+        local listed = {}
+        for _, k in ipairs(assert(hsm:key_list())) do listed[k.name] = true end
+        for _, name in ipairs(int) do
+            assert(listed[name], "internal key " .. name .. " is not listed")
+            assert(hsm:sign(assert(hsm:key_open("iot", name)), "ecdsa-sha256", "m"), name)
+        end
+        hsm:close()
+
+        -- the audit log verifies
+        admin = assert(softcxi.open { path = dev.path, keyfile = dev.keyfile })
+        assert(admin:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
+        assert(admin:audit_verify())
+        admin:close()
+
+        -- the second device: the same MBKs from the same shares
+        admin = assert(softcxi.open { path = dev2.path, keyfile = dev2.keyfile })
+        assert(admin:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
+        assert(admin:logon_pass(H.USER, H.USER_PASSWORD))
+        for s = 1, 3 do
+            assert(admin:mbk_import { shares = { dir .. "/mbk-" .. s .. "-2.share",
+                dir .. "/mbk-" .. s .. "-3.share" }, passwords = { PW[2], PW[3] } })
+        end
+        -- every key backup restores there and signs
+        assert.are.equal(WORKERS * math.floor(KEYS / 3), #backups)
+        for _, b in ipairs(backups) do
+            local hd = assert(admin:key_restore(0, assert(H.readfile(b.file))))
+            assert(admin:sign(hd, "ecdsa-sha256", "m"), b.name)
+        end
+        -- every database image restores there (replacing), with every internal key the
+        -- workers had confirmed before it was made, and each of its keys signs
+        for _, img in ipairs(images) do
+            local n = assert(admin:restore_database(assert(H.readfile(img.file))))
+            assert.are.equal(img.keys, n, img.file)
+            local have = {}
+            for _, k in ipairs(assert(admin:key_list())) do
+                have[k.name] = true
+                assert(admin:sign(assert(admin:key_open(k.group, k.name)), "ecdsa-sha256", "m"))
+            end
+            local count = 0
+            for _ in pairs(have) do count = count + 1 end
+            assert.are.equal(n, count, img.file)
+            for name in img.names:gmatch("[^,]+") do
+                assert(have[name], img.file .. " lacks " .. name .. ", confirmed before it was made")
+            end
+        end
+        assert(admin:audit_verify())
+        admin:close()
+        io.write(string.format("\n  concurrency_spec: %d processes, %d external keys (%d revoked), "
+            .. "%d internal, %d key backups, %d database images, 2 MBK rotations\n",
+            #children, #ext, nrev, #int, #backups, #images))
+    end)
+end)
