@@ -100,6 +100,7 @@ local function wanted(c) return not only or only[c] end
 -- ---- peak RSS per case -------------------------------------------------------
 
 local function rss_reset()
+    collectgarbage() -- the peak of this case, not of the garbage of the last
     local f = io.open("/proc/self/clear_refs", "w")
     if f then
         f:write("5") -- 5: reset the peak resident set size to the current one
