@@ -31,7 +31,7 @@
 -- live in a fresh directory under --dir (default $TMPDIR or /tmp; it must
 -- be on the disk to be measured, not a tmpfs) and are removed at the end,
 -- with the throw-away device that makes the keys.  A million keys take
--- about 4 GB and, at the file store's ~1,000 keys/s, a quarter of an hour
+-- about 3.5 GB and, at the file store's ~1,000 keys/s, a quarter of an hour
 -- to fill: bench/run does that only when asked (--store-keys).
 
 local softcxi = require "softcxi"
