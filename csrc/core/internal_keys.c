@@ -87,7 +87,7 @@ int scx_handle_resolve(softcxi_session *s, const uint8_t *h, size_t len, const u
                        size_t *blob_len)
 {
     address a;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     if (handle_parse(&a, h, len) != 0)
         return scx_fail(&s->err, SOFTCXI_EFORMAT, "not a softcxi internal key handle");
     int rc = keydb(s, &db);
@@ -100,7 +100,7 @@ int scx_handle_resolve(softcxi_session *s, const uint8_t *h, size_t len, const u
 int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_template *t,
                        unsigned flags)
 {
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     uint8_t h[600];
     if (!t->name || !*t->name) {
         softcxi_buf_free(out);
@@ -125,7 +125,7 @@ int scx_store_internal(softcxi_session *s, softcxi_buf *out, const softcxi_templ
 int softcxi_key_open(softcxi_session *s, softcxi_buf *handle, const char *group, const char *name,
                      uint32_t specifier, int has_specifier)
 {
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     const uint8_t *blob;
     size_t blob_len, gl = group ? strlen(group) : 0;
     uint8_t h[600];
@@ -150,7 +150,7 @@ int softcxi_key_open(softcxi_session *s, softcxi_buf *handle, const char *group,
 int softcxi_key_delete(softcxi_session *s, const uint8_t *handle, size_t len)
 {
     address a;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     if (handle_parse(&a, handle, len) != 0)
         return scx_fail(&s->err, SOFTCXI_EINVAL, "key_delete: not an internal key handle");
     char subject[520];
@@ -187,7 +187,7 @@ static int list_one(void *p, const char *group, const char *name, uint32_t spec,
 
 int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, void *ctx)
 {
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     if (s->nlogons == 0 && !s->dev->open_access)
         return scx_fail(&s->err, SOFTCXI_EAUTH, "key_list: log on first (logon_pass)");
     int rc = keydb(s, &db);
@@ -201,7 +201,7 @@ int softcxi_key_list(softcxi_session *s, softcxi_key_cb cb, void *ctx)
 
 int softcxi_keydb_usage(softcxi_session *s, size_t *used, size_t *limit)
 {
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     int rc = keydb(s, &db);
     if (rc)
         return rc;
@@ -286,7 +286,7 @@ int scx_internal_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *han
                         int *changed)
 {
     address a;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     const uint8_t *blob;
     size_t blob_len;
     softcxi_buf fresh = {0};
@@ -359,7 +359,7 @@ static void copies_free(copy_ctx *c)
 
 static int copy_all(softcxi_session *s, copy_ctx *c)
 {
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     memset(c, 0, sizeof *c);
     if (!s->dev->path)
         return 0; /* an in-memory device keeps no internal keys */
@@ -374,7 +374,7 @@ static int copy_all(softcxi_session *s, copy_ctx *c)
 int scx_internal_rewrap_all(softcxi_session *s, size_t *moved)
 {
     copy_ctx c;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     *moved = 0;
     int rc = copy_all(s, &c);
     for (size_t i = 0; rc == 0 && i < c.n; i++) {
@@ -440,7 +440,7 @@ int softcxi_key_backup(softcxi_session *s, softcxi_buf *out, const uint8_t *hand
 {
     softcxi_device *dev = s->dev;
     address a;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     const uint8_t *blob;
     size_t blob_len;
     scx_frame f;
@@ -596,7 +596,7 @@ int softcxi_get_state(softcxi_session *s, softcxi_state *st)
     st->mbk_loaded = 1; /* a device does not open without its MBK */
     st->initialised = dev->path != NULL;
     if (dev->path) {
-        scx_keydb *db;
+        scx_keydb *db = NULL;
         if ((rc = scx_users_count(s, &st->users)) != 0 || (rc = keydb(s, &db)) != 0)
             return rc;
         st->keydb_used = scx_keydb_used(db);
@@ -773,7 +773,7 @@ int softcxi_restore_database(softcxi_session *s, const uint8_t *image, size_t le
     softcxi_device *dev = s->dev;
     restore_ctx r = {s, {0}};
     scx_keydb_item *items = NULL;
-    scx_keydb *db;
+    scx_keydb *db = NULL;
     uint8_t *pt = NULL, *payload = NULL;
     size_t plen = 0, payload_len = 0;
     scx_xaes x;
