@@ -68,6 +68,41 @@ function _M.check(id, blob, fn)
     return id, info
 end
 
+-- ---- misuse checks the backends share (they raise) ----------------------------
+
+--- opts (nil, or a table of allowed keys) -> opts or {}.  Raises at level
+-- (default 3: the caller of the store method that called this).
+function _M.check_opts(fn, opts, allowed, level)
+    level = level or 3
+    if opts == nil then return {} end
+    if type(opts) ~= "table" then error(fn .. ": opts must be a table", level) end
+    for k in pairs(opts) do
+        if not allowed[k] then error(fn .. ": unknown option '" .. tostring(k) .. "'", level) end
+    end
+    return opts
+end
+
+function _M.check_id(fn, id)
+    if type(id) ~= "string" or id == "" then error(fn .. ": id must be a non-empty string", 3) end
+end
+
+--- The arguments of a put_many: items an array, opts of allowed keys, chunk a
+-- positive integer (opts.chunk or default_chunk), on_chunk a function or nil.
+-- Returns opts, chunk, on_chunk; raises at the level of put_many's caller.
+function _M.put_many_args(fn, items, opts, allowed, default_chunk)
+    if type(items) ~= "table" then error(fn .. ": items must be an array of { id =, blob = }", 3) end
+    opts = _M.check_opts(fn, opts, allowed, 4)
+    local chunk = opts.chunk or default_chunk
+    if type(chunk) ~= "number" or chunk < 1 or chunk ~= math.floor(chunk) then
+        error(fn .. ": chunk must be a positive integer", 3)
+    end
+    local on_chunk = opts.on_chunk
+    if on_chunk ~= nil and type(on_chunk) ~= "function" then
+        error(fn .. ": on_chunk must be a function", 3)
+    end
+    return opts, chunk, on_chunk
+end
+
 --- Does a blob's clear attribute set match a find filter?
 function _M.matches(info, filter)
     for k, v in pairs(filter) do

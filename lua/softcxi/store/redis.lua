@@ -177,18 +177,7 @@ local function pct_decode(s)
     return (s:gsub("%%(%x%x)", function(h) return string_char(tonumber(h, 16)) end))
 end
 
-local function check_opts(fn, opts, allowed)
-    if opts == nil then return {} end
-    if type(opts) ~= "table" then error(fn .. ": opts must be a table", 3) end
-    for k in pairs(opts) do
-        if not allowed[k] then error(fn .. ": unknown option '" .. tostring(k) .. "'", 3) end
-    end
-    return opts
-end
-
-local function check_id(fn, id)
-    if type(id) ~= "string" or id == "" then error(fn .. ": id must be a non-empty string", 3) end
-end
+local check_opts, check_id = store.check_opts, store.check_id
 
 -- A script call as an argv with its routing key and text (for the NOSCRIPT fallback).
 local function script_cmd(script, keys, args)
@@ -642,16 +631,8 @@ local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on
 function _M:put_many(items, opts)
     local fn = self.name .. ".put_many"
     if self.closed then error(fn .. ": the store is closed", 2) end
-    if type(items) ~= "table" then error(fn .. ": items must be an array of { id =, blob = }", 2) end
-    opts = check_opts(fn, opts, PUT_MANY_OPTS)
-    local chunk = opts.chunk or self.chunk
-    if type(chunk) ~= "number" or chunk < 1 or chunk ~= math_floor(chunk) then
-        error(fn .. ": chunk must be a positive integer", 2)
-    end
-    local on_chunk = opts.on_chunk
-    if on_chunk ~= nil and type(on_chunk) ~= "function" then
-        error(fn .. ": on_chunk must be a function", 2)
-    end
+    local chunk, on_chunk
+    opts, chunk, on_chunk = store.put_many_args(fn, items, opts, PUT_MANY_OPTS, self.chunk)
     local overwrite, skip_existing = opts.overwrite, opts.skip_existing
     local total = #items
     local stored, skipped, nfail = 0, 0, 0
