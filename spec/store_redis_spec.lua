@@ -549,6 +549,26 @@ describe("redis store", function()
         s:close()
     end)
 
+    it("exists_many tells stored ids from missing ones in every mix (provision's check)", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local blobs = make_blobs(6, "ex" .. RUN, "gex")
+        local ids = ids_of(blobs)
+        assert.are.equal(3, s:put_many({ { blob = blobs[1] }, { blob = blobs[2] }, { blob = blobs[3] } }))
+        cmd(c, { "SET", P .. "k:foreign", "not a blob" })     -- a value: it exists
+        assert.are.same({}, s:exists_many({ ids[4], ids[5], ids[6] }))         -- none
+        assert.are.same({ [ids[1]] = true, [ids[2]] = true, [ids[3]] = true },
+                        s:exists_many({ ids[1], ids[2], ids[3] }))            -- all
+        assert.are.same({ [ids[2]] = true, foreign = true },
+                        s:exists_many({ ids[4], ids[2], "foreign", ids[5] })) -- some
+        assert.are.same({ [ids[1]] = true }, s:exists_many({ ids[1], ids[1], ids[4] }))
+        assert.are.same({}, s:exists_many({}))
+        assert.has_error(function() s:exists_many({ "a", "" }) end,
+                         "store.redis.exists_many: ids[2] must be a non-empty string")
+        cmd(c, { "DEL", P .. "k:foreign" })
+        s:close()
+    end)
+
     it("put_many of new keys with mixed attributes puts each in its own index sets", function()
         -- new keys go through the lean script, one call per bucket and combination of
         -- specifier, group and algo; a blob without a name through the general one
@@ -849,6 +869,18 @@ describe("redis cluster store", function()
     it("pages of any size visit every id exactly once, across buckets and nodes", function()
         local s = open(with_prefix(CURL, fresh_prefix()))
         check_paging(s, "c")
+        s:close()
+    end)
+
+    it("exists_many asks each bucket's node, and sees what is stored across buckets", function()
+        local s = open(with_prefix(CURL, fresh_prefix()))
+        local blobs = make_blobs(40, "cex" .. RUN, "gcex")
+        local ids = ids_of(blobs)
+        local items = {}
+        for i = 1, 20 do items[i] = { blob = blobs[i] } end
+        assert.are.equal(20, s:put_many(items))
+        local have = assert(s:exists_many(ids))
+        for i = 1, 40 do assert.are.equal(i <= 20 or nil, have[ids[i]], ids[i]) end
         s:close()
     end)
 

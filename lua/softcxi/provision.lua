@@ -86,7 +86,13 @@ function _M.run(opts)
             local name = string_format(fmt, start + first + i - 1)
             b.names[i], b.ids[i] = name, id_for(template, name)
         end
-        local have, err, code = store:get_many(b.ids)
+        -- exists_many where the store has it (Redis: one EXISTS per bucket), else get_many
+        local have, err, code
+        if store.exists_many then
+            have, err, code = store:exists_many(b.ids)
+        else
+            have, err, code = store:get_many(b.ids)
+        end
         if not have then
             b.err = "provision.run: reading batch at key " .. (first + 1) .. ": " .. tostring(err)
             b.code = code

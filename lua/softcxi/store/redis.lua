@@ -982,6 +982,62 @@ function _M:get_many(ids)
     return out, errs
 end
 
+--- Which of ids hold a value (a key blob or anything else): { [id] = true }, or nil, msg,
+-- code.  Cheaper than get_many for provision's "skip what is stored": one EXISTS with
+-- every key of a bucket, whose count settles the usual cases (none stored, all stored)
+-- with one integer reply; only a bucket partly stored asks key by key.
+function _M:exists_many(ids)
+    local fn = self.name .. ".exists_many"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    if type(ids) ~= "table" then error(fn .. ": ids must be an array of strings", 2) end
+    local groups, order = {}, {}
+    for i = 1, #ids do
+        local id = ids[i]
+        if type(id) ~= "string" or id == "" then
+            error(string_format("%s: ids[%d] must be a non-empty string", fn, i), 2)
+        end
+        local b = self:bucket(id)
+        local g = groups[b]
+        if not g or #g.ids >= GET_CHUNK then
+            g = { ids = {}, keys = {} }
+            groups[b] = g
+            order[#order + 1] = g
+        end
+        g.ids[#g.ids + 1] = id
+        g.keys[#g.keys + 1] = self:blob_key(id)
+    end
+    local cmds = {}
+    for j, g in ipairs(order) do
+        local argv = { "EXISTS", key = g.keys[1] }
+        for k = 1, #g.keys do argv[k + 1] = g.keys[k] end
+        cmds[j] = argv
+    end
+    local res, err, code = run(self, cmds, RETRY)
+    if err then return nil, fn .. ": " .. err, code end
+    local out, partly = {}, {}
+    for j, g in ipairs(order) do
+        local r = res[j]
+        if is_err(r) then return nil, fn .. ": " .. r.err, rcode(r.err) end
+        if r == #g.keys then
+            for k = 1, #g.ids do out[g.ids[k]] = true end
+        elseif r ~= 0 then
+            for k = 1, #g.keys do
+                partly[#partly + 1] = { "EXISTS", g.keys[k], key = g.keys[k], id = g.ids[k] }
+            end
+        end
+    end
+    if #partly > 0 then
+        res, err, code = run(self, partly, RETRY)
+        if err then return nil, fn .. ": " .. err, code end
+        for k = 1, #partly do
+            local r = res[k]
+            if is_err(r) then return nil, fn .. ": " .. r.err, rcode(r.err) end
+            if r == 1 then out[partly[k].id] = true end
+        end
+    end
+    return out
+end
+
 --- The number of blobs stored (the counter the write scripts keep; O(buckets)).
 function _M:count()
     local fn = self.name .. ".count"
