@@ -415,7 +415,7 @@ describe("redis store", function()
         local user, pw = "softcxi-" .. RUN, "pw-" .. RUN .. " with spaces"
         -- the commands the store needs, and nothing else (docs/stores-redis.md)
         cmd(c, { "ACL", "SETUSER", user, "reset", "on", ">" .. pw, "~" .. P .. "*",
-                 "+get", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan", "+sismember",
+                 "+get", "+mget", "+exists", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan", "+sismember",
                  "+sadd", "+srem", "+incr", "+decr", "+wait", "+select", "+ping" })
         finally(function() c:command { "ACL", "DELUSER", user } end)
         local enc = pw:gsub(" ", "%%20")

@@ -933,34 +933,65 @@ function _M:put_many(items, opts)
     return stored, skipped
 end
 
--- GET the keys of ids in pipelined chunks.  Returns { [id] = blob } for the values that
--- are key blobs, and nil or { [id] = { msg, code } } for those holding something else
--- (another type, foreign bytes); or nil, msg, code.
+-- Read the keys of ids: one MGET per bucket (at most GET_CHUNK keys each, all in one
+-- pipeline); a key MGET answers nil for (deleted meanwhile, or holding another type) is
+-- asked again with GET, which tells the two apart.  Returns { [id] = blob } for the
+-- values that are key blobs, and nil or { [id] = { msg, code } } for those holding
+-- something else (another type, foreign bytes); or nil, msg, code.
 local function fetch_blobs(self, fn, ids)
     local out, errs = {}, nil
-    for first = 1, #ids, GET_CHUNK do
-        local last = math_min(#ids, first + GET_CHUNK - 1)
-        local cmds = {}
-        for i = first, last do
-            local key = self:blob_key(ids[i])
-            cmds[#cmds + 1] = { "GET", key, key = key }
+    local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
+    local open, cmds = {}, {}
+    for i = 1, #ids do
+        local id = ids[i]
+        local b = bucket_of and bucket_of(id) or 0
+        local g = open[b]
+        if not g or g.n >= GET_CHUNK then
+            g = { "MGET", n = 0, ids = {} }
+            open[b] = g
+            cmds[#cmds + 1] = g
         end
-        local res, err, code = run(self, cmds, RETRY)
+        local n = g.n + 1
+        local key = P .. tags[b] .. "k:" .. id
+        g.n, g[n + 1], g.ids[n] = n, key, id
+        if n == 1 then g.key = key end
+    end
+    local function take(id, key, v)
+        local why
+        if is_err(v) then
+            why = v.err
+        else
+            local info, e = key_info(v)
+            if info then out[id] = v else why = e end
+        end
+        if why then
+            errs = errs or {}
+            errs[id] = { string_format("%s: '%s' (key %s): not a key blob: %s", fn, id, key, why),
+                         "EFORMAT" }
+        end
+    end
+    local res, err, code = run(self, cmds, RETRY)
+    if err then return nil, err, code end
+    local again = {}
+    for j = 1, #cmds do
+        local g, r = cmds[j], res[j]
+        if is_err(r) then return nil, r.err, rcode(r.err) end
+        local gids = g.ids
+        for k = 1, g.n do
+            local v = r[k]
+            if v == null then
+                again[#again + 1] = { "GET", g[k + 1], key = g[k + 1], id = gids[k] }
+            else
+                take(gids[k], g[k + 1], v)
+            end
+        end
+    end
+    if #again > 0 then
+        res, err, code = run(self, again, RETRY)
         if err then return nil, err, code end
-        for i = first, last do
-            local id, v = ids[i], res[i - first + 1]
-            local why
-            if is_err(v) then
-                why = v.err
-            elseif v ~= self.null then
-                local info, e = key_info(v)
-                if info then out[id] = v else why = e end
-            end
-            if why then
-                errs = errs or {}
-                errs[id] = { string_format("%s: '%s' (key %s): not a key blob: %s", fn, id,
-                                           cmds[i - first + 1][2], why), "EFORMAT" }
-            end
+        for k = 1, #again do
+            local v = res[k]
+            if v ~= null then take(again[k].id, again[k][2], v) end
         end
     end
     return out, errs
