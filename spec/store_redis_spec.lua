@@ -415,8 +415,8 @@ describe("redis store", function()
         local user, pw = "softcxi-" .. RUN, "pw-" .. RUN .. " with spaces"
         -- the commands the store needs, and nothing else (docs/stores-redis.md)
         cmd(c, { "ACL", "SETUSER", user, "reset", "on", ">" .. pw, "~" .. P .. "*",
-                 "+get", "+mget", "+exists", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan", "+sismember",
-                 "+sadd", "+srem", "+incr", "+decr", "+wait", "+select", "+ping" })
+                 "+get", "+mget", "+exists", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan",
+                 "+sismember", "+sadd", "+srem", "+incr", "+decr", "+wait", "+select", "+ping" })
         finally(function() c:command { "ACL", "DELUSER", user } end)
         local enc = pw:gsub(" ", "%%20")
         local base = string.format("redis://%s:%s@127.0.0.1:%d/0", user, enc, MAIN.port)
