@@ -569,6 +569,45 @@ describe("redis store", function()
         s:close()
     end)
 
+    it("compare-and-set, attributes unchanged (rewrap): each outcome; index, counter kept", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local d = device()
+        local tpl = { algo = "ec", curve = "P-256", name = "sw", group = "gsw", specifier = 3 }
+        local v1, v2, v3 = H.gen(d, tpl), H.gen(d, tpl), H.gen(d, tpl)   -- same attributes
+        assert.are.equal(3, s:put_many({ { id = "s1", blob = v1 }, { id = "s2", blob = v1 },
+                                         { id = "s3", blob = v1 } }))
+        cmd(c, { "SADD", P .. "k:s4", "a set" })
+        local r = H.pack(s:put_many({
+            { id = "s1", blob = v2, if_match = v1 },     -- lands
+            { id = "s2", blob = v2, if_match = v3 },     -- stale: ECONFLICT
+            { id = "s4", blob = v2, if_match = v1 },     -- another type: EFORMAT
+            { id = "s5", blob = v2, if_match = v1 },     -- absent: ENOTFOUND
+            { id = "s3", blob = v3, if_match = v1 },     -- lands
+        }))
+        assert.is_nil(r[1])
+        assert.are.equal("ECONFLICT", r[3], r[2])
+        assert.are.equal(2, r[4], r[2])
+        assert.truthy(r[2]:find("'s2' changed", 1, true), r[2])
+        assert.truthy(r[2]:find("and 2 more failed", 1, true), r[2])
+        assert.are.equal(v2, s:get("s1"))
+        assert.are.equal(v1, s:get("s2"))
+        assert.are.equal(v3, s:get("s3"))
+        H.expect_err("ENOTFOUND", s:get("s5"))
+        local function members(field, value)
+            local m = cmd(c, { "SMEMBERS", P .. "idx:" .. field .. ":" .. value })
+            table.sort(m)
+            return m
+        end
+        for _, fv in ipairs { { "name", "sw" }, { "group", "gsw" }, { "specifier", "3" },
+                              { "algo", "ec" } } do
+            assert.are.same({ "s1", "s2", "s3" }, members(fv[1], fv[2]))
+        end
+        assert.are.equal(3, s:count())
+        cmd(c, { "DEL", P .. "k:s4" })
+        s:close()
+    end)
+
     it("put_many of new keys with mixed attributes puts each in its own index sets", function()
         -- new keys go through the lean script, one call per bucket and combination of
         -- specifier, group and algo; a blob without a name through the general one

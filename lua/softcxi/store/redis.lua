@@ -148,6 +148,25 @@ end
 return out
 ]]
 
+-- Compare-and-set of blobs whose indexed attributes stay the same (rewrap's case): no
+-- index set and no counter changes.  KEYS: the items' blob keys (one bucket).  ARGV: per
+-- item: expected, new.  Returns per item 1 (written), -1 (absent), -2 (differs), -3
+-- (holds another type), as WRITE_SCRIPT.
+local SWAP_SCRIPT = [[
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local cur = redis.pcall('GET', key)
+  local r = 1
+  if type(cur) == 'table' then r = -3
+  elseif not cur then r = -1
+  elseif cur ~= ARGV[2 * i - 1] then r = -2
+  else redis.call('SET', key, ARGV[2 * i]) end
+  out[i] = r
+end
+return out
+]]
+
 -- KEYS: blob, counter, index sets to leave.  ARGV: id, expected, expected-is-a-blob.
 -- Returns 1 (deleted), -1 (absent), -2 (differs).
 local DELETE_SCRIPT = [[
@@ -182,8 +201,8 @@ local function sha1_hex(s)
 end
 
 local SCRIPTS = {}
-for name, text in pairs { write = WRITE_SCRIPT, fresh = FRESH_SCRIPT, delete = DELETE_SCRIPT,
-                          find = FIND_SCRIPT } do
+for name, text in pairs { write = WRITE_SCRIPT, fresh = FRESH_SCRIPT, swap = SWAP_SCRIPT,
+                          delete = DELETE_SCRIPT, find = FIND_SCRIPT } do
     SCRIPTS[name] = { text = text, sha = sha1_hex(text) }
 end
 
@@ -405,6 +424,7 @@ end
 
 local WRITE_SHA, WRITE_TEXT = SCRIPTS.write.sha, SCRIPTS.write.text
 local FRESH_SHA, FRESH_TEXT = SCRIPTS.fresh.sha, SCRIPTS.fresh.text
+local SWAP_SHA, SWAP_TEXT = SCRIPTS.swap.sha, SCRIPTS.swap.text
 
 -- Items per write script call: Redis runs a script alone, so a call must stay short
 -- (a few ms at this size); a larger chunk of put_many is several calls in one pipeline.
@@ -507,8 +527,25 @@ local function add_fresh(self, fresh, calls, b, e, ei)
     args[j - 1], args[j] = id, e.blob
 end
 
--- Add entry e (position ei) to the open WRITE_SCRIPT call for bucket b, or a new one.
-local function add_write(self, open, calls, b, e, ei)
+-- Add entry e (position ei) to the open SWAP_SCRIPT call for bucket b, or a new one.
+local function add_swap(self, swaps, calls, b, e, ei)
+    local id = e.id
+    local g = swaps[b]
+    if not g or g.n >= SCRIPT_ITEMS or g.nargs > SCRIPT_ARGS or g.ids[id] then
+        g = { base = self.P .. self.tags[b], swap = true, n = 0, nargs = 3, ids = {}, keys = {},
+              args = {}, idx = {} }
+        swaps[b] = g
+        calls[#calls + 1] = g
+    end
+    local k = g.n + 1
+    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 3
+    g.keys[k] = g.base .. "k:" .. id
+    g.args[2 * k - 1], g.args[2 * k] = e.expect, e.blob
+end
+
+-- Add entry e (position ei; old_info: its expected value's attributes, nil when that is
+-- not a key blob) to the open WRITE_SCRIPT call for bucket b, or a new one.
+local function add_write(self, open, calls, b, e, ei, old_info)
     local id, info, old = e.id, e.info, e.expect
     local nfields = #FIELDS
     local g = open[b]
@@ -521,7 +558,6 @@ local function add_write(self, open, calls, b, e, ei)
     g.n, g.ids[id], g.idx[k] = k, true, ei
     g.nargs = g.nargs + 5 + 2 * nfields
     g.keys[k] = g.base .. "k:" .. id
-    local old_info = old and key_info(old)
     local args = g.args
     local n = #args
     args[n + 1], args[n + 2], args[n + 3] = id, e.blob, old or ""
@@ -566,6 +602,18 @@ local function fresh_argv(g, eval)
     return argv
 end
 
+-- The argv of a swap call g.
+local function swap_argv(g, eval)
+    local keys, args = g.keys, g.args
+    local argv = { "EVALSHA", SWAP_SHA, #keys, key = keys[1], script = SWAP_TEXT }
+    if eval then argv[1], argv[2], argv.script = "EVAL", SWAP_TEXT, nil end
+    local n = 3
+    for i = 1, #keys do argv[n + i] = keys[i] end
+    n = n + #keys
+    for i = 1, #args do argv[n + i] = args[i] end
+    return argv
+end
+
 -- The argv of a WRITE_SCRIPT call g.
 local function write_argv(g, eval)
     local sets, keys, args = g.sets, g.keys, g.args
@@ -606,21 +654,40 @@ end
 -- call.  Returns cmds and, per cmd, the entry positions it carries (in order).  eval:
 -- send the script's text (EVAL) rather than its SHA1.
 local function write_cmds(self, entries, eval)
-    local open, fresh, calls = {}, {}, {}
-    local bucket_of = self.bucket_of
+    local open, fresh, swaps, calls = {}, {}, {}, {}
+    local bucket_of, memo = self.bucket_of, self.info_memo
     for ei = 1, #entries do
         local e = entries[ei]
         local b = bucket_of and bucket_of(e.id) or 0
-        if e.expect == nil and e.info.name ~= nil then
-            add_fresh(self, fresh, calls, b, e, ei)
+        local old, info = e.expect, e.info
+        if old == nil then
+            if info.name ~= nil then
+                add_fresh(self, fresh, calls, b, e, ei)
+            else
+                add_write(self, open, calls, b, e, ei, nil)
+            end
         else
-            add_write(self, open, calls, b, e, ei)
+            local oi = memo and memo[old] or key_info(old)
+            if oi and oi.name == info.name and oi.specifier == info.specifier
+               and oi.group == info.group and oi.algo == info.algo then
+                add_swap(self, swaps, calls, b, e, ei)
+            else
+                add_write(self, open, calls, b, e, ei, oi or nil)
+            end
         end
     end
     local cmds, members = {}, {}
     for c = 1, #calls do
         local g = calls[c]
-        cmds[c], members[c] = g.fresh and fresh_argv(g, eval) or write_argv(g, eval), g.idx
+        local argv
+        if g.fresh then
+            argv = fresh_argv(g, eval)
+        elseif g.swap then
+            argv = swap_argv(g, eval)
+        else
+            argv = write_argv(g, eval)
+        end
+        cmds[c], members[c] = argv, g.idx
     end
     return cmds, members
 end
@@ -938,7 +1005,7 @@ end
 -- asked again with GET, which tells the two apart.  Returns { [id] = blob } for the
 -- values that are key blobs, and nil or { [id] = { msg, code } } for those holding
 -- something else (another type, foreign bytes); or nil, msg, code.
-local function fetch_blobs(self, fn, ids)
+local function fetch_blobs(self, fn, ids, memo)
     local out, errs = {}, nil
     local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
     local open, cmds = {}, {}
@@ -962,7 +1029,12 @@ local function fetch_blobs(self, fn, ids)
             why = v.err
         else
             local info, e = key_info(v)
-            if info then out[id] = v else why = e end
+            if info then
+                out[id] = v
+                if memo then memo[v] = info end
+            else
+                why = e
+            end
         end
         if why then
             errs = errs or {}
@@ -1203,10 +1275,10 @@ local function scan_ids(self, cursor, count)
 end
 
 -- scan's work; fn names the caller in messages (find({}) scans too).
-local function scan(self, fn, cursor, count)
+local function scan(self, fn, cursor, count, memo)
     local ids, nxt, code = scan_ids(self, cursor, count)
     if not ids then return nil, fn .. ": " .. nxt, code end
-    local blobs, errs, c = fetch_blobs(self, fn, ids)
+    local blobs, errs, c = fetch_blobs(self, fn, ids, memo)
     if not blobs then return nil, fn .. ": " .. errs, c end
     -- an id deleted between SCAN and GET is left out too, but not counted: it is gone,
     -- not foreign
@@ -1241,7 +1313,10 @@ end
 function _M:scan_blobs(cursor, count)
     local fn = self.name .. ".scan_blobs"
     if self.closed then error(fn .. ": the store is closed", 2) end
-    local ids, nxt, bad, blobs = scan(self, fn, cursor, check_limit(fn, count, 100))
+    -- the page's parsed attributes, for the compare-and-set put_many that follows (rewrap):
+    -- key_info of the same bytes again would give the same answer
+    self.info_memo = {}
+    local ids, nxt, bad, blobs = scan(self, fn, cursor, check_limit(fn, count, 100), self.info_memo)
     if not ids then return nil, nxt, bad end
     return ids, blobs, nxt, bad
 end
@@ -1308,7 +1383,7 @@ end
 -- Closing twice is fine; any other call then raises.
 function _M:close()
     if not self.closed then self.transport:close() end
-    self.closed = true
+    self.closed, self.info_memo = true, nil
     return true
 end
 
