@@ -10,11 +10,12 @@
 --   })
 --   -- r.generated, r.stored, r.skipped (already in the store), r.batches
 --
--- Memory stays flat: at most two batches (default 1000 keys each) are
--- alive, the one being stored and the next one being generated.  A run is
--- resumable: ids already in the store are neither generated nor written
--- again, so re-running after a failure completes the rest with no
--- duplicates and none missing.  Keys are generated on C threads
+-- Memory stays flat: at most two batches (default 1000 keys each; a Redis
+-- Cluster store's chunk, 16,384 with 256 buckets) are alive, the one being
+-- stored and the next one being generated.  A run is resumable: ids
+-- already in the store are neither generated nor written again, so
+-- re-running after a failure completes the rest with no duplicates and
+-- none missing.  Keys are generated on C threads
 -- (hsm:bulk_generate_start) while this thread checks the store and writes
 -- the batch before with put_many (pipelined for Redis, group-committed for
 -- files): generation and storage overlap.  hsm is busy while a batch is
@@ -70,7 +71,8 @@ function _M.run(opts)
     local fmt = opts.name_format
     need(type(fmt) == "string", "name_format is required (e.g. \"dev-%07d\")")
     local start = opts.start or 1
-    local batch = opts.batch or 1000
+    -- a store may say what suits it (the cluster store: one chunk, ~64 keys per bucket)
+    local batch = opts.batch or store.preferred_batch or 1000
     need(type(batch) == "number" and batch >= 1 and batch % 1 == 0, "batch must be a positive integer")
     local flags = opts.flags or softcxi.FLAG_EXTERNAL
     local on_progress = opts.on_progress

@@ -37,6 +37,7 @@ local is_err = redis.is_err
 local _M = { _VERSION = redis._VERSION }
 
 local DEFAULT_BUCKETS = 256
+local CHUNK_PER_BUCKET = 64  -- the default chunk: 16,384 keys with 256 buckets
 local MAX_ROUNDS = 12        -- redirection / back-off rounds for one pipeline
 local RETRY = { retry = true }
 
@@ -86,6 +87,47 @@ function _M.crc16(s)
         hi, lo = XOR4[HI16[lo] + HI[h]] * 16 + XOR4[LO16[lo] + LO[h]], CRC_LO[t]
     end
     return hi * 256 + lo
+end
+
+-- Faster forms of the same function where the interpreter has bitwise operations: Lua 5.3+
+-- operators (compiled from a string: LuaJIT would not parse them) or LuaJIT's bit library.
+-- Measured under Lua 5.4: 3.8 us per id with the nibble tables, a fraction of it with
+-- operators; the cluster store computes a CRC per id for its bucket.  Both are checked
+-- against the portable form when this module loads, and on any difference it stays.
+do
+    local CRC = {}
+    for i = 0, 255 do CRC[i] = CRC_HI[i] * 256 + CRC_LO[i] end
+    local fast
+    local native = load and load([[
+        local CRC, byte = ...
+        return function(s)
+            local crc = 0
+            for i = 1, #s do crc = ((crc << 8) & 0xffff) ~ CRC[((crc >> 8) ~ byte(s, i)) & 0xff] end
+            return crc
+        end]], "=crc16", "t")
+    if native and _VERSION ~= "Lua 5.1" and _VERSION ~= "Lua 5.2" then
+        fast = native(CRC, string_byte)
+    else
+        local ok, bit = pcall(require, "bit")
+        if ok and type(bit) == "table" and bit.bxor then
+            local bxor, band, lshift, rshift = bit.bxor, bit.band, bit.lshift, bit.rshift
+            fast = function(s)
+                local crc = 0
+                for i = 1, #s do
+                    local t = band(bxor(rshift(crc, 8), string_byte(s, i)), 0xff)
+                    crc = bxor(band(lshift(crc, 8), 0xffff), CRC[t])
+                end
+                return crc
+            end
+        end
+    end
+    if fast then
+        local same = true
+        for _, t in ipairs { "", "123456789", "foo", "{user1000}.following", "\0\255\128 x" } do
+            if fast(t) ~= _M.crc16(t) then same = false end
+        end
+        if same then _M.crc16 = fast end
+    end
 end
 local crc16 = _M.crc16
 
@@ -328,6 +370,12 @@ function _M.open(rest, opts, url)
     end
     local nb = cfg.buckets or DEFAULT_BUCKETS
     if nb > 16384 then return nil, fn .. ": buckets must be at most 16384", "EINVAL" end
+    -- A chunk is split into one script call per bucket: 1,000 keys over 256 buckets are
+    -- ~4 keys a call, and per-call costs dominate (docs/scaling.md).  Unless chunk= is
+    -- given, a chunk holds CHUNK_PER_BUCKET keys per bucket on average.
+    if u.query.chunk == nil and (type(opts) ~= "table" or opts.chunk == nil) then
+        cfg.chunk = CHUNK_PER_BUCKET * nb
+    end
 
     local can, phase = true, nil
     if cfg.T.cosockets then can, phase = cfg.T.cosockets() end
@@ -354,6 +402,8 @@ function _M.open(rest, opts, url)
         match = redis.glob_escape(P) .. "{*}k:*",
     })
     s.url = url and url:gsub("//[^@/]*@", "//***@")
+    -- softcxi.provision's default batch: as many keys as one chunk
+    s.preferred_batch = cfg.chunk
 
     -- The bucket count decides where every id lives: record it, refuse another one.
     local meta = P .. "{meta}buckets"
