@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--before PROVISION_LUA]:
+# [LUA=luajit] bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--before PROVISION_LUA]:
 # provisioning P-256 keys into a local Redis (started here on a free loopback port, stopped
 # by PID) and into the file store, against generation alone; prints keys/s, the ratio, the client's RSS along the
 # way, the store's own put_many/get_many rates, the rewrap rate, and Redis's memory per key.
@@ -23,7 +23,10 @@ while [ $# -gt 0 ]; do
 done
 count=${pos[0]:-100000} batch=${pos[1]:-1000}
 luadir=${SOFTCXI_LUA_DIR:-$repo/lua}
-export LUA_PATH="$luadir/?.lua;$luadir/?/init.lua;;" LUA_CPATH="$build/lua54/?.so;;"
+# LUA=luajit runs the client under LuaJIT (the modules of $build/luajit)
+lua=${LUA:-lua5.4} mods=lua54
+[ "$lua" = lua5.4 ] || mods=luajit
+export LUA_PATH="$luadir/?.lua;$luadir/?/init.lua;;" LUA_CPATH="$build/$mods/?.so;;"
 tmp=$(mktemp -d)
 port=0
 for p in $(seq 26379 26479); do
@@ -37,12 +40,12 @@ trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 mem0=$(redis-cli -p "$port" info memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p')
 echo "== redis (127.0.0.1:$port${REDIS_ARGS:+, $REDIS_ARGS}), $count keys, batches of $batch"
-lua5.4 "$repo/bench/provision.lua" "redis://127.0.0.1:$port/0?prefix=bench:" "$count" "$batch" "${extra[@]}"
+"$lua" "$repo/bench/provision.lua" "redis://127.0.0.1:$port/0?prefix=bench:" "$count" "$batch" "${extra[@]}"
 mem1=$(redis-cli -p "$port" info memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p')
 keys=$(redis-cli -p "$port" get bench:n)
 echo "redis used_memory $((mem1 - mem0)) bytes for $keys blobs: $(( (mem1 - mem0) / keys )) bytes/key" \
      "(blob, its index entries, the keyspace; $(redis-cli -p "$port" dbsize) Redis keys)"
 if [ "$file" = 1 ]; then
     echo "== file store ($tmp/store), $((count / 10)) keys"
-    lua5.4 "$repo/bench/provision.lua" "file:$tmp/store" "$((count / 10))" "$batch" --no-rewrap "${extra[@]}"
+    "$lua" "$repo/bench/provision.lua" "file:$tmp/store" "$((count / 10))" "$batch" --no-rewrap "${extra[@]}"
 fi
