@@ -608,6 +608,25 @@ describe("redis store", function()
         s:close()
     end)
 
+    it("scan fills a page in few SCAN round trips although index keys dilute the keyspace", function()
+        -- a database of its own: only this store's keys (a blob and its name set each)
+        local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix()))
+        cmd(c, { "SELECT", "9" })
+        finally(function() cmd(c, { "FLUSHDB" }); cmd(c, { "SELECT", "0" }) end)
+        local blobs = make_blobs(1000, "dil" .. RUN, "gdil")
+        assert.are.equal(1000, s:put_many(items_of(blobs)))
+        assert.is_true(cmd(c, { "DBSIZE" }) >= 2000)
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        local ids, skipped, pages = scan_all(s, 250)
+        assert.are.same(set_of(ids_of(blobs)), set_of(ids))
+        assert.are.equal(0, skipped)
+        local stats = cmd(c, { "INFO", "commandstats" })
+        local scans = tonumber(stats:match("cmdstat_scan:calls=(%d+)"))
+        -- asking SCAN for the page size alone took 15 SCANs for these 4 pages
+        assert.is_true(scans <= 2 * pages + 2, scans .. " SCANs for " .. pages .. " pages")
+        s:close()
+    end)
+
     it("put_many of new keys with mixed attributes puts each in its own index sets", function()
         -- new keys go through the lean script, one call per bucket and combination of
         -- specifier, group and algo; a blob without a name through the general one
