@@ -1256,12 +1256,12 @@ local function scan_ids(self, cursor, count)
         local req = reqs[1]
         local node = nodes[req[1] + 1]
         -- SCAN's COUNT is work, not matches: other keys (the name index sets: about one
-        -- per blob) dilute ours.  Ask for what the last replies suggest fills the page
-        -- in one round trip (asking for the page size took ~12 of them per page of
-        -- 1,000); what does not fit rides in the cursor.
+        -- per blob) dilute ours.  Ask for a quarter more than the last reply's hit rate
+        -- says fills the page, so that one round trip usually does (asking for the page
+        -- size took ~12 per page of 1,000); what does not fit rides in the cursor.
         local ratio = self.scan_ratio or 1
         local want = req[3]
-        local n = math_min(math_floor(want / ratio) + 1, want * 16)
+        local n = math_min(math_floor(want * 1.25 / ratio) + 1, want * 16)
         local r, err, code = node_call(node, { "SCAN", req[2], "MATCH", pat, "COUNT", n })
         if not r then return nil, node.addr .. ": " .. err, code end
         local ids, seen = {}, {}
@@ -1273,7 +1273,7 @@ local function scan_ids(self, cursor, count)
             end
         end
         if r[1] ~= "0" then
-            self.scan_ratio = math_max(1 / 16, math_min(1, (ratio + #r[2] / n) / 2))
+            self.scan_ratio = math_max(1 / 16, math_min(1, #r[2] / n))
         end
         return { { ids, r[1] } }
     end
