@@ -34,7 +34,7 @@ function _M.run(opts)
     end
     local hsm, store = opts.hsm, opts.store
     if hsm == nil or store == nil then error("rewrap.run: hsm and store are required", 2) end
-    local page = opts.page or 500
+    local page = opts.page or 1000
     local on_progress = opts.on_progress
     local r = { seen = 0, rewrapped = 0, current = 0, conflicts = 0, skipped = 0 }
 
