@@ -16,7 +16,9 @@
 -- the other workers): its route-and-status count, the one latency bucket it falls
 -- in (the cumulative Prometheus buckets and the count are summed when rendered)
 -- and the sum of latencies; the device's cache counters of the worker are a
--- fourth, one value for all four.
+-- fourth, one value for all four.  Keys: "r|route|status", "h|route|bucket" (not
+-- cumulative: a dict kept across `nginx -s reload` may still hold the cumulative "b|"
+-- keys of earlier versions, which are ignored), "s|route", "w|pid".
 
 local ngx = ngx
 local pairs, ipairs, tostring, tonumber = pairs, ipairs, tostring, tonumber
@@ -40,7 +42,7 @@ local function route_keys(route)
     local k = keys_of[route]
     if not k then
         k = { status = {}, bucket = {}, sum = "s|" .. route }
-        for i = 1, NB + 1 do k.bucket[i] = "b|" .. route .. "|" .. i end
+        for i = 1, NB + 1 do k.bucket[i] = "h|" .. route .. "|" .. i end
         keys_of[route] = k
     end
     return k
@@ -105,11 +107,11 @@ function _M.render()
     for _, r in ipairs(names) do
         local count = 0
         for i, le in ipairs(BUCKETS) do
-            count = count + (tonumber(d:get("b|" .. r .. "|" .. i)) or 0)
+            count = count + (tonumber(d:get("h|" .. r .. "|" .. i)) or 0)
             out[#out + 1] = str_format('softcxi_http_request_duration_seconds_bucket{route="%s",le="%s"} %d',
                 r, tostring(le), count)
         end
-        count = count + (tonumber(d:get("b|" .. r .. "|" .. (NB + 1))) or 0)
+        count = count + (tonumber(d:get("h|" .. r .. "|" .. (NB + 1))) or 0)
         out[#out + 1] = str_format('softcxi_http_request_duration_seconds_bucket{route="%s",le="+Inf"} %d',
             r, count)
         out[#out + 1] = str_format('softcxi_http_request_duration_seconds_sum{route="%s"} %.6f', r,
