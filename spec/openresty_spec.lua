@@ -286,6 +286,18 @@ describe("openresty example service", function()
         assert.are.equal(200, status)
         local signed = text:match('softcxi_http_requests_total{route="sign",status="200"} (%d+)')
         assert.is_true(tonumber(signed) >= 120, text)
+        -- the histogram is cumulative: each bucket holds the ones below it, +Inf is the count
+        local H_ = "softcxi_http_request_duration_seconds"
+        local last, inf = 0, nil
+        for le, v in text:gmatch(H_ .. '_bucket{route="sign",le="([^"]+)"} (%d+)') do
+            assert.is_true(tonumber(v) >= last, text)
+            last = tonumber(v)
+            if le == "+Inf" then inf = last end
+        end
+        assert.are.equal(tonumber(text:match(H_ .. '_count{route="sign"} (%d+)')), inf, text)
+        assert.is_true(inf >= 120, text)
+        -- the workers' cache counters are not routes
+        assert.is_nil(text:find('_bucket{route="%d+"'), text)
         -- each worker opened the key once and then served it from its bounded cache
         local hits = 0
         for h in text:gmatch('softcxi_device_cache{worker="%d+",field="hits"} (%d+)') do

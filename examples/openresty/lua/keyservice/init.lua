@@ -11,9 +11,16 @@
 -- Binary fields are base64; {id} is the store id percent-encoded (iot%2Fdev-1).
 --
 -- Phases: configure() in init_by_lua (master: load the policy, nothing else);
--- init_worker() per worker (open the device, log on once); handle() per request
--- (the token's groups are checked against the key's group before any device
--- call; one store per request, closed when it ends); log() records metrics.
+-- init_worker() per worker (open the device, log on once, open the store object);
+-- handle() per request (the token's groups are checked against the key's group
+-- before any device call); log() records metrics.
+--
+-- The store: on the resty.redis transport a store object holds no connection (each
+-- operation takes one from nginx's per-worker pool and gives it back), so one object
+-- per worker serves every request.  Any other store (a file or SQL URL, hiredis
+-- forced by transport=hiredis, a cluster, or wait_replicas, whose acknowledgement
+-- count a store object keeps between calls) is opened per request and closed when
+-- the request ends.
 
 local softcxi = require "softcxi"
 local policy = require "softcxi.policy"
@@ -24,8 +31,9 @@ local metrics = require "keyservice.metrics"
 local ngx = ngx
 local type, pairs, ipairs, tostring, tonumber, pcall, error, setmetatable =
     type, pairs, ipairs, tostring, tonumber, pcall, error, setmetatable
-local str_byte, str_format, str_gsub = string.byte, string.format, string.gsub
+local str_char, str_gsub = string.char, string.gsub
 local encode_base64, decode_base64 = ngx.encode_base64, ngx.decode_base64
+local ngx_now, req_start_time = ngx.now, ngx.req.start_time
 local hash_compute, key_info = softcxi.hash_compute, softcxi.key_info
 
 local _M = { _VERSION = softcxi._VERSION }
@@ -33,6 +41,8 @@ local _M = { _VERSION = softcxi._VERSION }
 local cfg   -- configure()'s table, read-only once the workers run
 local pol   -- the policy, loaded in the master, shared by every worker after fork
 local hsm   -- this worker's device session (init_worker)
+local wstore -- this worker's store object, when it may be shared (see the top)
+local token_groups -- raw SHA-256 digest of a token -> the policy's entry ({ groups = })
 
 local CONFIG = { device = true, keyfile = true, user = true, password_file = true, policy = true,
                  tokens_file = true, store = true, cache = true }
@@ -46,10 +56,21 @@ function _M.configure(c)
     cfg = c
     local err
     pol, err = policy.load(c.policy, {
-        store = function() return ngx.ctx.store end, -- the request's store, for hooks that count
+        -- the request's store, for hooks that count
+        store = function() return wstore or ngx.ctx.store end,
         params = { tokens_file = c.tokens_file },
     })
     if not pol then error("keyservice.configure: " .. err) end
+    -- the policy keys tokens by the hex of their SHA-256; a request looks its
+    -- token up by the raw digest (no hex encoding per request)
+    token_groups = {}
+    for h, entry in pairs(pol.config.tokens or {}) do
+        if type(h) ~= "string" or not h:match("^%x+$") or #h ~= 64 then
+            error("keyservice.configure: the policy's tokens must be keyed by the hex SHA-256 of "
+                  .. "each token")
+        end
+        token_groups[str_gsub(h, "%x%x", function(x) return str_char(tonumber(x, 16)) end)] = entry
+    end
 end
 
 local function read_secret(path)
@@ -58,6 +79,22 @@ local function read_secret(path)
     local s = f:read("*a")
     f:close()
     return (str_gsub(s, "%s+$", ""))
+end
+
+-- A store object shared by this worker's requests, or nil (opened per request).
+-- No cosockets in init_worker: the Redis store connects on its first use.
+local function open_worker_store()
+    local st, err = stores.open(cfg.store)
+    if not st then
+        -- a bad URL: every request reports it (503), as it would when opening its own
+        ngx.log(ngx.WARN, "keyservice: the key store: ", err)
+        return nil
+    end
+    if st.name == "store.redis" and st.transport_name == "resty" and st.wait_replicas == 0 then
+        return st
+    end
+    st:close()
+    return nil
 end
 
 --- init_worker_by_lua: this worker's session, logged on as the service user.
@@ -75,7 +112,11 @@ function _M.init_worker()
     if pw then
         local ok
         ok, err = h:logon_pass(cfg.user, pw)
-        if ok then hsm = h return end
+        if ok then
+            hsm = h
+            wstore = open_worker_store()
+            return
+        end
     end
     ngx.log(ngx.ERR, "keyservice: logon of '", cfg.user, "': ", err)
     h:close()
@@ -106,16 +147,12 @@ end
 
 -- ---- requests -----------------------------------------------------------------
 
-local function hex(s)
-    return (str_gsub(s, ".", function(c) return str_format("%02x", str_byte(c)) end))
-end
-
 -- The caller's token entry ({ groups = ... }) or nil.
 local function token_of()
     local h = ngx.var.http_authorization
     local tok = h and h:match("^[Bb]earer%s+(%S+)%s*$")
     if not tok then return nil end
-    return pol.config.tokens[hex(hash_compute("sha256", tok))]
+    return token_groups[hash_compute("sha256", tok)]
 end
 
 -- Does one of the token's groups cover group g?  Same rule as the device's
@@ -343,11 +380,14 @@ end
 
 local function healthz()
     if not hsm then return fail(503, "the device is not open in this worker", "EAUTH") end
-    local st, err, code = stores.open(cfg.store)
-    if not st then return fail(503, "redis: " .. tostring(err), code) end
-    local n
-    n, err, code = st:count()
-    st:close()
+    local st = wstore
+    if not st then
+        local err, code
+        st, err, code = stores.open(cfg.store)
+        if not st then return fail(503, "redis: " .. tostring(err), code) end
+    end
+    local n, err, code = st:count()
+    if st ~= wstore then st:close() end
     if not n then return fail(503, "redis: " .. tostring(err), code) end
     return reply(200, { status = "ok", keys = n })
 end
@@ -378,8 +418,10 @@ local function send(r)
     if r.body ~= nil then ngx.say(cjson.encode(r.body)) end
 end
 
--- One request with its own store, closed whatever happens (a raised error too).
+-- One request on the worker's store, or on its own store, closed whatever
+-- happens (a raised error too).
 local function with_store(h, token, id)
+    if wstore then return handlers[h](wstore, token, id) end
     local st, err, code = stores.open(cfg.store)
     if not st then return fail(503, "the key store is unavailable: " .. tostring(err), code) end
     ngx.ctx.store = st
@@ -419,7 +461,7 @@ end
 
 --- log_by_lua: count the request and its latency.
 function _M.log()
-    metrics.observe(ngx.ctx.route or "unknown", ngx.status, tonumber(ngx.var.request_time) or 0)
+    metrics.observe(ngx.ctx.route or "unknown", ngx.status, ngx_now() - req_start_time())
     if hsm then metrics.device(hsm:device_info()) end
 end
 
