@@ -506,6 +506,58 @@ describe("file store", function()
         assert.are.same({ default_id(6) }, (find_all(s, { name = infos[6].name }, 10)))
     end)
 
+    it("markers are links to their blob: no copy of a replaced or deleted blob stays behind", function()
+        -- every regular file under the store: its bytes
+        local function contents()
+            local rc, out = H.run("find " .. H.q(dir .. "/ks") .. " -type f ! -name '*.lock'"
+                .. " ! -name softcxi-store")
+            assert(rc == 0, out)
+            local all = {}
+            for path in out:gmatch("[^\n]+") do all[#all + 1] = assert(sys.read(path)) end
+            return all
+        end
+        local function copies(blob)
+            local n = 0
+            for _, data in ipairs(contents()) do
+                if data:find(blob, 1, true) then n = n + 1 end
+            end
+            return n
+        end
+        -- two blobs with the same attributes (same markers), as a rewrap makes
+        local t = { algo = "ec", curve = "P-256", name = "same-" .. RUN, group = G1 }
+        local d = H.new_device()
+        finally(function() H.destroy(d) end)
+        local a, b = H.gen(d.hsm, t), H.gen(d.hsm, t)
+        local long = ("ключ/"):rep(60) .. RUN
+        assert.are.equal(2, s:put_many({ { id = "k", blob = a }, { id = long, blob = a } }))
+        -- the blob files and their 2 markers each: one inode each, 3 names
+        assert.are.equal(6, copies(a))
+        assert.are.equal(4, count_markers(dir .. "/ks"))
+        assert.are.equal(2, s:put_many({ { id = "k", blob = b, if_match = a },
+                                         { id = long, blob = b, if_match = a } }))
+        assert.are.equal(0, copies(a))
+        assert.are.equal(6, copies(b))
+        assert.are.same({ k = 1, [long] = 1 }, set_of(find_all(s, { name = t.name }, 10)))
+        assert.are.equal(2, #find_all(s, { group = G1 }, 10))
+        -- a reindex links the markers to the blob files again
+        assert.are.same({ 2, 0 }, { s:reindex() })
+        assert.are.equal(6, copies(b))
+        assert.are.same({ k = 1, [long] = 1 }, set_of(find_all(s, { name = t.name }, 10)))
+        assert.is_true(s:delete("k"))
+        assert.is_true(s:delete(long))
+        assert.are.equal(0, copies(b))
+        assert.are.equal(0, count_markers(dir .. "/ks"))
+    end)
+
+    it("finds by name among many names that share an index directory", function()
+        -- 600 keys: every name-index directory (256) holds two or three
+        for _, it in ipairs(items_of(1, N)) do assert(s:put(nil, it.blob)) end
+        for i = 1, N, 37 do
+            assert.are.same({ default_id(i) }, (find_all(s, { name = infos[i].name }, 10)))
+        end
+        assert.are.same({}, (find_all(s, { name = "n" .. RUN .. "-" }, 10)))
+    end)
+
     it("a find cursor stays valid across a reindex", function()
         assert.are.equal(20, s:put_many(items_of(1, 20)))
         local page, cursor = s:find({ group = G1 }, nil, 3)

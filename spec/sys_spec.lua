@@ -55,6 +55,43 @@ describe("softcxi.sys", function()
         end
     end)
 
+    it("makes markers hard links to a file of the batch or to a path, replacing what is there", function()
+        local files = { { dir .. "/d/f1", "one" }, { dir .. "/d/f2", "two" } }
+        H.mkdir_p(dir .. "/m")
+        H.writefile(dir .. "/m/old", "stale")
+        local markers = { { dir .. "/m/x", nil, 1 }, { dir .. "/m/old", nil, 2 },
+                          { dir .. "/m/new/y", nil, dir .. "/d/f1" } }
+        -- the third links to a path that exists only once the batch is placed: refused
+        local r = H.pack(sys.write_durable_many(files, { markers = markers }))
+        assert.is_nil(r[1])
+        assert.are.equal("ENOTFOUND", r[3])
+        assert.is_nil(sys.stat(dir .. "/d/f1"))
+        markers[3] = nil
+        assert.are.equal(2, sys.write_durable_many(files, { markers = markers }))
+        assert.are.equal("one", sys.read(dir .. "/m/x"))
+        assert.are.equal("two", sys.read(dir .. "/m/old"))
+        assert.are.equal(1, sys.write_durable_many({ { dir .. "/e/g", "three" } },
+            { markers = { { dir .. "/m/new/y", nil, dir .. "/d/f1" } } }))
+        assert.are.equal("one", sys.read(dir .. "/m/new/y"))
+        -- no temp link left beside a replaced marker
+        assert.are.same({ "new", "old", "x" }, names(dir .. "/m"))
+        assert.has_error(function()
+            sys.write_durable_many(files, { markers = { { dir .. "/m/z", nil, 3 } } })
+        end)
+        assert.has_error(function()
+            sys.write_durable_many(files, { markers = { { dir .. "/m/z", nil, true } } })
+        end)
+    end)
+
+    it("lists only the names with a prefix", function()
+        for _, n in ipairs { "ab@1", "ab@2", "abc@3", "b@4" } do H.writefile(dir .. "/" .. n, "") end
+        local l = assert(sys.listdir(dir, "ab@"))
+        table.sort(l)
+        assert.are.same({ "ab@1", "ab@2" }, l)
+        assert.are.same({}, assert(sys.listdir(dir, "zz")))
+        assert.are.equal(4, #assert(sys.listdir(dir)))
+    end)
+
     it("stops a batch at the first name that must be new and exists", function()
         assert.is_true(sys.write_new(dir .. "/b", "old"))
         -- a single argument (no options table) is fine too

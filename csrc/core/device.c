@@ -770,9 +770,19 @@ const EVP_MD *scx_md(softcxi_device *dev, int which)
         "SHA1", "SHA224", "SHA256", "SHA384", "SHA512", "SHA3-256", "SHA3-384", "SHA3-512"};
     if (which < 0 || which >= SCX_MD_COUNT)
         return NULL;
-    if (!dev->md[which])
-        dev->md[which] = EVP_MD_fetch(NULL, names[which], NULL);
-    return dev->md[which];
+    /* Fetched on first use; threads sharing the device may race here, so the
+     * slot is published with a compare-and-swap and a loser frees its copy. */
+    EVP_MD *md = __atomic_load_n(&dev->md[which], __ATOMIC_ACQUIRE);
+    if (md)
+        return md;
+    EVP_MD *fetched = EVP_MD_fetch(NULL, names[which], NULL);
+    if (!fetched)
+        return NULL;
+    if (__atomic_compare_exchange_n(&dev->md[which], &md, fetched, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE))
+        return fetched;
+    EVP_MD_free(fetched);
+    return md;
 }
 
 /* ---- ListFiles ------------------------------------------------------------ */

@@ -444,13 +444,19 @@ typedef struct worker {
     const softcxi_template *t; /* checked */
     const char *const *names;
     softcxi_buf *blobs;
-    size_t first, step, n;
+    size_t *next;        /* the next key no worker has taken yet: atomic */
+    size_t n;
     int *stop;           /* set by the first worker that fails */
     unsigned *finished;  /* a job's count of finished workers, or NULL */
     int rc;
     size_t failed_at;
     softcxi_error err;
 } worker;
+
+/* Keys a worker takes from the shared counter at a time: few enough that
+ * the last chunk is short (a P-256 key is ~35 us), enough that neighbouring
+ * blob slots are mostly written by one thread. */
+#define BULK_CHUNK 4
 
 static void *worker_run(void *arg)
 {
@@ -464,22 +470,35 @@ static void *worker_run(void *arg)
     w->rc = 0;
     if (!pool || !gcm || !have_x || (uses_gen_ctx(w->t->algo) && !gen)) {
         w->rc = scx_fail_ssl(&w->err, SOFTCXI_ECRYPTO, "bulk_generate: worker setup failed");
-        w->failed_at = w->first;
+        size_t at = __atomic_load_n(w->next, __ATOMIC_RELAXED);
+        w->failed_at = at < w->n ? at : w->n - 1;
         __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
     } else {
         sealer z = {&x, gcm, pool, w->kcv};
         softcxi_template t = *w->t;
-        for (size_t i = w->first; i < w->n; i += w->step) {
-            if (__atomic_load_n(w->stop, __ATOMIC_RELAXED))
+        /* Keys are taken a few at a time from a shared counter, not dealt
+         * out in fixed shares: when the scheduler holds one thread back (a
+         * busy machine), the others make its keys, and the call ends one
+         * chunk after the last key instead of waiting for the slowest
+         * thread's whole share (docs/performance.md). */
+        for (;;) {
+            size_t i = __atomic_fetch_add(w->next, BULK_CHUNK, __ATOMIC_RELAXED);
+            if (i >= w->n)
                 break;
-            if (w->names)
-                t.name = w->names[i];
-            if ((w->names && (w->rc = scx_template_check(&t, &w->err)) != 0) ||
-                (w->rc = generate_one(gen, &z, &w->blobs[i], &t, &w->err)) != 0) {
-                w->failed_at = i;
-                __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
-                break;
+            size_t end = i + BULK_CHUNK < w->n ? i + BULK_CHUNK : w->n;
+            for (; i < end && !w->rc; i++) {
+                if (__atomic_load_n(w->stop, __ATOMIC_RELAXED))
+                    break;
+                if (w->names)
+                    t.name = w->names[i];
+                if ((w->names && (w->rc = scx_template_check(&t, &w->err)) != 0) ||
+                    (w->rc = generate_one(gen, &z, &w->blobs[i], &t, &w->err)) != 0) {
+                    w->failed_at = i;
+                    __atomic_store_n(w->stop, 1, __ATOMIC_RELAXED);
+                }
             }
+            if (w->rc || __atomic_load_n(w->stop, __ATOMIC_RELAXED))
+                break;
         }
     }
     if (have_x)
@@ -545,6 +564,7 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
     softcxi_template t = *tin;
     worker ws[SOFTCXI_BULK_MAX_THREADS];
     int stop = 0, rc;
+    size_t next = 0;
 
     memset(blobs, 0, n * sizeof *blobs);
     if ((rc = bulk_prepare(s, flags, &t)) != 0)
@@ -554,16 +574,16 @@ int softcxi_bulk_generate(softcxi_session *s, softcxi_buf *blobs, unsigned flags
         return 0;
     }
     threads = bulk_threads(threads, n);
-    /* Each worker takes every threads-th key with contexts of its own.  The
-     * calling thread is worker 0, and also runs the share of any worker
-     * whose thread could not be started. */
+    /* Each worker takes keys from the shared counter, with contexts of its
+     * own.  The calling thread is worker 0; a worker whose thread could not
+     * be started runs here after it and finds whatever is left. */
     int running[SOFTCXI_BULK_MAX_THREADS] = {0};
     for (unsigned i = 0; i < threads; i++) {
         worker *w = &ws[i];
         memset(w, 0, sizeof *w);
         w->blob_key = s->dev->sec->blob_key, w->kcv = s->dev->kcv;
         w->t = &t, w->names = names, w->blobs = blobs;
-        w->first = i, w->step = threads, w->n = n, w->stop = &stop;
+        w->next = &next, w->n = n, w->stop = &stop;
     }
     for (unsigned i = 1; i < threads; i++)
         running[i] = pthread_create(&ws[i].thread, NULL, worker_run, &ws[i]) == 0;
@@ -594,6 +614,7 @@ struct softcxi_bulk_job {
     unsigned threads;
     unsigned finished; /* workers done: atomic */
     int stop;          /* atomic */
+    size_t next;       /* the workers' shared key counter: atomic */
     int joined, collected;
     softcxi_template t;
     char *strings;      /* the template's strings, then the names */
@@ -687,11 +708,12 @@ int softcxi_bulk_generate_start(softcxi_session *s, softcxi_bulk_job **out, unsi
         worker *w = &job->ws[i];
         w->blob_key = job->key, w->kcv = job->kcv;
         w->t = &job->t, w->names = job->names, w->blobs = job->blobs;
-        w->first = i, w->step = job->threads, w->n = n;
+        w->next = &job->next, w->n = n;
         w->stop = &job->stop, w->finished = &job->finished;
     }
-    /* Every worker on a thread of its own; the share of one that cannot be
-     * started is run here, before returning (slower, never wrong). */
+    /* Every worker on a thread of its own; one whose thread cannot be
+     * started runs here, before returning, and takes keys with the others
+     * (slower, never wrong). */
     for (unsigned i = 0; i < job->threads; i++)
         job->running[i] = pthread_create(&job->ws[i].thread, NULL, worker_run, &job->ws[i]) == 0;
     for (unsigned i = 0; i < job->threads; i++)

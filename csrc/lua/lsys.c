@@ -251,6 +251,8 @@ typedef struct entry {
     int fd;       /* open while the batch is fsynced file by file */
     int created;  /* the temp file or marker was created by this call */
     int excl;     /* the path must not exist (placed with NOREPLACE) */
+    const char *link; /* markers: a hard link to this file, not a file of their own */
+    size_t link_idx;  /* markers: 1-based, a hard link to that file's temp file */
 } entry;
 
 static unsigned long tmp_counter;
@@ -300,6 +302,62 @@ static int open_marker(entry *en, int durable, syserr *e)
     if (errno == EEXIST)
         return 0;
     return fail(e, "create", en->path);
+}
+
+/* A hard link at path to src, creating missing parent directories; -2 when
+ * that fails (e filled), else link's result with errno. */
+static int link_mkdir(const char *src, const char *path, int durable, syserr *e)
+{
+    int r = link(src, path);
+    if (r != 0 && errno == ENOENT && dir_len(path) > 0) {
+        if (mkdir_p(path, dir_len(path), 0700, durable, e) != 0)
+            return -2;
+        r = link(src, path);
+    }
+    return r;
+}
+
+/* Make marker en->path a hard link to src: a directory entry, no inode of
+ * its own (on ext4 without a journal, allocating inodes is most of what a
+ * put costs).  An existing marker is replaced through a temp link and a
+ * rename, so it never goes missing and never keeps an older blob alive. */
+static int link_marker(entry *en, const char *src, int durable, syserr *e)
+{
+    int r = link_mkdir(src, en->path, durable, e);
+    if (r == -2)
+        return -1;
+    if (r == 0) {
+        en->created = 1;
+        return 0;
+    }
+    if (errno != EEXIST)
+        return fail(e, "link", en->path);
+    char tmp[4096 + 96];
+    size_t dl = dir_len(en->path);
+    const char *base = dl ? en->path + dl + 1 : en->path;
+    int blen = (int)strlen(base);
+    if (blen > 64)
+        blen = 64;
+    for (int tries = 0; tries < 100; tries++) {
+        int n = snprintf(tmp, sizeof tmp, "%.*s%s.%.*s.%ld.%lu.tmp", (int)dl, en->path,
+                         dl ? "/" : "", blen, base, (long)getpid(), ++tmp_counter);
+        if (n < 0 || (size_t)n >= sizeof tmp) {
+            errno = ENAMETOOLONG;
+            return fail(e, "link", en->path);
+        }
+        if (link(src, tmp) == 0) {
+            if (rename(tmp, en->path) != 0) {
+                fail(e, "rename", en->path);
+                unlink(tmp);
+                return -1;
+            }
+            en->created = 1;
+            return 0;
+        }
+        if (errno != EEXIST)
+            return fail(e, "link", tmp);
+    }
+    return fail(e, "link", en->path);
 }
 
 static int cmp_dirs(const void *a, const void *b)
@@ -398,6 +456,12 @@ static size_t commit(entry *w, size_t nw, entry *m, size_t nm, int exclusive, in
             failed = 1;
     }
     for (i = 0; i < nm && !failed; i++) {
+        if (m[i].link_idx > 0 || m[i].link) {
+            const char *src = m[i].link ? m[i].link : w[m[i].link_idx - 1].tmp;
+            if (link_marker(&m[i], src, !use_syncfs, e) != 0)
+                failed = 1;
+            continue;
+        }
         if (open_marker(&m[i], !use_syncfs, e) != 0)
             failed = 1;
         else if (m[i].fd >= 0 && write_all(m[i].fd, m[i].data, m[i].len) != 0) {
@@ -483,7 +547,8 @@ static int sync_mode_opt(lua_State *L, int idx)
  * pushed on the stack, so a raise frees it); with_tmp, room for each temp
  * name follows the entries and *tmpcap is its size.  data may be omitted
  * (an empty file). */
-static entry *check_entries(lua_State *L, int idx, size_t *n, size_t *tmpcap, int with_tmp)
+static entry *check_entries(lua_State *L, int idx, size_t *n, size_t *tmpcap, int with_tmp,
+                            size_t nfiles)
 {
     luaL_checktype(L, idx, LUA_TTABLE);
     size_t count = (size_t)lua_rawlen(L, idx), maxpath = 0;
@@ -514,8 +579,22 @@ static entry *check_entries(lua_State *L, int idx, size_t *n, size_t *tmpcap, in
         es[i].data = lua_isnil(L, -1) ? "" : lua_tolstring(L, -1, &es[i].len);
         es[i].tmp = with_tmp ? bufs + i * *tmpcap : NULL;
         es[i].fd = -1;
+        es[i].link = NULL;
+        es[i].link_idx = 0;
         lua_rawgeti(L, -3, 3);
-        es[i].excl = lua_toboolean(L, -1);
+        es[i].excl = with_tmp && lua_toboolean(L, -1);
+        if (!with_tmp && lua_type(L, -1) == LUA_TNUMBER) {
+            lua_Integer j = lua_tointeger(L, -1);
+            if (j < 1 || (size_t)j > nfiles)
+                luaL_error(L, "sys: marker %d links to file %d of %d", (int)(i + 1), (int)j,
+                           (int)nfiles);
+            es[i].link_idx = (size_t)j;
+        } else if (!with_tmp && lua_type(L, -1) == LUA_TSTRING) {
+            es[i].link = lua_tostring(L, -1); /* referenced by the caller's table */
+        } else if (!with_tmp && !lua_isnil(L, -1)) {
+            luaL_error(L, "sys: marker %d: its third field links to a file (index or path)",
+                       (int)(i + 1));
+        }
         lua_pop(L, 4);
     }
     *n = count;
@@ -555,8 +634,10 @@ static int l_write_new(lua_State *L)
  * write_durable_many({ {path, data [, new]}, ... } [, opts]) -> n | nil, msg, code, n_placed
  * new (or opts.exclusive for all): the path must not exist (EEXIST stops
  * the batch there);
- * opts.markers = { {path [, data]}, ... }: files created only if absent,
- * durable before any path is placed (the store's index entries);
+ * opts.markers = { {path [, data [, link]]}, ... }: files created only if
+ * absent, durable before any path is placed (the store's index entries);
+ * with link (the index of one of the files above, or a path), the marker is
+ * a hard link to that file instead, replacing whatever is at its path;
  * opts.sync = "auto" | "fsync" | "syncfs".  Missing directories are created.
  */
 static int l_write_durable_many(lua_State *L)
@@ -565,7 +646,7 @@ static int l_write_durable_many(lua_State *L)
     int exclusive = 0, mode = 0;
     entry *m = NULL;
     lua_settop(L, 2); /* what check_entries pushes goes above the arguments */
-    entry *w = check_entries(L, 1, &nw, &cap, 1);
+    entry *w = check_entries(L, 1, &nw, &cap, 1, 0);
     if (!lua_isnoneornil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);
         lua_getfield(L, 2, "exclusive");
@@ -577,7 +658,7 @@ static int l_write_durable_many(lua_State *L)
         lua_pop(L, 1);
         lua_getfield(L, 2, "markers"); /* stays on the stack: its strings are used */
         if (!lua_isnil(L, -1))
-            m = check_entries(L, lua_gettop(L), &nm, &mcap, 0);
+            m = check_entries(L, lua_gettop(L), &nm, &mcap, 0, nw);
     }
     const char **dirs = lua_newuserdata(L, (nw + nm + 1) * sizeof *dirs);
     syserr e;
@@ -687,10 +768,15 @@ static int dir_gc(lua_State *L)
     return 0;
 }
 
-/* listdir(path) -> { name, ... } without "." and "..", in no order. */
+/* listdir(path [, prefix]) -> { name, ... } without "." and "..", in no
+ * order; with prefix, only the names that start with it (the file store's
+ * find by name: one match among a directory's entries, none of the others
+ * made into a Lua string). */
 static int l_listdir(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
+    size_t plen = 0;
+    const char *prefix = luaL_optlstring(L, 2, NULL, &plen);
     ldir *ld = lua_newuserdata(L, sizeof *ld);
     ld->d = NULL;
     luaL_setmetatable(L, DIR_MT);
@@ -704,6 +790,8 @@ static int l_listdir(lua_State *L)
     while ((de = readdir(ld->d)) != NULL) {
         const char *nm = de->d_name;
         if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
+            continue;
+        if (prefix && strncmp(nm, prefix, plen) != 0)
             continue;
         lua_pushstring(L, nm);
         lua_rawseti(L, -2, ++n);

@@ -9,6 +9,12 @@
 --   DIR/index/group/pp/ab/<group>@<name>   index marker: id <name> has this group
 --   DIR/index/name/pp/<kname>@<name>       index marker: id <name> has this key name
 --
+-- A marker is a hard link to its blob's file (a directory entry, no inode
+-- of its own: on this project's ext4 without a journal, inode allocation was
+-- most of a put's cost, docs/performance.md); only its name matters to find.
+-- A store indexed by an older version has empty marker files instead; both
+-- are read.
+--
 -- ab/cd: the top two bytes of FNV-1a-32(id) in hex; pp: the top byte of
 -- FNV-1a-32(the value).  A group can hold millions of keys, so its markers
 -- fan out again by id (a million-key group: ~4k entries a directory); a key
@@ -18,11 +24,11 @@
 -- (every byte outside [A-Za-z0-9._-], and a leading '.'), so '@' and '~'
 -- never occur in them; one too long for a file name becomes
 -- "<start>~<sha256>", and then the file holds the id (a blob file starts
--- with a header carrying it, a marker holds it).
+-- with a header carrying it; its markers, links to it, too).
 --
--- A put writes the blob to a temp file and creates its markers, flushes both
--- in one sync pass, then renames the blob into place and fsyncs the
--- directory (softcxi.sys).  Markers are durable before the blob's name
+-- A put writes the blob to a temp file and links its markers to that file,
+-- flushes both in one sync pass, then renames the blob into place and fsyncs
+-- the directory (softcxi.sys).  Markers are durable before the blob's name
 -- appears: a crash can leave a marker without a blob, never a blob without
 -- its markers.  Every write of an id holds the flock of its bucket, so a put
 -- and a delete of one id never interleave, and delete and overwrite remove
@@ -129,23 +135,23 @@ function _M:_value_root(attr, value)
         (file_name(value, PART_MAX)) .. "@", FANOUT[attr] and 1 or 0
 end
 
---- Marker entries { path [, id] } of a blob stored as loc.
+--- Marker entries { path } of a blob stored as loc.
 function _M:_markers(loc, id, info)
     local out = {}
-    local idname, long = file_name(id, PART_MAX)
+    local idname = file_name(id, PART_MAX)
     for _, attr in ipairs(INDEXED) do
         local v = info[attr]
         if type(v) == "string" then
             local root, prefix, depth = self:_value_root(attr, v)
             if depth == 1 then root = root .. "/" .. loc.ab end
-            out[#out + 1] = { root .. "/" .. prefix .. idname, long and id or nil }
+            out[#out + 1] = { root .. "/" .. prefix .. idname }
         end
     end
     return out
 end
 
-local function sorted_dir(path)
-    local names, err, code = listdir(path)
+local function sorted_dir(path, prefix)
+    local names, err, code = listdir(path, prefix)
     if not names then
         if code == "ENOTFOUND" then return {} end
         return nil, err, code
@@ -416,7 +422,8 @@ function _M:_commit(rows, mode, fails)
         else
             to_write[#to_write + 1] = r
             files[#files + 1] = { r.loc.path, r.data, not taken }
-            for _, m in ipairs(r.markers) do markers[#markers + 1] = m end
+            -- each marker a hard link to the blob's temp file: no inode of its own
+            for _, m in ipairs(r.markers) do markers[#markers + 1] = { m[1], nil, #files } end
             if cur then stale[#to_write] = self:_stale_markers(r, cur) end
         end
     end
@@ -426,7 +433,8 @@ function _M:_commit(rows, mode, fails)
     end
     placed = n or placed or 0
     for i = 1, placed do
-        for _, p in ipairs(stale[i] or {}) do unlink(p) end
+        -- durable: a stale marker is a link that would keep the old blob's bytes
+        for _, p in ipairs(stale[i] or {}) do unlink(p, true) end
     end
     if not n then
         -- Markers made for rows that were not placed, and whose id holds no
@@ -569,8 +577,11 @@ function _M:delete(id)
     local ok
     ok, err, code = unlink(loc.path, true)
     if ok and info then
-        -- not fsynced: a marker that comes back after a crash is skipped by find
-        for _, m in ipairs(self:_markers(loc, id, info)) do unlink(m[1]) end
+        -- Markers are hard links to the blob's file: removed durably too, so
+        -- the deleted blob's bytes do not live on in the index.  Blob first:
+        -- a crash between leaves a marker without a blob (find skips it),
+        -- never a blob without its markers.
+        for _, m in ipairs(self:_markers(loc, id, info)) do unlink(m[1], true) end
     end
     release()
     if ok then return true end
@@ -583,15 +594,17 @@ end
 --- Visit the files of the tree root/[xx/[yy/]]name in sorted order, after
 -- position `after`; fn(dir, name, pos) returns true to stop.  depth 2:
 -- root/ab/cd/name (blobs), 1: root/ab/name (group markers), 0: root/name
--- (name markers).  Memory: one directory listing at a time.
-local function walk(root, depth, after, fn)
+-- (name markers).  Memory: one directory listing at a time.  leaf_prefix:
+-- only the files whose names start with it (listed so by softcxi.sys: a find
+-- by name makes one Lua string per match, not one per directory entry).
+local function walk(root, depth, after, fn, leaf_prefix)
     local cut = {}
     if after then
         for part in (after .. "/"):gmatch("([^/]*)/") do cut[#cut + 1] = part end
         if #cut ~= depth + 1 then return nil, "bad cursor '" .. after .. "'", "EINVAL" end
     end
     local function level(dir, d, prefix, bound)
-        local names, err, code = sorted_dir(dir)
+        local names, err, code = sorted_dir(dir, d > depth and leaf_prefix or nil)
         if not names then return nil, err, code end
         for _, name in ipairs(names) do
             local b = bound and cut[d]
@@ -625,13 +638,18 @@ local function id_of_blob_file(dir, name)
 end
 
 --- The id marker `name` (after its value prefix) stands for; a long id is
--- held by the marker.
+-- read from the marker: a hard link to the blob's file, whose header holds
+-- it (or, in a store indexed before markers were links, the id itself).
 local function id_of_marker(dir, name, prefix_len)
     local idname = sub(name, prefix_len + 1)
     if not find(idname, "~", 1, true) then return unescape(idname) end
-    local id = read(dir .. "/" .. name)
-    if id == "" then return nil end
-    return id
+    local data = read(dir .. "/" .. name)
+    if not data or data == "" then return nil end
+    if sub(data, 1, #LONG) == LONG then
+        local _, id = unwrap_long(data)
+        return id
+    end
+    return data
 end
 
 --- scan([cursor [, count]]) -> ids, next_cursor (nil when done).  The
@@ -724,7 +742,7 @@ function _M:find(filter, cursor, limit)
             next_cursor = pos
             return true
         end
-    end)
+    end, prefix)
     if not ok then return nil, "store.file.find: " .. err, code end
     return ids, next_cursor
 end
@@ -772,7 +790,9 @@ function _M:_reindex()
         local loc = self:_loc(id)
         local blob, info = self:_get(id, loc)
         if not blob then skipped = skipped + 1; return end
-        for _, m in ipairs(self:_markers(loc, id, info)) do pending[#pending + 1] = m end
+        for _, m in ipairs(self:_markers(loc, id, info)) do
+            pending[#pending + 1] = { m[1], nil, loc.path }
+        end
         n = n + 1
         if #pending >= 4096 and not flush() then return true end
     end)
