@@ -2,7 +2,8 @@
 -- alone: one fill, then as many timed rewraps as wanted, each by its own process, so that
 -- two lua/ trees (before/after a change: LUA_PATH) take turns on the same blobs, device
 -- and server in one sitting.  Each rewrap first rotates the MBK (a new one is generated
--- and imported; the older ones stay loaded), so every blob has something to do.
+-- and imported, after the older ones are retired: a rewrap must have finished since the
+-- last rotation), so every blob has something to do.
 --
 --   lua5.4 bench/rewrap_redis.lua fill   ROOT REDIS_URL COUNT
 --   lua5.4 bench/rewrap_redis.lua rewrap ROOT REDIS_URL [TAG]
@@ -56,6 +57,9 @@ elseif mode == "rewrap" then
     local tag = arg[4] or "softcxi"
     local adm = assert(softcxi.open { path = state, keyfile = keyfile })
     assert(adm:logon_pass("ADMIN", admin_pw))
+    -- the device keeps at most 7 older MBKs: the last run moved every blob to the current
+    -- one, so the older ones can go
+    for _, kcv in ipairs(assert(adm:mbk_info()).older) do assert(adm:mbk_retire(kcv)) end
     local n = 0
     for name in io.popen("ls '" .. root .. "'"):lines() do
         if name:match("^share") then n = n + 1 end
