@@ -143,5 +143,77 @@ describe("rewrap", function()
             for _, id in ipairs(cleanup) do assert(rs:delete(id)) end
             rs:close()
         end)
+
+        it("in Redis writes a page while it re-seals the next; a failed read settles the write "
+           .. "in flight, and a re-run finishes", function()
+            local P = "rw" .. tostring(os.time()) .. math.random(1000000) .. ":"
+            local rs = assert(store_mod.open(URL .. "&prefix=" .. P))
+            assert(provision.run { hsm = hsm, store = rs, count = 50, batch = 25,
+                name_format = "q%02d", template = { algo = "ec", group = "iot" } })
+            local shares, pws = {}, { "share-pw-five", "share-pw-six" }
+            for i = 1, 2 do shares[i] = root .. "/q" .. i end
+            assert(admin:mbk_generate { m = 2, shares = shares, passwords = pws, kdf_cost = 10 })
+            assert(admin:mbk_import { shares = shares, passwords = pws })
+            local new_kcv = admin:mbk_info().current
+            -- the third page's read fails: the first page is written, the second is in flight
+            local reads, sent, finished = 0, 0, 0
+            local flaky = setmetatable({
+                scan_blobs = function(_, cursor, count)
+                    reads = reads + 1
+                    if reads == 3 then return nil, "connection reset (test)", "ECONN" end
+                    return rs:scan_blobs(cursor, count)
+                end,
+                put_many_later = function(_, items)
+                    local send, finish = rs:put_many_later(items)
+                    return function() sent = sent + 1 return send() end,
+                        function() finished = finished + 1 return finish() end
+                end,
+            }, { __index = function(_, k)
+                local v = rs[k]
+                if type(v) == "function" then return function(_, ...) return v(rs, ...) end end
+                return v
+            end })
+            local progress = {}
+            local r, msg, code, rep = rewrap.run { hsm = hsm, store = flaky, page = 10,
+                on_progress = function(seen, report)
+                    progress[#progress + 1] = { seen, report.rewrapped }
+                end }
+            assert.is_nil(r)
+            assert.are.equal("ECONN", code, msg)
+            assert.truthy(msg:find("connection reset (test)", 1, true), msg)
+            -- pages 1 and 2 were read: page 1 written before the failure, page 2 written on
+            -- the way out; both reported and counted (a page holds up to 10 ids)
+            assert.are.equal(2, #progress)
+            assert.are.equal(progress[1][1], progress[1][2])
+            assert.is_true(progress[1][1] > 0)
+            assert.are.equal(rep.seen, progress[2][1])
+            assert.are.equal(rep.seen, progress[2][2])
+            assert.is_true(rep.seen > progress[1][1] and rep.seen <= 20)
+            assert.are.equal(rep.seen, rep.rewrapped)
+            assert.are.equal(1, sent)       -- page 2's write went out in its finish
+            assert.are.equal(2, finished)
+            local done = rep.seen
+            -- the re-run finds those current and rewraps the rest; progress in whole pages
+            progress = {}
+            local again = assert(rewrap.run { hsm = hsm, store = rs, page = 10,
+                on_progress = function(seen, report)
+                    progress[#progress + 1] = { seen, report.rewrapped + report.current }
+                end })
+            assert.are.equal(50, again.seen)
+            assert.are.equal(done, again.current)
+            assert.are.equal(50 - done, again.rewrapped)
+            assert.are.equal(0, again.conflicts)
+            for i, p in ipairs(progress) do
+                assert.are.equal(p[1], p[2])
+                if i > 1 then assert.is_true(p[1] > progress[i - 1][1]) end
+            end
+            assert.are.equal(50, progress[#progress][1])
+            for i = 1, 50 do
+                local id = ("iot/q%02d"):format(i)
+                assert.are.equal(new_kcv, softcxi.key_info(assert(rs:get(id))).kcv)
+                assert(rs:delete(id))
+            end
+            rs:close()
+        end)
     end
 end)

@@ -608,6 +608,67 @@ describe("redis store", function()
         s:close()
     end)
 
+    it("put_many_later: built now, sent by send, answered by finish as put_many; the store "
+       .. "answers meanwhile; calls go out and finish in the order made", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local d = device()
+        local tpl = { algo = "ec", curve = "P-256", name = "pl", group = "gpl" }
+        local v1, v2, v3 = H.gen(d, tpl), H.gen(d, tpl), H.gen(d, tpl)
+        local ids = {}
+        for i = 1, 30 do ids[i] = "p" .. i end
+        local items = {}
+        for i = 1, 30 do items[i] = { id = ids[i], blob = v1 } end
+        assert.are.equal(30, s:put_many(items))
+        -- compare-and-set of all 30, p7 stale
+        items = {}
+        for i = 1, 30 do items[i] = { id = ids[i], blob = v2, if_match = i == 7 and v3 or v1 } end
+        local send, finish = s:put_many_later(items)
+        assert.are.equal("function", type(send))
+        assert.are.equal(v1, s:get("p8"))        -- built, not sent
+        send()
+        -- the store's own connection answers while the writes are out
+        assert.are.equal(30, s:count())
+        local page, nxt = assert(s:scan(nil, 100))
+        assert.are.equal(30, #page)
+        assert.is_nil(nxt)
+        local r = H.pack(finish())
+        assert.is_nil(r[1])
+        assert.are.equal("ECONFLICT", r[3], r[2])
+        assert.are.equal(29, r[4], r[2])
+        assert.truthy(r[2]:find("'p7' changed", 1, true), r[2])
+        assert.are.equal(v1, s:get("p7"))
+        assert.are.equal(v2, s:get("p8"))
+        -- all well: put_many's count; finish alone sends
+        finish = select(2, s:put_many_later({ { id = "p7", blob = v2, if_match = v1 } }))
+        assert.are.same({ 1, 0 }, { finish() })
+        assert.are.equal(v2, s:get("p7"))
+        -- two at once, the later one finished first: the earlier goes out and is answered
+        -- first, each gets its own replies; one left unfinished is finished by the next
+        local send1, finish1 = s:put_many_later({ { id = "p1", blob = v3, if_match = v2 } })
+        local send2, finish2 = s:put_many_later({ { id = "p2", blob = v3, if_match = v2 },
+                                                  { id = "p3", blob = v3, if_match = v1 } })
+        send2()
+        r = H.pack(finish2())
+        assert.are.equal("ECONFLICT", r[3], r[2])
+        assert.are.equal(1, r[4], r[2])
+        assert.truthy(r[2]:find("'p3' changed", 1, true), r[2])
+        assert.are.same({ 1, 0 }, { finish1() })   -- already done: the same answer
+        send1()                                    -- and nothing more
+        assert.are.same({ 1, 0 }, { finish1() })
+        s:put_many_later({ { id = "p4", blob = v3, if_match = v2 } })   -- never sent by us
+        finish = select(2, s:put_many_later({ { id = "p5", blob = v3, if_match = v2 } }))
+        assert.are.same({ 1, 0 }, { finish() })
+        assert.are.equal(v3, s:get("p4"))
+        assert.are.equal(v3, s:get("p5"))
+        assert.are.equal(30, s:count())
+        assert.are.equal(30, #cmd(c, { "SMEMBERS", P .. "idx:group:gpl" }))
+        -- a malformed item raises at once, as put_many's
+        assert.has_error(function() s:put_many_later({ { id = "x", blob = 42 } }) end)
+        s:close()
+        assert.has_error(function() s:put_many_later({}) end)
+    end)
+
     it("scan fills a page in few SCAN round trips although index keys dilute the keyspace", function()
         -- a database of its own: only this store's keys (a blob and its name set each)
         local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix()))
@@ -939,6 +1000,12 @@ describe("redis cluster store", function()
         assert.are.equal(20, s:put_many(items))
         local have = assert(s:exists_many(ids))
         for i = 1, 40 do assert.are.equal(i <= 20 or nil, have[ids[i]], ids[i]) end
+        s:close()
+    end)
+
+    it("has no put_many_later (one connection per node): rewrap writes with put_many", function()
+        local s = open(with_prefix(CURL, fresh_prefix()))
+        assert.is_nil(s:put_many_later({}))
         s:close()
     end)
 

@@ -450,6 +450,31 @@ static int l_key_info(lua_State *L)
     return 1;
 }
 
+/* key_attrs(blob) -> { algo =, name =, group =, specifier = }: the clear attributes the
+ * stores index, parsed and checked as key_info does, without the rest of its table.  The
+ * stores check every blob they read or write with it (rewrap: two per blob). */
+static int l_key_attrs(lua_State *L)
+{
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 1, &len);
+    softcxi_key_info info;
+    softcxi_error err;
+    if (softcxi_key_info_read(&info, blob, len, &err) != 0)
+        return push_error(L, &err);
+    lua_createtable(L, 0, 4);
+    if (softcxi_algo_name(info.algo)) {
+        lua_pushstring(L, softcxi_algo_name(info.algo));
+        lua_setfield(L, -2, "algo");
+    }
+    set_str(L, "name", info.name, info.name_len);
+    set_str(L, "group", info.group, info.group_len);
+    if (info.has_specifier) {
+        lua_pushinteger(L, (lua_Integer)info.specifier);
+        lua_setfield(L, -2, "specifier");
+    }
+    return 1;
+}
+
 static int l_public_key(lua_State *L)
 {
     size_t len;
@@ -1555,6 +1580,7 @@ static const luaL_Reg module_functions[] = {
     {"init", l_init},
     {"logon_answer", l_logon_answer},
     {"key_info", l_key_info},
+    {"key_attrs", l_key_attrs},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},
     {NULL, NULL},

@@ -37,64 +37,132 @@ function _M.run(opts)
     local page = opts.page or 1000
     local on_progress = opts.on_progress
     local r = { seen = 0, rewrapped = 0, current = 0, conflicts = 0, skipped = 0 }
+    local key_rewrap = hsm.key_rewrap
 
-    local cursor
-    repeat
-        -- a store that reads the values while it scans (Redis) hands them over; else a
-        -- get_many of the page
-        local ids, blobs, nxt, code
+    -- A page read: ids, { [id] = blob }, next cursor | nil, msg, code.  A store that reads
+    -- the values while it scans (Redis) hands them over; else a get_many of the page.
+    local function fetch(cursor)
         if store.scan_blobs then
-            ids, blobs, nxt = store:scan_blobs(cursor, page)
-            if not ids then return nil, "rewrap.run: scan: " .. tostring(blobs), nxt, r end
-        else
-            ids, nxt, code = store:scan(cursor, page)
-            if not ids then
-                return nil, "rewrap.run: scan: " .. tostring(nxt), code, r
-            end
-            local errs
-            blobs, errs = store:get_many(ids)
-            if not blobs then
-                return nil, "rewrap.run: get_many: " .. tostring(errs), "EIO", r
-            end
+            local ids, blobs, nxt = store:scan_blobs(cursor, page)
+            if not ids then return nil, "rewrap.run: scan: " .. tostring(blobs), nxt end
+            return ids, blobs, nxt
         end
-        local items = {}
-        for _, id in ipairs(ids) do
+        local ids, nxt, code = store:scan(cursor, page)
+        if not ids then return nil, "rewrap.run: scan: " .. tostring(nxt), code end
+        local blobs, errs = store:get_many(ids)
+        if not blobs then return nil, "rewrap.run: get_many: " .. tostring(errs), "EIO" end
+        return ids, blobs, nxt
+    end
+
+    -- A page re-sealed: its write { items, n, seen, current, skipped [, send, finish] }
+    -- (commands built, not sent, where the store has put_many_later) | nil, msg, code, w
+    -- (the device failed: w counts the blobs before the one that failed).
+    local function reseal(ids, blobs)
+        local items, n = {}, 0
+        local w = { items = items, n = 0, seen = 0, current = 0, skipped = 0 }
+        for i = 1, #ids do
+            local id = ids[i]
             local old = blobs[id]
-            r.seen = r.seen + 1
             if old == nil then
-                r.skipped = r.skipped + 1 -- deleted meanwhile, or not a blob
+                w.skipped = w.skipped + 1 -- deleted meanwhile, or not a blob
             else
-                local new, changed, c = hsm:key_rewrap(old)
+                local new, changed, c = key_rewrap(hsm, old)
                 if not new then
                     -- a blob of a retired or foreign MBK stays as it is
                     if c == "EMBK" or c == "EACCESS" or c == "ETAMPER" or c == "EFORMAT" then
-                        r.skipped = r.skipped + 1
+                        w.skipped = w.skipped + 1
                     else
-                        return nil, "rewrap.run: '" .. id .. "': " .. tostring(changed), c, r
+                        w.seen = i - 1
+                        return nil, "rewrap.run: '" .. id .. "': " .. tostring(changed), c, w
                     end
                 elseif not changed then
-                    r.current = r.current + 1
+                    w.current = w.current + 1
                 else
-                    items[#items + 1] = { id = id, blob = new, if_match = old }
+                    n = n + 1
+                    items[n] = { id = id, blob = new, if_match = old }
                 end
             end
         end
-        if #items > 0 then
-            -- one pipelined batch per page; a refused compare-and-set fails alone
-            local stored, err, pc, confirmed = store:put_many(items)
-            if stored then
-                r.rewrapped = r.rewrapped + stored
-            elseif pc == "ECONFLICT" or pc == "ENOTFOUND" then
-                r.rewrapped = r.rewrapped + (confirmed or 0)
-                r.conflicts = r.conflicts + #items - (confirmed or 0)
-            else
-                r.rewrapped = r.rewrapped + (confirmed or 0)
-                return nil, "rewrap.run: writing: " .. tostring(err), pc, r
-            end
+        w.n, w.seen = n, #ids
+        if n > 0 and store.put_many_later then
+            w.send, w.finish = store:put_many_later(items)
+        end
+        return w
+    end
+
+    -- Settle a page's write w: its counts into r, then on_progress.  true | nil, msg, code
+    -- when the write failed other than by refused compare-and-sets.
+    local function settle(w)
+        local stored, err, pc, confirmed
+        if w.finish then
+            stored, err, pc, confirmed = w.finish()
+        elseif w.n > 0 then
+            stored, err, pc, confirmed = store:put_many(w.items)
+        else
+            stored = 0
+        end
+        r.seen, r.current, r.skipped = r.seen + w.seen, r.current + w.current, r.skipped + w.skipped
+        if stored then
+            r.rewrapped = r.rewrapped + stored
+        elseif pc == "ECONFLICT" or pc == "ENOTFOUND" then
+            -- a refused compare-and-set fails alone
+            r.rewrapped = r.rewrapped + (confirmed or 0)
+            r.conflicts = r.conflicts + w.n - (confirmed or 0)
+        else
+            r.rewrapped = r.rewrapped + (confirmed or 0)
+            return nil, "rewrap.run: writing: " .. tostring(err), pc
         end
         if on_progress then on_progress(r.seen, r) end
-        cursor = nxt
-    until not cursor
+        return true
+    end
+
+    -- A failure, after settling the write in flight w (the report counts it).
+    local function fail(w, msg, code)
+        if w then
+            local ok, m2, c2 = settle(w)
+            if not ok then msg, code = msg .. "; and " .. m2, code or c2 end
+        end
+        return nil, msg, code, r
+    end
+
+    -- Page k's write goes out once page k+1 is read (so that the read does not wait behind
+    -- it in Redis), and page k+1 is re-sealed while Redis runs it.
+    local ids, blobs, nxt = fetch(nil)
+    if not ids then return fail(nil, blobs, nxt) end
+    local w, msg, code, part = reseal(ids, blobs)
+    if not w then
+        r.seen, r.current, r.skipped = part.seen, part.current, part.skipped
+        return nil, msg, code, r
+    end
+    while true do
+        local nids, nblobs, nnxt
+        if nxt then
+            nids, nblobs, nnxt = fetch(nxt)
+            if not nids then return fail(w, nblobs, nnxt) end
+        end
+        if w.send then w.send() end
+        local nw
+        if nids then
+            nw, msg, code, part = reseal(nids, nblobs)
+            if not nw then
+                local _, m, c = fail(w, msg, code)
+                r.seen, r.current, r.skipped = r.seen + part.seen, r.current + part.current,
+                    r.skipped + part.skipped
+                return nil, m, c, r
+            end
+        end
+        local ok, m, c = settle(w)
+        if not ok then
+            -- the next page's write is built: it goes too, and counts (or fails as well)
+            if nw then
+                local ok2, m2 = settle(nw)
+                if not ok2 then m = m .. "; and " .. m2 end
+            end
+            return nil, m, c, r
+        end
+        if not nids then break end
+        w, nxt = nw, nnxt
+    end
     return r
 end
 

@@ -37,12 +37,19 @@ local softcxi = require "softcxi"
 local store = require "softcxi.store"
 local transport = require "softcxi.store.redis_transport"
 
+local unpack, select, pcall = table.unpack or unpack, select, pcall -- luacheck: ignore 143
 local type, tostring, tonumber, pairs, ipairs, setmetatable, error =
     type, tostring, tonumber, pairs, ipairs, setmetatable, error
 local string_format, string_char = string.format, string.char
 local table_remove = table.remove
+local coroutine_create, coroutine_resume, coroutine_status, coroutine_yield =
+    coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
 local math_floor, math_min, math_max = math.floor, math.min, math.max
 local key_info, check = softcxi.key_info, store.check
+-- the four attributes the store indexes, parsed and checked as key_info does, in a table
+-- of four fields rather than key_info's sixteen: the store checks every blob it scans and
+-- every blob put_many writes (a rewrap: two per blob)
+local key_attrs = require("softcxi.core").key_attrs or key_info
 
 local _M = { _VERSION = softcxi._VERSION }
 local mt = { __index = _M }
@@ -667,7 +674,7 @@ local function write_cmds(self, entries, eval)
                 add_write(self, open, calls, b, e, ei, nil)
             end
         else
-            local oi = memo and memo[old] or key_info(old)
+            local oi = memo and memo[old] or key_attrs(old)
             if oi and oi.name == info.name and oi.specifier == info.specifier
                and oi.group == info.group and oi.algo == info.algo then
                 add_swap(self, swaps, calls, b, e, ei)
@@ -813,6 +820,20 @@ function _M:delete(id)
         "ECONFLICT"
 end
 
+-- store.check for put_many: id, the blob's indexed attributes (key_attrs) | nil, msg, code.
+-- Raises at the level of put_many's caller, as store.check.  A blob without an id takes
+-- store.check's path (it derives the id).
+local function check_item(id, blob, fn)
+    if type(blob) ~= "string" then error(fn .. ": blob must be a string", 3) end
+    if id == nil then return check(id, blob, fn) end
+    local info, err, code = key_attrs(blob)
+    if not info then return nil, fn .. ": '" .. tostring(id) .. "': " .. err, code end
+    if type(id) ~= "string" or id == "" then
+        error(fn .. ": id must be a non-empty string", 3)
+    end
+    return id, info
+end
+
 local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on_chunk = true }
 
 --- Store many { id =, blob = [, if_match = old] } in pipelined chunks (opts.chunk, default
@@ -855,7 +876,7 @@ function _M:put_many(items, opts)
         if it.if_match ~= nil and type(it.if_match) ~= "string" then
             error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
         end
-        local id, msg, code = check(it.id, it.blob, fn)
+        local id, msg, code = check_item(it.id, it.blob, fn)
         if not id then return nil, string_format("%s (item %d)", msg, i), code, 0 end
     end
 
@@ -939,7 +960,7 @@ function _M:put_many(items, opts)
                 if it.if_match ~= nil and type(it.if_match) ~= "string" then
                     error(string_format("%s: item %d: if_match must be a blob string", fn, i), 2)
                 end
-                local id, info, code = check(it.id, it.blob, fn)
+                local id, info, code = check_item(it.id, it.blob, fn)
                 if not id then
                     local r = land(0)
                     if r then return r[1], r[2], r[3], r[4] end
@@ -1000,6 +1021,76 @@ function _M:put_many(items, opts)
     return stored, skipped
 end
 
+local function pack(...) return { n = select("#", ...), ... } end
+
+--- put_many(items) in steps, for a caller that works on while Redis runs the writes
+-- (rewrap re-seals its next page): returns send, finish; nil when this store cannot (a
+-- cluster, the resty transport, wait_replicas): then call put_many.  The items are checked
+-- and their commands built now; send() puts them on the wire (a second connection, the
+-- store's own, so that its other calls are answered meanwhile); finish() sends what is not
+-- sent yet, reads the replies and returns what put_many would have.  Calls are sent and
+-- finished in the order they were made: send or finish of a later one sends or finishes
+-- the earlier ones first (so one left unfinished is finished by the next finish).
+function _M:put_many_later(items)
+    local fn = self.name .. ".put_many_later"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    local t = self.transport
+    if self.cluster or not t.twin or not t.send_ahead or (self.wait_replicas or 0) > 0 then
+        return nil
+    end
+    local w = self.writer
+    if not w then
+        w = t:twin()
+        -- put_many yields just before it sends and before it reads replies
+        w.before_send, w.before_receive = coroutine_yield, coroutine_yield
+        self.writer, self.later = w, {}
+    end
+    local open = self.later
+    local h = { sent = false }
+    open[#open + 1] = h
+    local function forget()
+        for i = #open, 1, -1 do if open[i] == h then table_remove(open, i) end end
+    end
+    local co = coroutine_create(function() return self:put_many(items) end)
+    local function step()
+        local r = pack(coroutine_resume(co))
+        if not r[1] then
+            h.res = { n = 1 }
+            forget()
+            error(r[2], 0)
+        end
+        if coroutine_status(co) == "dead" then
+            h.res = r
+            forget()
+        end
+    end
+    -- put_many takes its transport once, at its start: the writer, for this call only
+    self.transport = w
+    local ok, err = pcall(step)
+    self.transport = t
+    if not ok then error(err, 0) end
+    function h.send()
+        if h.sent or h.res then return end
+        local older = {}
+        for i = 1, #open do
+            if open[i] == h then break end
+            older[i] = open[i]
+        end
+        for i = 1, #older do older[i].send() end
+        h.sent = true
+        step()
+    end
+    function h.finish()
+        while not h.res do
+            while open[1] ~= h and open[1] do open[1].finish() end
+            h.sent = true
+            step()
+        end
+        return unpack(h.res, 2, h.res.n)
+    end
+    return h.send, h.finish
+end
+
 -- Read the keys of ids: one MGET per bucket (at most GET_CHUNK keys each, all in one
 -- pipeline); a key MGET answers nil for (deleted meanwhile, or holding another type) is
 -- asked again with GET, which tells the two apart.  Returns { [id] = blob } for the
@@ -1028,7 +1119,7 @@ local function fetch_blobs(self, fn, ids, memo)
         if is_err(v) then
             why = v.err
         else
-            local info, e = key_info(v)
+            local info, e = key_attrs(v)
             if info then
                 out[id] = v
                 if memo then memo[v] = info end
@@ -1388,8 +1479,11 @@ end
 --- Close the connections (hiredis; the resty transport holds none between calls).
 -- Closing twice is fine; any other call then raises.
 function _M:close()
-    if not self.closed then self.transport:close() end
-    self.closed, self.info_memo = true, nil
+    if not self.closed then
+        self.transport:close()
+        if self.writer then self.writer:close() end
+    end
+    self.closed, self.info_memo, self.writer = true, nil, nil
     return true
 end
 

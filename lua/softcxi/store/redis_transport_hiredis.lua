@@ -103,7 +103,9 @@ end
 --- Send cmds without reading their replies: true | nil, msg, code.  put_many overlaps
 -- its work on the next slice with the server's on this one; receive(n) reads the replies
 -- later, in order.  Never reconnects while replies are outstanding: they would be lost.
+-- A node with a before_send function calls it first (put_many_later's coroutine.yield).
 function Node:send_ahead(cmds)
+    if self.before_send then self.before_send() end
     local c = self.c
     if self.inflight and self.inflight > 0 then
         if not (c and c:alive()) then
@@ -126,8 +128,11 @@ function Node:send_ahead(cmds)
     return true
 end
 
---- The replies of n commands sent ahead: res [, msg, code] as pipeline's.
+--- The replies of n commands sent ahead: res [, msg, code] as pipeline's.  A node with a
+-- before_receive function calls it first (the store's put_many_later: a coroutine.yield,
+-- so that its caller works on while Redis runs the commands).
 function Node:receive(n)
+    if self.before_receive then self.before_receive() end
     self.inflight = (self.inflight or 0) - n
     local c = self.c
     local res = {}
@@ -148,6 +153,11 @@ function Node:receive(n)
         res[i] = v
     end
     return res
+end
+
+--- A second, unconnected node of the same address and settings (its own connection).
+function Node:twin()
+    return Node.new(self.host, self.port, self.cfg)
 end
 
 function Node:nodes()
