@@ -415,6 +415,44 @@ describe("file store", function()
         assert.has_error(function() store.open("file:" .. dir .. "/ks", { bogus = 1 }) end)
     end)
 
+    it("processes opening one new directory at once all open it as a store", function()
+        -- what one process's set-up has made (blobs/, index/, the marker's temp
+        -- file) must not look like foreign content to another
+        local d = dir .. "/fresh"
+        local go = dir .. "/go"
+        local env = "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
+            .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
+        -- each child spins until the go file appears (bounded), then opens
+        local child = dir .. "/open.lua"
+        H.writefile(child, "for _ = 1, 1e6 do local f = io.open(arg[1]); if f then f:close(); break end end\n"
+            .. "local s, err = require('softcxi.store').open('file:' .. arg[2])\n"
+            .. "if not s then io.stderr:write(err, '\\n'); os.exit(1) end\n"
+            .. "s:close()\n")
+        local n = 8
+        for i = 1, n do
+            local rc, out = H.run("( " .. env .. H.q(H.interpreter()) .. " " .. H.q(child) .. " "
+                .. H.q(go) .. " " .. H.q(d) .. " >" .. H.q(dir .. "/open-" .. i .. ".out")
+                .. " 2>&1; echo $? >" .. H.q(dir .. "/open-" .. i .. ".tmp") .. "; mv "
+                .. H.q(dir .. "/open-" .. i .. ".tmp") .. " " .. H.q(dir .. "/open-" .. i .. ".rc")
+                .. " ) >/dev/null 2>&1 &")
+            assert(rc == 0, out)
+        end
+        H.writefile(go, "")
+        for i = 1, n do
+            local rcfile = dir .. "/open-" .. i .. ".rc"
+            for _ = 1, 3000 do
+                if H.readfile(rcfile) then break end
+                os.execute("sleep 0.02")
+            end
+            assert.are.equal("0", (H.readfile(rcfile) or "no exit status"):match("%S+"),
+                H.readfile(dir .. "/open-" .. i .. ".out"))
+        end
+        local s2 = assert(store.open("file:" .. d))
+        assert.is_true(s2:put("after", blobs[1]))
+        assert.are.equal(blobs[1], (s2:get("after")))
+        s2:close()
+    end)
+
     it("a torn blob file: get names the id and the path (EFORMAT), other ids unaffected", function()
         assert.is_true(s:put("one", blobs[1]))
         assert.is_true(s:put("two", blobs[2]))

@@ -37,6 +37,12 @@ static int keydb(softcxi_session *s, scx_keydb **out)
                             &s->err);
     else /* another process may have changed it */
         rc = scx_keydb_reload(dev->keydb, &s->err);
+    /* What was just read may hold keys sealed under an MBK that another
+     * process imported after this call's first sync: the writer saved that
+     * MBK and bumped the generation before it sealed, so a second sync, after
+     * the read, always knows it. */
+    if (rc == 0)
+        rc = scx_device_sync(s);
     *out = dev->keydb;
     return rc;
 }

@@ -214,8 +214,16 @@ function _M.open(rest, opts, url)
     local marker = read(dir .. "/softcxi-store")
     local fresh = not marker
     if fresh then
-        local names = st and listdir(dir) or {}
-        if #names > 0 then
+        -- Processes opening one new directory at once: what another one's
+        -- set-up (below) has made so far does not count as foreign content.
+        local foreign = 0
+        for _, name in ipairs(st and listdir(dir) or {}) do
+            if name ~= "blobs" and name ~= "index"
+                and not find(name, "^%.softcxi%-store%..*%.tmp$") then
+                foreign = foreign + 1
+            end
+        end
+        if foreign > 0 then
             return nil, "store.file.open: " .. dir
                 .. " is not empty and not a softcxi store (no softcxi-store marker)", "EINVAL"
         end
