@@ -246,7 +246,13 @@ local function schema_version(self, retry)
     local rows, err, code = q(self, "SELECT version FROM softcxi_schema WHERE tbl = "
                               .. self.d.ph(1) .. " AND " .. self.d.table_exists, { self.table }, "t", retry)
     if not rows then return nil, err, code end
-    return rows[1] and rows[1][1] or 0
+    local v = rows[1] and rows[1][1] or 0
+    -- a row edited by hand (a negative, fractional or text version) is refused, not migrated
+    if type(v) ~= "number" or v < 0 or v ~= math.floor(v) then
+        return nil, fmt("table %s: softcxi_schema records version '%s', which is not a schema "
+                        .. "version", self.table, tostring(v):sub(1, 40)), "EINVAL"
+    end
+    return v
 end
 
 --- Bring the table to SCHEMA_VERSION (a no-op when it is there).  Returns the version
