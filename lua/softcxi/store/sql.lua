@@ -721,6 +721,9 @@ local function page(self, fn, where, params, cursor, limit, lead)
     local conds = {}
     for _, w in ipairs(where) do conds[#conds + 1] = w end
     local np = #params
+    -- from "" on, not including it: no call can name an empty id, so a row edited to one
+    -- is left out rather than handed to a caller whose get() would raise
+    after = after or ""
     if after then
         np = np + 1
         params[np] = after
