@@ -17,14 +17,14 @@
 -- blob byte for byte; `get_many`, `find`, `scan`, `count` answer; the file store's
 -- `reindex` then rebuilds an index that finds every intact blob.
 --
--- SOFTCXI_STORE_FUZZ_CASES (default 150) cases per store, SOFTCXI_STORE_FUZZ_SEED (default
+-- SOFTCXI_STORE_FUZZ_CASES (default 100) cases per store, SOFTCXI_STORE_FUZZ_SEED (default
 -- 20261127) the seed; the spec prints how many cases it tried and what the store said.
 
 local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
 local softcxi = H.softcxi
 local store_mod = require "softcxi.store"
 
-local CASES = tonumber(os.getenv("SOFTCXI_STORE_FUZZ_CASES") or "") or 150
+local CASES = tonumber(os.getenv("SOFTCXI_STORE_FUZZ_CASES") or "") or 100
 local SEED = tonumber(os.getenv("SOFTCXI_STORE_FUZZ_SEED") or "") or 20261127
 local GROUP = "fz"
 
