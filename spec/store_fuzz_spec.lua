@@ -244,12 +244,12 @@ describe("store record fuzzing", function()
         for _, id in ipairs(ctx.ids) do assert(s:put(id, ctx.blobs[id])) end
         s:close()
         -- every file the store wrote, and the blob file of each id (found by content)
-        local rc, out = H.run("cd " .. H.q(pristine) .. " && find . -type f | sort")
+        local rc, out = H.run("cd " .. H.q(pristine) .. " && find . -type f")
         assert(rc == 0, out)
         local files, owner = {}, {}
-        for f in out:gmatch("[^\n]+") do
-            f = f:sub(3)
-            files[#files + 1] = f
+        for f in out:gmatch("[^\n]+") do files[#files + 1] = f:sub(3) end
+        table.sort(files) -- here, not by sort(1): one process less under ASan
+        for _, f in ipairs(files) do
             local data = H.readfile(pristine .. "/" .. f)
             for _, id in ipairs(ctx.ids) do
                 local b = ctx.blobs[id]
@@ -388,12 +388,24 @@ describe("store record fuzzing", function()
     -- Found by the fuzzing above (seed 777, 1,500 cases): a damaged record holding an empty
     -- id was returned by find and scan, and the caller's get("") raised.
     local function no_empty_id(s)
+        -- every page: a Redis page may be empty before the end (other keys in the database)
+        local function all(call)
+            local out, cursor = {}, nil
+            for _ = 1, 10000 do
+                local ids, nxt = call(cursor)
+                assert(ids, nxt)
+                for _, id in ipairs(ids) do out[#out + 1] = id end
+                cursor = nxt
+                if not cursor then return out end
+            end
+            error("paging does not end")
+        end
         for _, filter in ipairs { { group = GROUP }, {} } do
-            local ids = assert(s:find(filter))
+            local ids = all(function(c) return s:find(filter, c) end)
             for _, id in ipairs(ids) do assert.are_not.equal("", id) end
             assert.are.equal(1, #ids)
         end
-        local ids = assert(s:scan())
+        local ids = all(function(c) return s:scan(c) end)
         for _, id in ipairs(ids) do assert.are_not.equal("", id) end
         assert.are.equal(1, #ids)
     end
