@@ -19,6 +19,9 @@ if CURL == "" then CURL = nil end
 local MODULES = "/usr/lib/nginx/modules/"
 
 local function nginx_binary()
+    -- ./run's ASan stage gives a wrapper that preloads the ASan runtime into nginx alone
+    local given = os.getenv("SOFTCXI_TEST_NGINX")
+    if given and given ~= "" then return given end
     for _, p in ipairs { "/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx" } do
         if H.exists(p) then return p end
     end

@@ -28,7 +28,8 @@
  *   3       1     flags      0x00
  *   4       8     KCV        key check value of the storage key (scx_kcv)
  *   12      24    salt       random per write; the XAES-256-GCM nonce
- *   36      8     generation bumped by one on every write
+ *   36      8     generation bumped by one on every write; at 2^64-1 every
+ *                   write is refused (EFULL) rather than wrap to 0
  *   44      4     P          length of the sealed payload
  *   48      P     ciphertext XAES-256-GCM(storage key, salt, aad = [0, 48))
  *   48+P    16    tag
@@ -596,14 +597,22 @@ static int write_atomic(const scx_keydb *db, const uint8_t *img, size_t len, sof
     return 0;
 }
 
-/* Write s with ed applied as generation s->generation + 1 (or gen when not
- * 0); on success s->generation and s->salt describe the new file. */
-static int write_db(scx_keydb *db, state *s, const edit *ed, uint64_t gen, softcxi_error *err)
+/* Write s with ed applied as generation after + 1: the caller's `after` is
+ * the highest generation any process may have seen.  At 2^64-1 the counter
+ * cannot move forward, and a wrap to 0 would make every older copy look newer
+ * (the rollback check in adopt() compares generations): EFULL, nothing
+ * written.  On success s->generation and s->salt describe the new file. */
+static int write_db(scx_keydb *db, state *s, const edit *ed, uint64_t after,
+                    softcxi_error *err)
 {
     uint8_t *img = NULL, salt[SCX_SALT_LEN];
     size_t len = 0;
-    if (!gen)
-        gen = s->generation + 1;
+    if (after == UINT64_MAX)
+        return scx_fail(err, SOFTCXI_EFULL,
+                        "%s is at generation 2^64-1, the last one: nothing was written (the "
+                        "counter must not wrap to 0, where an older copy would look newer)",
+                        db->file);
+    uint64_t gen = after + 1;
     int rc = build_image(db, s, ed, gen, &img, &len, salt, err);
     if (rc)
         return rc;
@@ -845,7 +854,7 @@ int scx_keydb_put(scx_keydb *db, const char *group, const char *name, uint32_t s
         goto done;
     }
     edit ed = {found ? ED_REPLACE : ED_INSERT, pos, e};
-    if ((rc = write_db(db, &db->st, &ed, 0, err)) != 0)
+    if ((rc = write_db(db, &db->st, &ed, db->st.generation, err)) != 0)
         goto done;
     if (found) {
         db->st.used -= old;
@@ -902,7 +911,7 @@ int scx_keydb_delete(scx_keydb *db, const char *group, const char *name, uint32_
         goto done;
     }
     edit ed = {ED_DELETE, pos, NULL};
-    if ((rc = write_db(db, &db->st, &ed, 0, err)) != 0)
+    if ((rc = write_db(db, &db->st, &ed, db->st.generation, err)) != 0)
         goto done;
     db->st.used -= e_cost(db->st.v[pos]);
     free(db->st.v[pos]);
@@ -1003,7 +1012,7 @@ int scx_keydb_import(scx_keydb *db, const uint8_t *image, size_t len, softcxi_er
             gen = db->st.generation;
     }
     edit none = {ED_NONE, 0, NULL};
-    rc = write_db(db, &ns, &none, gen + 1, err);
+    rc = write_db(db, &ns, &none, gen, err);
     unlock_db(lk);
     if (rc) {
         state_free(&ns);
@@ -1171,7 +1180,7 @@ int scx_keydb_restore(scx_keydb *db, const uint8_t *payload, size_t len, const c
         goto done;
     }
     edit none = {ED_NONE, 0, NULL};
-    if ((rc = write_db(db, result, &none, gen + 1, err)) != 0)
+    if ((rc = write_db(db, result, &none, gen, err)) != 0)
         goto done;
     state_free(&db->st);
     db->st = *result;

@@ -1358,7 +1358,7 @@ local function scan_ids(self, cursor, count)
         local ids, seen = {}, {}
         for _, key in ipairs(r[2]) do
             local id = self.key_id and self.key_id(key) or key:sub(#self.P + 3)
-            if id and not seen[id] then
+            if id and id ~= "" and not seen[id] then -- "P k:" is no key's: no id is empty
                 seen[id] = true
                 ids[#ids + 1] = id
             end
@@ -1466,7 +1466,13 @@ function _M:find(filter, cursor, limit)
             for j = 1, #cmds do
                 local r = res[j]
                 if is_err(r) then return nil, r.err, rcode(r.err) end
-                got[j] = { r[2], r[1] }
+                -- an empty member (a damaged set: no id is empty) is left out, never
+                -- handed to a caller whose get() would raise
+                local members = r[2]
+                for k = #members, 1, -1 do
+                    if members[k] == "" then table.remove(members, k) end
+                end
+                got[j] = { members, r[1] }
             end
             return got
         end

@@ -119,6 +119,9 @@ local sq = {
     id_type = "TEXT", blob_type = "BLOB",
     begin = "BEGIN IMMEDIATE",   -- take the write lock up front: no upgrade deadlock
     table_exists = "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+    -- the store writes every id as TEXT; a row edited to a BLOB id sorts after every text
+    -- cursor (SQLite orders by type first), so paging over it would never end: left out
+    id_ok = "typeof(id) = 'text'",
     -- SQLite has no arrays; its VALUES lists are cheap (at most 32766 parameters)
     arrays = false, rows_per_stmt = ROWS_PER_STMT, in_chunk = IN_CHUNK,
 }
@@ -246,7 +249,13 @@ local function schema_version(self, retry)
     local rows, err, code = q(self, "SELECT version FROM softcxi_schema WHERE tbl = "
                               .. self.d.ph(1) .. " AND " .. self.d.table_exists, { self.table }, "t", retry)
     if not rows then return nil, err, code end
-    return rows[1] and rows[1][1] or 0
+    local v = rows[1] and rows[1][1] or 0
+    -- a row edited by hand (a negative, fractional or text version) is refused, not migrated
+    if type(v) ~= "number" or v < 0 or v ~= math.floor(v) then
+        return nil, fmt("table %s: softcxi_schema records version '%s', which is not a schema "
+                        .. "version", self.table, tostring(v):sub(1, 40)), "EINVAL"
+    end
+    return v
 end
 
 --- Bring the table to SCHEMA_VERSION (a no-op when it is there).  Returns the version
@@ -715,6 +724,10 @@ local function page(self, fn, where, params, cursor, limit, lead)
     local conds = {}
     for _, w in ipairs(where) do conds[#conds + 1] = w end
     local np = #params
+    -- from "" on, not including it: no call can name an empty id, so a row edited to one
+    -- is left out rather than handed to a caller whose get() would raise
+    after = after or ""
+    if self.d.id_ok then conds[#conds + 1] = self.d.id_ok end
     if after then
         np = np + 1
         params[np] = after
