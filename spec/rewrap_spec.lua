@@ -205,7 +205,9 @@ describe("rewrap", function()
             assert.are.equal(0, again.conflicts)
             for i, p in ipairs(progress) do
                 assert.are.equal(p[1], p[2])
-                if i > 1 then assert.is_true(p[1] > progress[i - 1][1]) end
+                -- never backwards; SCAN may answer a page with no keys, and then the
+                -- count stays where it was
+                if i > 1 then assert.is_true(p[1] >= progress[i - 1][1]) end
             end
             assert.are.equal(50, progress[#progress][1])
             for i = 1, 50 do

@@ -256,8 +256,12 @@ describe("store record fuzzing", function()
                 if #data >= #b and data:sub(-#b) == b then owner[f] = id end
             end
         end
-        local nowned = 0
-        for _ in pairs(owner) do nowned = nowned + 1 end
+        -- an index marker is a hard link to its blob's file (cp -a keeps the links):
+        -- it holds the blob's bytes too, and a change through it is a change of the blob
+        local owned, nowned = {}, 0
+        for _, id in pairs(owner) do
+            if not owned[id] then owned[id], nowned = true, nowned + 1 end
+        end
         assert.are.equal(#ctx.ids, nowned)
         local markers = {}
         for _, f in ipairs(files) do
@@ -300,7 +304,9 @@ describe("store record fuzzing", function()
             local target = op:match("(%S+)$")
             stats.targets[target] = (stats.targets[target] or 0) + 1
             local path_of = {}
-            for f, id in pairs(owner) do path_of[id] = case .. "/" .. f end
+            for f, id in pairs(owner) do
+                if not f:match("^index/") then path_of[id] = case .. "/" .. f end
+            end
             ctx.path_of = path_of
             local ok, err = pcall(check_store, ctx, function() return store_mod.open("file:" .. case) end,
                 affected, stats, function(st) return st:reindex() end)
