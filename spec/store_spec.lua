@@ -417,9 +417,8 @@ describe("file store", function()
 
     it("processes opening one new directory at once all open it as a store", function()
         -- what one process's set-up has made (blobs/, index/, the marker's temp
-        -- file) must not look like foreign content to another
-        local d = dir .. "/fresh"
-        local go = dir .. "/go"
+        -- file, the marker placed after this one read it) must not look like
+        -- foreign content to another; 5 rounds of 8 processes
         local env = "LUA_PATH=" .. H.q(os.getenv("LUA_PATH") or package.path) .. " LUA_CPATH="
             .. H.q(os.getenv("LUA_CPATH") or package.cpath) .. " "
         -- each child spins until the go file appears (bounded), then opens
@@ -429,28 +428,31 @@ describe("file store", function()
             .. "if not s then io.stderr:write(err, '\\n'); os.exit(1) end\n"
             .. "s:close()\n")
         local n = 8
-        for i = 1, n do
-            local rc, out = H.run("( " .. env .. H.q(H.interpreter()) .. " " .. H.q(child) .. " "
-                .. H.q(go) .. " " .. H.q(d) .. " >" .. H.q(dir .. "/open-" .. i .. ".out")
-                .. " 2>&1; echo $? >" .. H.q(dir .. "/open-" .. i .. ".tmp") .. "; mv "
-                .. H.q(dir .. "/open-" .. i .. ".tmp") .. " " .. H.q(dir .. "/open-" .. i .. ".rc")
-                .. " ) >/dev/null 2>&1 &")
-            assert(rc == 0, out)
-        end
-        H.writefile(go, "")
-        for i = 1, n do
-            local rcfile = dir .. "/open-" .. i .. ".rc"
-            for _ = 1, 3000 do
-                if H.readfile(rcfile) then break end
-                os.execute("sleep 0.02")
+        for round = 1, 5 do
+            local d, go, out = dir .. "/fresh-" .. round, dir .. "/go-" .. round, dir .. "/r" .. round
+            for i = 1, n do
+                local rc, msg = H.run("( " .. env .. H.q(H.interpreter()) .. " " .. H.q(child) .. " "
+                    .. H.q(go) .. " " .. H.q(d) .. " >" .. H.q(out .. "-" .. i .. ".out")
+                    .. " 2>&1; echo $? >" .. H.q(out .. "-" .. i .. ".tmp") .. "; mv "
+                    .. H.q(out .. "-" .. i .. ".tmp") .. " " .. H.q(out .. "-" .. i .. ".rc")
+                    .. " ) >/dev/null 2>&1 &")
+                assert(rc == 0, msg)
             end
-            assert.are.equal("0", (H.readfile(rcfile) or "no exit status"):match("%S+"),
-                H.readfile(dir .. "/open-" .. i .. ".out"))
+            H.writefile(go, "")
+            for i = 1, n do
+                local rcfile = out .. "-" .. i .. ".rc"
+                for _ = 1, 3000 do
+                    if H.readfile(rcfile) then break end
+                    os.execute("sleep 0.02")
+                end
+                assert.are.equal("0", (H.readfile(rcfile) or "no exit status"):match("%S+"),
+                    H.readfile(out .. "-" .. i .. ".out"))
+            end
+            local s2 = assert(store.open("file:" .. d))
+            assert.is_true(s2:put("after", blobs[1]))
+            assert.are.equal(blobs[1], (s2:get("after")))
+            s2:close()
         end
-        local s2 = assert(store.open("file:" .. d))
-        assert.is_true(s2:put("after", blobs[1]))
-        assert.are.equal(blobs[1], (s2:get("after")))
-        s2:close()
     end)
 
     it("a torn blob file: get names the id and the path (EFORMAT), other ids unaffected", function()

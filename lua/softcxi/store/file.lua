@@ -215,23 +215,30 @@ function _M.open(rest, opts, url)
     local fresh = not marker
     if fresh then
         -- Processes opening one new directory at once: what another one's
-        -- set-up (below) has made so far does not count as foreign content.
-        local foreign = 0
+        -- set-up (below) has made so far does not count as foreign content,
+        -- and a marker it placed since the read above is read again.
+        local foreign
         for _, name in ipairs(st and listdir(dir) or {}) do
-            if name ~= "blobs" and name ~= "index"
+            if name == "softcxi-store" then
+                marker = read(dir .. "/softcxi-store")
+                fresh = not marker
+            elseif not foreign and name ~= "blobs" and name ~= "index"
                 and not find(name, "^%.softcxi%-store%..*%.tmp$") then
-                foreign = foreign + 1
+                foreign = name
             end
         end
-        if foreign > 0 then
-            return nil, "store.file.open: " .. dir
-                .. " is not empty and not a softcxi store (no softcxi-store marker)", "EINVAL"
+        if foreign and fresh then
+            return nil, "store.file.open: " .. dir .. " is not empty (it holds '" .. foreign
+                .. "') and not a softcxi store (no softcxi-store marker)", "EINVAL"
         end
-        local ok, err, code = sys.mkdir_p(dir .. "/blobs")
-        if ok then ok, err, code = sys.mkdir_p(dir .. "/index") end
-        if ok then ok, err, code = sys.write_durable(dir .. "/softcxi-store", MARKER) end
-        if not ok then return nil, "store.file.open: " .. err, code end
-    elseif marker ~= MARKER then
+        if fresh then
+            local ok, err, code = sys.mkdir_p(dir .. "/blobs")
+            if ok then ok, err, code = sys.mkdir_p(dir .. "/index") end
+            if ok then ok, err, code = sys.write_durable(dir .. "/softcxi-store", MARKER) end
+            if not ok then return nil, "store.file.open: " .. err, code end
+        end
+    end
+    if not fresh and marker ~= MARKER then
         return nil, "store.file.open: " .. dir .. "/softcxi-store: unknown format", "EFORMAT"
     end
 
