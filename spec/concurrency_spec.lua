@@ -29,7 +29,7 @@
 -- internal key is listed and signs; every key backup restores on a second device that
 -- holds the same MBKs (imported from the same shares); every database image restores
 -- there, holding every internal key confirmed before it was made; the audit log verifies.
--- Under Lua 5.4 only (LuaJIT reports one placeholder success): the C core, the file
+-- Under Lua 5.4 only (LuaJIT reports it pending): the C core, the file
 -- system, the servers and the stores' locking are what is tested.
 
 local H = dofile((debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./") .. "helpers.lua")
@@ -266,8 +266,7 @@ end
 
 describe("concurrency: processes sharing one device and one store", function()
     if type(jit) == "table" then
-        it("runs under Lua 5.4 only (the C core, the file system and the locks are tested)",
-            function() end)
+        pending("runs under Lua 5.4 only (the C core, the file system and the locks are tested)")
         return
     end
     local function shm()
