@@ -5,7 +5,7 @@
 -- raw OpenSSL, minus softcxi) and bench/softhsm2.c (SoftHSMv2 through
 -- PKCS#11), measured in the same run.
 --
---   lua5.4 bench/core.lua [--seconds S] [--case NAME]...
+--   lua5.4 bench/core.lua [--seconds S | --ops N] [--case NAME]...
 --
 -- Output, one line per case (the shape of bench_raw_openssl's):
 --   softcxi <case> <ops_per_s_wall> <ops_per_s_cpu> <peak_rss_kib>
@@ -59,12 +59,12 @@ local WEIGHT = { keygen_seal_rsa2048 = 4 } -- times --seconds: one RSA keygen is
 
 local function usage(msg)
     io.stderr:write("core.lua: ", msg, "\n",
-        "usage: core.lua [--seconds S] [--case NAME]...   (cases: ",
+        "usage: core.lua [--seconds S | --ops N] [--case NAME]...   (cases: ",
         table.concat(CASES, ", "), ")\n")
     os.exit(2)
 end
 
-local seconds, only = 1.0, nil
+local seconds, ops, only = 1.0, nil, nil
 do
     local i = 1
     while i <= #arg do
@@ -80,6 +80,9 @@ do
         if opt == "--seconds" then
             seconds = tonumber(value())
             if not seconds or seconds <= 0 then usage("--seconds must be a positive number") end
+        elseif opt == "--ops" then
+            ops = tonumber(value())
+            if not ops or ops < 1 or ops % 1 ~= 0 then usage("--ops must be a positive integer") end
         elseif opt == "--case" then
             local c = value()
             local known = false
@@ -168,7 +171,18 @@ end
 -- every block of calls; the block doubles up to 100 while a block takes
 -- under 1 ms (sub-microsecond clock reads do not distort fast ops, and a
 -- 100 ms RSA keygen does not overrun the time).
+-- With --ops N, a case runs exactly N calls instead, with no warm-up and no
+-- clock, and prints "softcxi <case> ops <N>": bench/icount counts its
+-- instructions under callgrind, where time means nothing.
+local function count_case(name, op)
+    for i = 1, ops do op(i) end
+    io.stdout:write(string.format("softcxi %s ops %d\n", name, ops))
+    io.stdout:flush()
+    return ops
+end
+
 local function run_case(name, op, per_call)
+    if ops then return count_case(name, op) end
     per_call = per_call or 1
     local secs = seconds * (WEIGHT[name] or 1)
     local i = 0
@@ -208,6 +222,7 @@ end
 
 -- the same for threaded calls: timed on the wall clock
 local function run_case_wall(name, op, per_call)
+    if ops then return count_case(name, op) end
     local secs = seconds * (WEIGHT[name] or 1)
     local i = 0
     rss_reset()

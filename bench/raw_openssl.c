@@ -11,9 +11,13 @@
  * Build: bench/run builds it (build-bench/bench_raw_openssl), or
  *   gcc -O2 -pthread -o /tmp/raw_openssl bench/raw_openssl.c -lcrypto
  * Usage: bench_raw_openssl [--threads N] SECONDS [CASE...]
+ *        bench_raw_openssl --ops N [CASE...]
  *   SECONDS per case (RSA key generation gets 4x: one op takes 50-250 ms);
  *   --threads N runs every case on N threads at once, each with its own
  *   keys and contexts, and reports their combined rate.
+ *   --ops N runs exactly N operations of each case on this thread, with no
+ *   clock and no warm-up, and prints `raw <case> ops <N>`: for counting
+ *   instructions under callgrind (bench/icount), where time means nothing.
  * Output, one line per case:
  *   raw <case> <ops_per_s_wall> <ops_per_s_cpu> <peak_rss_kib>
  * ops_per_s_wall counts CLOCK_MONOTONIC, ops_per_s_cpu the process's CPU
@@ -462,10 +466,19 @@ static void run_case(worker *ws, int nthreads, const bench_case *c, double secs)
     fflush(stdout);
 }
 
+/* --ops: exactly n operations, for instruction counts */
+static void count_case(worker *w, const bench_case *c, unsigned long n)
+{
+    for (unsigned long i = 0; i < n; i++) c->op(&w->st);
+    printf("raw %s ops %lu\n", c->name, n);
+    fflush(stdout);
+}
+
 static void usage(void)
 {
     size_t i;
-    fprintf(stderr, "usage: bench_raw_openssl [--threads N] SECONDS [CASE...]\ncases:");
+    fprintf(stderr, "usage: bench_raw_openssl [--threads N] SECONDS [CASE...]\n"
+                    "       bench_raw_openssl --ops N [CASE...]\ncases:");
     for (i = 0; i < NCASES; i++) fprintf(stderr, " %s", cases[i].name);
     fprintf(stderr, "\n");
     exit(2);
@@ -473,21 +486,29 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    double secs;
+    double secs = 0;
+    unsigned long ops = 0;
     int nthreads = 1, a = 1, i;
     char *endp;
     worker *ws;
     size_t k;
 
-    if (a + 1 < argc && strcmp(argv[a], "--threads") == 0) {
-        long t = strtol(argv[a + 1], &endp, 10);
-        if (*endp != '\0' || t < 1 || t > 64) usage();
-        nthreads = (int)t;
-        a += 2;
+    if (a + 1 < argc && strcmp(argv[a], "--ops") == 0) {
+        long long o = strtoll(argv[a + 1], &endp, 10);
+        if (*endp != '\0' || o < 1) usage();
+        ops = (unsigned long)o;
+        a += 1; /* argv[a] is now the count: the cases follow it, as they follow SECONDS */
+    } else {
+        if (a + 1 < argc && strcmp(argv[a], "--threads") == 0) {
+            long t = strtol(argv[a + 1], &endp, 10);
+            if (*endp != '\0' || t < 1 || t > 64) usage();
+            nthreads = (int)t;
+            a += 2;
+        }
+        if (a >= argc) usage();
+        secs = strtod(argv[a], &endp);
+        if (*endp != '\0' || !(secs > 0.0)) usage();
     }
-    if (a >= argc) usage();
-    secs = strtod(argv[a], &endp);
-    if (*endp != '\0' || !(secs > 0.0)) usage();
     for (i = a + 1; i < argc; i++) {
         for (k = 0; k < NCASES && strcmp(argv[i], cases[k].name) != 0; k++) {}
         if (k == NCASES) {
@@ -507,9 +528,15 @@ int main(int argc, char **argv)
     if (a + 1 < argc) {
         for (i = a + 1; i < argc; i++)
             for (k = 0; k < NCASES; k++)
-                if (strcmp(argv[i], cases[k].name) == 0) run_case(ws, nthreads, &cases[k], secs);
+                if (strcmp(argv[i], cases[k].name) == 0) {
+                    if (ops) count_case(&ws[0], &cases[k], ops);
+                    else run_case(ws, nthreads, &cases[k], secs);
+                }
     } else {
-        for (k = 0; k < NCASES; k++) run_case(ws, nthreads, &cases[k], secs);
+        for (k = 0; k < NCASES; k++) {
+            if (ops) count_case(&ws[0], &cases[k], ops);
+            else run_case(ws, nthreads, &cases[k], secs);
+        }
     }
 
     for (i = 0; i < nthreads; i++) state_free(&ws[i].st);
