@@ -306,6 +306,28 @@ describe("openresty example service", function()
         assert.is_true(hits >= 100, text)
     end)
 
+    it("reaches Redis over its Unix socket (redis+unix://), not TCP", function()
+        if pend() then return end
+        local out = H.readfile(prefix .. "/run.out") or ""
+        local sock = out:match("and unix:(%S+) %(the service uses the socket%)")
+        assert.truthy(sock, out)
+        assert.are.equal(prefix .. "/redis/redis.sock", sock)
+        -- a request that needs Redis, then the server's own list of its clients
+        expect(404, "ENOTFOUND", http("POST", "/v1/keys/iot%2Fno-such-key/sign", { data = b64("m") },
+                                      tok.iot))
+        local rc, clients = H.run("redis-cli -p " .. redis_port .. " client list")
+        assert.are.equal(0, rc, clients)
+        local by_sock, by_tcp = 0, 0
+        for line in clients:gmatch("[^\n]+") do
+            if not line:find("cmd=client", 1, true) then -- not redis-cli itself
+                if line:find("addr=" .. sock, 1, true) then by_sock = by_sock + 1
+                elseif line:find("addr=127.0.0.1:", 1, true) then by_tcp = by_tcp + 1 end
+            end
+        end
+        assert.is_true(by_sock >= 1, clients)
+        assert.are.equal(0, by_tcp, clients)
+    end)
+
     it("run refuses bad options before starting anything", function()
         if pend() then return end
         local run = "SOFTCXI_NO_APT=1 " .. H.q(root .. "/examples/openresty/run")
@@ -325,6 +347,9 @@ describe("openresty example service", function()
         rc, out = H.run(run .. " --workers 0")
         assert.are.equal(1, rc)
         assert.truthy(out:find("--workers takes 1 to 99, not '0'", 1, true), out)
+        rc, out = H.run(run .. " --redis-via pipe")
+        assert.are.equal(1, rc)
+        assert.truthy(out:find("--redis-via takes unix or tcp, not 'pipe'", 1, true), out)
         local taken = base:match("%d+$")
         rc, out = H.run(run .. " --port " .. taken)
         assert.are.equal(1, rc)

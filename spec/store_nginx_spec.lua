@@ -13,6 +13,8 @@ if SPEC_DIR:sub(1, 1) ~= "/" then SPEC_DIR = os.getenv("PWD") .. "/" .. SPEC_DIR
 local REPO = SPEC_DIR .. "../"
 local URL = os.getenv("SOFTCXI_TEST_REDIS_URL")
 local CURL = os.getenv("SOFTCXI_TEST_REDIS_CLUSTER_URL")
+local SOCK = os.getenv("SOFTCXI_TEST_REDIS_SOCKET")
+if SOCK == "" then SOCK = nil end
 if URL == "" then URL = nil end
 if CURL == "" then CURL = nil end
 
@@ -121,6 +123,7 @@ describe("redis store inside nginx (resty transport)", function()
         H.writefile(prefix .. "/lua/store_test_config.lua", table.concat {
             "return { url = ", string.format("%q", URL), ", prefix = ", string.format("%q", P),
             ", curl = ", CURL and string.format("%q", CURL) or "nil",
+            ", socket_url = ", SOCK and string.format("%q", "redis+unix://" .. SOCK .. "?db=0") or "nil",
             ", dead_url = ", string.format("%q", "redis://127.0.0.1:1/0?timeout=1"),
             ", group = ", string.format("%q", "gngx" .. RUN),
             ", blobs = {", table.concat(hex, ","), "}, ids = {", table.concat(idq, ","), "} }\n" })
@@ -191,10 +194,13 @@ describe("redis store inside nginx (resty transport)", function()
         return n
     end
 
-    it("meets the store contract in a content handler, on Redis" .. (CURL and " and Redis Cluster" or ""),
+    it("meets the store contract in a content handler, on Redis" .. (CURL and ", Redis Cluster" or "")
+       .. (SOCK and ", Redis over its Unix socket" or ""),
        function()
-        local n = expect_all_ok(http_get(port, "/contract"))
+        local body = http_get(port, "/contract")
+        local n = expect_all_ok(body)
         assert.is_true(n >= 25, n)
+        if SOCK then assert.truthy(body:find("\nok redis+unix ", 1, true), body) end
         -- what nginx wrote, hiredis reads: one data layout for both transports
         local h = assert(store.open(URL .. "&prefix=" .. P .. "h:", { transport = "hiredis" }))
         assert.are.equal(blobs[2], h:get("from-nginx"))
@@ -202,7 +208,9 @@ describe("redis store inside nginx (resty transport)", function()
     end)
 
     it("pools connections: each operation gives its connection back (set_keepalive)", function()
-        expect_all_ok(http_get(port, "/pool"))
+        local body = http_get(port, "/pool")
+        expect_all_ok(body)
+        if SOCK then assert.truthy(body:find("ok redis+unix a released connection is reused", 1, true), body) end
     end)
 
     it("serves concurrent requests on 2 workers with nothing in the error log", function()

@@ -325,6 +325,12 @@ describe("softcxi.hiredis", function()
         assert.is_nil(r[1])
         assert.truthy(r[2]:find("127.0.0.1:", 1, true), r[2])
         assert.are.equal("ECONN", r[3])
+        r = H.pack(hiredis.connect_unix("/nonexistent/softcxi.sock", 0.5))
+        assert.is_nil(r[1])
+        assert.truthy(r[2]:find("unix:/nonexistent/softcxi.sock", 1, true), r[2])
+        assert.are.equal("ECONN", r[3])
+        assert.has_error(function() hiredis.connect_unix("") end)
+        assert.has_error(function() hiredis.connect_unix("/a\0b") end)
         c:close()
         c:close()                                               -- twice is fine
         assert.has_error(function() c:command { "PING" } end, "softcxi.hiredis: the connection is closed")
@@ -408,6 +414,63 @@ describe("redis store", function()
         s:close()
         msg = H.expect_err("EINVAL", store.open("redis://u:s3cr3t@h:1?bogus=1"))
         assert.is_nil(msg:find("s3cr3t", 1, true), msg)
+    end)
+
+    it("redis+unix:// reaches the server over its Unix socket: URL, AUTH, database, errors",
+       function()
+        local sock = os.getenv("SOFTCXI_TEST_REDIS_SOCKET")
+        if not sock or sock == "" then
+            pending("SOFTCXI_TEST_REDIS_SOCKET is unset (./run test starts Redis with a socket)")
+            return
+        end
+        local u = assert(redis.parse_url("//us%40er:p%3Ass@/run/re%20dis.sock?db=5&prefix=a%3Ab:",
+                                         true))
+        assert.are.equal("us@er", u.user)
+        assert.are.equal("p:ss", u.password)
+        assert.are.equal("/run/re dis.sock", u.hosts[1].host)
+        assert.is_nil(u.hosts[1].port)
+        assert.are.equal(5, u.db)
+        assert.are.equal("a:b:", u.query.prefix)
+        for _, bad in ipairs { "redis+unix:relative.sock", "redis+unix://relative.sock",
+                               "redis+unix://" .. sock .. "?db=x", "redis+unix://" .. sock .. "?bogus=1",
+                               "redis+unix://" .. sock .. "?buckets=4", "redis+unix://:s3cr3t@" } do
+            local msg = H.expect_err("EINVAL", store.open(bad))
+            assert.is_nil(msg:find("s3cr3t", 1, true), msg)
+        end
+        local missing = sock .. ".missing"
+        local msg = H.expect_err("ECONN", store.open("redis+unix://" .. missing))
+        assert.truthy(msg:find("unix:" .. missing, 1, true), msg)
+
+        -- one store over TCP and one over the socket, same server and database: each sees
+        -- the other's writes
+        local P = fresh_prefix()
+        local over_tcp = open(with_prefix(URL, P))
+        local over_sock = assert(store.open("redis+unix://" .. sock .. "?db=0&prefix=" .. P))
+        assert.are.equal("hiredis", over_sock.transport_name)
+        local blobs = make_blobs(2, "ux" .. RUN, "ux")
+        assert.is_true(over_sock:put("one", blobs[1]))
+        assert.is_true(over_tcp:put("two", blobs[2]))
+        assert.are.equal(blobs[1], over_tcp:get("one"))
+        assert.are.equal(blobs[2], over_sock:get("two"))
+        assert.are.equal(2, over_sock:count())
+        assert.is_true(over_sock:delete("one"))
+        assert.is_true(over_sock:delete("two"))
+        over_tcp:close()
+        over_sock:close()
+
+        -- another database through ?db=: invisible from database 0
+        local db4 = assert(store.open("redis+unix://" .. sock .. "?db=4&prefix=" .. P))
+        assert.is_true(db4:put("one", blobs[1]))
+        local db0 = open(with_prefix(URL, P))
+        H.expect_err("ENOTFOUND", db0:get("one"))
+        assert.is_true(db4:delete("one"))
+        db0:close()
+        db4:close()
+
+        -- a password for a server whose default user needs none: EAUTH, the password untold
+        local r = H.pack(store.open("redis+unix://:s3cr3t@" .. sock))
+        assert.are.equal("EAUTH", r[3], r[2])
+        assert.is_nil(r[2]:find("s3cr3t", 1, true), r[2])
     end)
 
     it("AUTHs as an ACL user held to its prefix; a wrong password is EAUTH", function()

@@ -1,6 +1,7 @@
 -- The key store contract, one suite run against every store URL:
 --   always a fresh file:<tmpdir> and a fresh sqlite:<tmpdir>/contract.db;
---   SOFTCXI_TEST_REDIS_URL, SOFTCXI_TEST_REDIS_CLUSTER_URL and SOFTCXI_TEST_PG_URL when set.
+--   SOFTCXI_TEST_REDIS_URL, SOFTCXI_TEST_REDIS_UNIX_URL (the same server over its Unix
+--   socket), SOFTCXI_TEST_REDIS_CLUSTER_URL and SOFTCXI_TEST_PG_URL when set.
 -- A Redis store is shared between tests and runs, so every id and group
 -- here carries a per-run random tag and every test deletes what it put.
 -- File-store-specific faults (torn files, fan-out, concurrent writers,
@@ -23,7 +24,8 @@ local N = 200
 
 local root = H.tmpdir()
 local urls = { "file:" .. root .. "/contract", "sqlite:" .. root .. "/contract.db" }
-for _, var in ipairs { "SOFTCXI_TEST_REDIS_URL", "SOFTCXI_TEST_REDIS_CLUSTER_URL", "SOFTCXI_TEST_PG_URL" } do
+for _, var in ipairs { "SOFTCXI_TEST_REDIS_URL", "SOFTCXI_TEST_REDIS_UNIX_URL",
+                       "SOFTCXI_TEST_REDIS_CLUSTER_URL", "SOFTCXI_TEST_PG_URL" } do
     local u = os.getenv(var)
     if u and u ~= "" then urls[#urls + 1] = u end
 end
@@ -89,7 +91,7 @@ describe("store contract", function()
     end)
 
     for _, url in ipairs(urls) do
-        local scheme = url:match("^([%w%-]+):")
+        local scheme = url:match("^([%w%-%+]+):")
 
         describe("store " .. scheme, function()
             local s, put_ids

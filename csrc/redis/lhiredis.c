@@ -10,6 +10,7 @@
  *
  *   local hiredis = require "softcxi.hiredis"
  *   local conn, msg, code = hiredis.connect("127.0.0.1", 6379, 2.0)
+ *   local conn, msg, code = hiredis.connect_unix("/run/redis/redis.sock", 2.0)
  *   local v, msg, code = conn:command({ "SET", key, blob })
  *   conn:append({ "GET", k1 }); conn:append({ "GET", k2 })   -- a pipeline
  *   conn:flush()                           -- optional: send now, read later
@@ -148,6 +149,8 @@ static int push_conn_error(lua_State *L, const redisContext *c)
     lua_pushnil(L);
     if (c->connection_type == REDIS_CONN_TCP && c->tcp.host)
         lua_pushfstring(L, "%s:%d: %s", c->tcp.host, c->tcp.port, why);
+    else if (c->connection_type == REDIS_CONN_UNIX && c->unix_sock.path)
+        lua_pushfstring(L, "unix:%s: %s", c->unix_sock.path, why);
     else
         lua_pushstring(L, why);
     lua_pushliteral(L, "ECONN");
@@ -469,12 +472,46 @@ static int c_tostring(lua_State *L)
     else if (lc->c->connection_type == REDIS_CONN_TCP && lc->c->tcp.host)
         lua_pushfstring(L, "softcxi.hiredis.conn (%s:%d%s)", lc->c->tcp.host, lc->c->tcp.port,
                         lc->c->err ? ", dead" : "");
+    else if (lc->c->connection_type == REDIS_CONN_UNIX && lc->c->unix_sock.path)
+        lua_pushfstring(L, "softcxi.hiredis.conn (unix:%s%s)", lc->c->unix_sock.path,
+                        lc->c->err ? ", dead" : "");
     else
         lua_pushfstring(L, "softcxi.hiredis.conn (%p)", (void *)lc);
     return 1;
 }
 
 /* ---- module functions ----------------------------------------------------- */
+
+/* A new connection's userdata (conn) on the stack, with no context yet: if
+ * anything later raises, __gc still frees what was attached. */
+static lconn *new_conn(lua_State *L)
+{
+    lconn *lc = lua_newuserdata(L, sizeof *lc);
+    lc->c = NULL;
+    lc->pending = 0;
+    lc->buf = NULL;
+    lc->cap = 0;
+    luaL_setmetatable(L, CONN_MT);
+    return lc;
+}
+
+/* The end of a connect: the conn on the stack, or nil, msg, "ECONN". */
+static int connected(lua_State *L, lconn *lc, struct timeval tv, const char *addr)
+{
+    if (!lc->c) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: out of memory", addr);
+        lua_pushliteral(L, "ECONN");
+        return 3;
+    }
+    if (lc->c->err || redisSetTimeout(lc->c, tv) != REDIS_OK) {
+        int n = push_conn_error(L, lc->c);
+        redisFree(lc->c);
+        lc->c = NULL;
+        return n;
+    }
+    return 1;
+}
 
 /* hiredis.connect(host, port [, timeout_s]) -> conn | nil, msg, "ECONN".
  * timeout_s (default 2) bounds the connect and every later read or write. */
@@ -486,29 +523,34 @@ static int l_connect(lua_State *L)
     luaL_argcheck(L, port > 0 && port < 65536, 2, "port out of range");
     struct timeval tv = seconds_to_tv(timeout);
 
-    /* The userdata first: if anything below raises, __gc still frees. */
-    lconn *lc = lua_newuserdata(L, sizeof *lc);
-    lc->c = NULL;
-    lc->pending = 0;
-    lc->buf = NULL;
-    lc->cap = 0;
-    luaL_setmetatable(L, CONN_MT);
-
+    lconn *lc = new_conn(L);
     lc->c = redisConnectWithTimeout(host, (int)port, tv);
-    if (!lc->c) {
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s:%d: out of memory", host, (int)port);
-        lua_pushliteral(L, "ECONN");
-        return 3;
+    lua_pushfstring(L, "%s:%d", host, (int)port);
+    int n = connected(L, lc, tv, lua_tostring(L, -1));
+    if (n == 1) {
+        lua_pop(L, 1); /* the address */
+        (void)redisEnableKeepAlive(lc->c); /* best effort: notices half-dead peers */
     }
-    if (lc->c->err || redisSetTimeout(lc->c, tv) != REDIS_OK) {
-        int n = push_conn_error(L, lc->c);
-        redisFree(lc->c);
-        lc->c = NULL;
-        return n;
-    }
-    (void)redisEnableKeepAlive(lc->c); /* best effort: notices half-dead peers */
-    return 1;
+    return n;
+}
+
+/* hiredis.connect_unix(path [, timeout_s]) -> conn | nil, msg, "ECONN": the
+ * same over a Unix domain socket (no TCP, no keep-alive: the peer is local). */
+static int l_connect_unix(lua_State *L)
+{
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    double timeout = luaL_optnumber(L, 2, 2.0);
+    luaL_argcheck(L, len > 0 && strlen(path) == len, 1, "a socket path without NUL bytes");
+    struct timeval tv = seconds_to_tv(timeout);
+
+    lconn *lc = new_conn(L);
+    lc->c = redisConnectUnixWithTimeout(path, tv);
+    lua_pushfstring(L, "unix:%s", path);
+    int n = connected(L, lc, tv, lua_tostring(L, -1));
+    if (n == 1)
+        lua_pop(L, 1);
+    return n;
 }
 
 static const luaL_Reg conn_methods[] = {
@@ -534,6 +576,7 @@ static int l_sleep(lua_State *L)
 
 static const luaL_Reg module_functions[] = {
     {"connect", l_connect},
+    {"connect_unix", l_connect_unix},
     {"sleep", l_sleep},
     {NULL, NULL},
 };

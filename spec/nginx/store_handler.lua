@@ -111,6 +111,7 @@ function _M.contract()
     out = {}
     contract("redis", cfg.url .. "&prefix=" .. cfg.prefix)
     if cfg.curl then contract("cluster", cfg.curl .. "?prefix=" .. cfg.prefix) end
+    if cfg.socket_url then contract("redis+unix", cfg.socket_url .. "&prefix=" .. cfg.prefix .. "u:") end
 
     -- the store opened in init_worker_by_lua (no cosockets there)
     check("init_worker store exists", worker_store ~= nil)
@@ -133,21 +134,29 @@ function _M.contract()
     ngx.say(table.concat(out, "\n"))
 end
 
--- Pooling: a second operation takes the connection the first one gave back.
-function _M.pool()
-    out = {}
-    local s = store.open(cfg.url .. "&prefix=" .. cfg.prefix .. "p:")
+-- Pooling: a second operation takes the connection the first one gave back (over TCP, and
+-- over the Unix socket when there is one).
+local function pool(tag, url)
+    local s = store.open(url)
+    check(tag .. " opens on the resty transport", s and s.transport_name == "resty")
+    if not s then return end
     local node = s.transport
     local red1, reused1 = node:acquire()
     local r1 = red1:get_reused_times()
     red1:set_keepalive(60000, 8)
     local red2, reused2 = node:acquire()
-    check("a released connection is reused", reused2 == true and red2:get_reused_times() > r1,
+    check(tag .. " a released connection is reused", reused2 == true and red2:get_reused_times() > r1,
           tostring(reused1) .. " " .. tostring(reused2))
     red2:set_keepalive(60000, 8)
     s:count()
-    check("an operation leaves no connection in the store", node.red == nil)
+    check(tag .. " an operation leaves no connection in the store", node.red == nil)
     s:close()
+end
+
+function _M.pool()
+    out = {}
+    pool("redis", cfg.url .. "&prefix=" .. cfg.prefix .. "p:")
+    if cfg.socket_url then pool("redis+unix", cfg.socket_url .. "&prefix=" .. cfg.prefix .. "p:") end
     ngx.say(table.concat(out, "\n"))
 end
 

@@ -4,6 +4,7 @@
 --   local store = require "softcxi.store"
 --   local s = assert(store.open("file:./keystore"))
 --   local s = assert(store.open("redis://[user:password@]127.0.0.1:6379/0?prefix=keys:"))
+--   local s = assert(store.open("redis+unix:///run/redis/redis.sock?db=0&prefix=keys:"))
 --   local s = assert(store.open("redis-cluster://127.0.0.1:7000,127.0.0.1:7001"))
 --   local s = assert(store.open("postgres://app@127.0.0.1:5432/keys?table=keys"))
 --   local s = assert(store.open("sqlite:./keys.db"))
@@ -116,6 +117,7 @@ end
 local schemes = {
     file = "softcxi.store.file",
     redis = "softcxi.store.redis",
+    ["redis+unix"] = { "softcxi.store.redis", "open_unix" },
     ["redis-cluster"] = "softcxi.store.redis_cluster",
     postgres = "softcxi.store.sql", postgresql = "softcxi.store.sql", sqlite = "softcxi.store.sql",
 }
@@ -125,13 +127,14 @@ function _M.open(url, opts)
     if type(url) ~= "string" then
         error("store.open: url must be a string", 2)
     end
-    local scheme, rest = url:match("^([%a][%w%-]*):(.*)$")
+    local scheme, rest = url:match("^([%a][%w%-%+]*):(.*)$")
     local mod = scheme and schemes[scheme]
     if not mod then
         return nil, "store.open: unknown store URL '" .. url
-            .. "' (file:DIR, redis://HOST:PORT/DB, redis-cluster://HOST:PORT,..., postgres://USER@HOST/DB,"
-            .. " sqlite:FILE)", "EINVAL"
+            .. "' (file:DIR, redis://HOST:PORT/DB, redis+unix:///SOCKET, redis-cluster://HOST:PORT,...,"
+            .. " postgres://USER@HOST/DB, sqlite:FILE)", "EINVAL"
     end
+    if type(mod) == "table" then return require(mod[1])[mod[2]](rest, opts or {}, url) end
     return require(mod).open(rest, opts or {}, url)
 end
 

@@ -255,21 +255,30 @@ local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeou
                 buckets = true, chunk = true, transport = true }
 
 --- Parse "//[user:password@]host:port[,host:port...][/db][?k=v&...]" (the part after
--- "redis:" / "redis-cluster:").  Returns { user, password, db, hosts = { {host, port} },
--- query = {} } or nil, message.  Messages never contain the password.
-function _M.parse_url(rest)
+-- "redis:" / "redis-cluster:"), or with unix set "//[user:password@]/path/to/socket[?db=N&...]"
+-- (the part after "redis+unix:").  Returns { user, password, db, hosts = { {host, port} },
+-- query = {} } (a socket: hosts = { {host = path} }) or nil, message.  Messages never
+-- contain the password.
+function _M.parse_url(rest, unix)
     local body = type(rest) == "string" and rest:match("^//(.*)$")
-    if not body then return nil, "the URL must look like redis://host:port[/db][?prefix=...]" end
+    if not body then
+        return nil, unix and "the URL must look like redis+unix:///path/to/redis.sock[?db=0&prefix=...]"
+            or "the URL must look like redis://host:port[/db][?prefix=...]"
+    end
     local u = { hosts = {}, query = {} }
     local q = body:find("?", 1, true)
+    local db
     if q then
         for pair in body:sub(q + 1):gmatch("[^&]+") do
             local k, v = pair:match("^([^=]+)=(.*)$")
-            if not k or not QUERY[k] then
-                return nil, "unknown URL parameter '" .. (k or pair) .. "' (prefix, timeout, "
-                    .. "wait_replicas, wait_timeout_ms, buckets, chunk, transport)"
+            if unix and k == "db" then
+                db = v
+            elseif not k or not QUERY[k] then
+                return nil, "unknown URL parameter '" .. (k or pair) .. "' (" .. (unix and "db, " or "")
+                    .. "prefix, timeout, wait_replicas, wait_timeout_ms, buckets, chunk, transport)"
+            else
+                u.query[k] = pct_decode(v)     -- a later repetition wins
             end
-            u.query[k] = pct_decode(v)     -- a later repetition wins
         end
         body = body:sub(1, q - 1)
     end
@@ -281,14 +290,22 @@ function _M.parse_url(rest)
         u.password = pct_decode(pass)
         body = hostpart
     end
-    local hosts, db = body:match("^([^/]*)/(.*)$")
-    if hosts then
-        if db ~= "" then
-            u.db = tonumber(db)
-            if not db:match("^%d+$") or not u.db then return nil, "bad database number '" .. db .. "'" end
+    if unix then
+        local path = pct_decode(body)
+        if path:sub(1, 1) ~= "/" or path:find("\0", 1, true) then
+            return nil, "the socket path must be absolute: redis+unix:///path/to/redis.sock"
         end
-        body = hosts
+        u.hosts[1] = { host = path }
+    else
+        local hosts
+        hosts, db = body:match("^([^/]*)/(.*)$")
+        if hosts then body = hosts end
     end
+    if db and db ~= "" then
+        u.db = tonumber(db)
+        if not db:match("^%d+$") or not u.db then return nil, "bad database number '" .. db .. "'" end
+    end
+    if unix then return u end
     for h in body:gmatch("[^,]+") do
         local host, port = h:match("^%[([^%]]+)%]:?(%d*)$")
         if not host then host, port = h:match("^([^:]+):?(%d*)$") end
@@ -1495,10 +1512,11 @@ end
 
 -- ---- open ------------------------------------------------------------------------
 
---- store.open("redis://...") lands here with rest = "//...".
-function _M.open(rest, opts, url)
+--- store.open("redis://...") lands here with rest = "//...", and store.open("redis+unix://...")
+-- with unix = true.
+function _M.open(rest, opts, url, unix)
     local fn = "store.redis.open"
-    local u, err = _M.parse_url(rest)
+    local u, err = _M.parse_url(rest, unix)
     if not u then return nil, fn .. ": " .. err, "EINVAL" end
     if #u.hosts ~= 1 then
         return nil, fn .. ": one host:port (use redis-cluster:// for a cluster)", "EINVAL"
@@ -1518,6 +1536,11 @@ function _M.open(rest, opts, url)
     local s = _M.new(node, cfg, { name = "store.redis" })
     s.url = url and url:gsub("//[^@/]*@", "//***@")   -- for messages: never the password
     return s
+end
+
+--- store.open("redis+unix:///path/to/redis.sock?...") lands here.
+function _M.open_unix(rest, opts, url)
+    return _M.open(rest, opts, url, true)
 end
 
 return _M

@@ -14,10 +14,11 @@ local Node = {}
 Node.__index = Node
 _M.Node = Node
 
---- A node of host:port.  cfg: user, password, db, timeout (seconds).
+--- A node of host:port, or of the Unix socket at path host when port is nil.
+-- cfg: user, password, db, timeout (seconds).
 function Node.new(host, port, cfg)
-    return setmetatable({ host = host, port = port, addr = host .. ":" .. port, cfg = cfg,
-                          dirty = false }, Node)
+    return setmetatable({ host = host, port = port, cfg = cfg, dirty = false,
+                          addr = port and host .. ":" .. port or "unix:" .. host }, Node)
 end
 
 function Node:drop()
@@ -33,7 +34,11 @@ function Node:connect()
     self:drop()
     local cfg = self.cfg
     local err, code
-    c, err, code = hiredis.connect(self.host, self.port, cfg.timeout)
+    if self.port then
+        c, err, code = hiredis.connect(self.host, self.port, cfg.timeout)
+    else
+        c, err, code = hiredis.connect_unix(self.host, cfg.timeout)
+    end
     if not c then return nil, err, code end
     if cfg.password then
         local ok

@@ -72,14 +72,16 @@ local Node = {}
 Node.__index = Node
 _M.Node = Node
 
---- A node of host:port.  cfg: user, password, db, timeout (seconds), wait_replicas.
+--- A node of host:port, or of the Unix socket at path host when port is nil.
+-- cfg: user, password, db, timeout (seconds), wait_replicas.
 function Node.new(host, port, cfg)
     local timeout = cfg.timeout
+    local addr = port and host .. ":" .. port or "unix:" .. host
     return setmetatable({
-        host = host, port = port, addr = host .. ":" .. port, cfg = cfg, dirty = false,
+        host = host, port = port, addr = addr, cfg = cfg, dirty = false,
         acked = nil,
         -- connections differ by database and user: one pool for each
-        pool = string_format("softcxi:%s:%d:%d:%s", host, port, cfg.db or 0, cfg.user or ""),
+        pool = string_format("softcxi:%s:%d:%s", addr, cfg.db or 0, cfg.user or ""),
         timeout_ms = (timeout and timeout > 0) and math_floor(timeout * 1000) or 365 * 86400000,
     }, Node)
 end
@@ -91,7 +93,11 @@ function Node:acquire()
     if not red then return nil, self.addr .. ": " .. tostring(err), "ECONN" end
     red:set_timeout(self.timeout_ms)
     local ok
-    ok, err = red:connect(self.host, self.port, { pool = self.pool })
+    if self.port then
+        ok, err = red:connect(self.host, self.port, { pool = self.pool })
+    else -- cosockets take "unix:PATH" and the options as the second argument
+        ok, err = red:connect(self.addr, { pool = self.pool })
+    end
     if not ok then return nil, self.addr .. ": " .. tostring(err), "ECONN" end
     local reused = (red:get_reused_times() or 0) > 0
     if reused then return red, true end
