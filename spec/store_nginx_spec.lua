@@ -210,7 +210,9 @@ describe("redis store inside nginx (resty transport)", function()
     it("pools connections: each operation gives its connection back (set_keepalive)", function()
         local body = http_get(port, "/pool")
         expect_all_ok(body)
-        if SOCK then assert.truthy(body:find("ok redis+unix a released connection is reused", 1, true), body) end
+        if SOCK then
+            assert.truthy(body:find("ok redis+unix a released connection is reused", 1, true), body)
+        end
     end)
 
     it("serves concurrent requests on 2 workers with nothing in the error log", function()
