@@ -475,6 +475,52 @@ static int l_key_attrs(lua_State *L)
     return 1;
 }
 
+/* key_check(blob) -> true | nil, msg, code: a key blob whose clear attributes parse
+ * (as key_info), without building key_info's table.  A store checks every blob a
+ * rewrap scans with it. */
+static int l_key_check(lua_State *L)
+{
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 1, &len);
+    softcxi_key_info info;
+    softcxi_error err;
+    if (softcxi_key_info_read(&info, blob, len, &err) != 0)
+        return push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int same_bytes(const char *a, size_t alen, const char *b, size_t blen)
+{
+    return alen == blen && (alen == 0 || memcmp(a, b, alen) == 0);
+}
+
+/* same_index(a, b) -> true | false, what differs | nil, msg, code: whether two blobs
+ * carry the same indexed attributes (algo, name, group, specifier), so a store can
+ * replace a by b without touching its index (rewrap's compare-and-set).  nil when b
+ * (or a) is not a key blob: the store checks the blob it is about to write here. */
+static int l_same_index(lua_State *L)
+{
+    size_t alen, blen;
+    const uint8_t *a = check_bytes(L, 1, &alen), *b = check_bytes(L, 2, &blen);
+    softcxi_key_info ia, ib;
+    softcxi_error err;
+    if (softcxi_key_info_read(&ib, b, blen, &err) != 0 ||
+        softcxi_key_info_read(&ia, a, alen, &err) != 0)
+        return push_error(L, &err);
+    const char *what = ia.algo != ib.algo ? "algo"
+                       : !same_bytes(ia.name, ia.name_len, ib.name, ib.name_len) ? "name"
+                       : !same_bytes(ia.group, ia.group_len, ib.group, ib.group_len) ? "group"
+                       : ia.has_specifier != ib.has_specifier || ia.specifier != ib.specifier
+                           ? "specifier"
+                           : NULL;
+    lua_pushboolean(L, what == NULL);
+    if (!what)
+        return 1;
+    lua_pushfstring(L, "the %s differs", what);
+    return 2;
+}
+
 static int l_public_key(lua_State *L)
 {
     size_t len;
@@ -1642,6 +1688,8 @@ static const luaL_Reg module_functions[] = {
     {"logon_answer", l_logon_answer},
     {"key_info", l_key_info},
     {"key_attrs", l_key_attrs},
+    {"key_check", l_key_check},
+    {"same_index", l_same_index},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},
     {NULL, NULL},
