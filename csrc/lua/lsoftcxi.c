@@ -1358,9 +1358,11 @@ static int m_key_rewrap_many(lua_State *L)
     if (threads < 0 || threads > SOFTCXI_BULK_MAX_THREADS)
         return luaL_error(L, "key_rewrap_many: threads must be in 0..%d",
                           SOFTCXI_BULK_MAX_THREADS);
-    /* Everything that may raise comes before the core allocates the new
-     * blobs: the arrays (one userdata, collected with the rest on a raise),
-     * the argument checks and the results table. */
+    /* What may raise on bad arguments comes before the core allocates the
+     * new blobs: the arrays (one userdata, collected on a raise), the
+     * argument checks and the results table.  After the call only running
+     * out of memory while pushing a result could raise, and the blobs it
+     * would leave unfreed hold no secret. */
     size_t cnt = n ? (size_t)n : 1;
     size_t lens_off = cnt * sizeof(const uint8_t *);
     size_t outs_off = lens_off + cnt * sizeof(size_t);

@@ -49,8 +49,8 @@ local key_info, check = softcxi.key_info, store.check
 local core = require "softcxi.core"
 local key_check, same_index = core.key_check, core.same_index
 -- the four attributes the store indexes, parsed and checked as key_info does, in a table
--- of four fields rather than key_info's sixteen: the store checks every blob it scans and
--- every blob put_many writes (a rewrap: two per blob)
+-- of four fields rather than key_info's sixteen: put_many checks every blob it writes with
+-- it (scans check with key_check, and swap_later with same_index: no table at all)
 local key_attrs = require("softcxi.core").key_attrs or key_info
 
 local _M = { _VERSION = softcxi._VERSION }
@@ -1592,7 +1592,7 @@ local function fetch_values(self, ids)
         local b = bucket_of and bucket_of(id) or 0
         local g = open[b]
         if not g or g.n >= GET_CHUNK then
-            g = { "MGET", n = 0, first = i, pos = {} }
+            g = { "MGET", n = 0, pos = {} }
             open[b] = g
             cmds[#cmds + 1] = g
         end
