@@ -6,9 +6,10 @@
 -- last rotation), so every blob has something to do.
 --
 --   lua5.4 bench/rewrap_redis.lua fill   ROOT REDIS_URL COUNT
---   lua5.4 bench/rewrap_redis.lua rewrap ROOT REDIS_URL [TAG]
+--   lua5.4 bench/rewrap_redis.lua rewrap ROOT REDIS_URL [TAG [THREADS]]
 --
--- ROOT: a directory for the device's state (made by fill).  Prints
+-- ROOT: a directory for the device's state (made by fill).  THREADS: rewrap.run's threads
+-- (the device's worker threads per page; default: rewrap's, one per CPU).  Prints
 -- "rewrap_redis <TAG> <seen> blobs <blobs/s> blobs/s client_cpu <us/blob> server_cpu <us/blob>"
 -- (client CPU: os.clock of this process; server CPU: INFO cpu of the server, which must be
 -- otherwise idle).
@@ -19,7 +20,7 @@ local keystore = require "softcxi.store"
 local hiredis = require "softcxi.hiredis"
 local rewrap = require "softcxi.rewrap"
 
-local usage = "usage: rewrap_redis.lua fill ROOT REDIS_URL COUNT | rewrap ROOT REDIS_URL [TAG]"
+local usage = "usage: rewrap_redis.lua fill ROOT REDIS_URL COUNT | rewrap ROOT REDIS_URL [TAG [THREADS]]"
 local mode, root, url = arg[1], arg[2], arg[3]
 if not (mode and root and url) then error(usage) end
 local state, keyfile = root .. "/state", root .. "/keys/dev.key"
@@ -78,7 +79,8 @@ elseif mode == "rewrap" then
         return tonumber(st:match("used_cpu_user:([%d.]+)")) + tonumber(st:match("used_cpu_sys:([%d.]+)"))
     end
     local t0, c0, s0 = sys.monotonic(), os.clock(), server_cpu()
-    local rw = assert(rewrap.run { hsm = hsm, store = store })
+    -- (an older tree's rewrap.run knows no threads option: passed only when given)
+    local rw = assert(rewrap.run { hsm = hsm, store = store, threads = tonumber(arg[5] or "") })
     local wall, cpu, scpu = sys.monotonic() - t0, os.clock() - c0, server_cpu() - s0
     assert(rw.rewrapped == rw.seen, "not every blob was rewrapped")
     print(("rewrap_redis %s %d blobs %.0f blobs/s client_cpu %.1f server_cpu %.1f us/blob")

@@ -87,6 +87,63 @@ describe("mbk", function()
         assert.are.equal(rewrapped, again)
     end)
 
+    it("key_rewrap_many re-seals a page in one call, each blob as key_rewrap would", function()
+        local olds = {}
+        for i = 1, 30 do
+            olds[i] = assert(app_a:key_generate(EXT, { algo = "ec", name = "m" .. i, group = "iot" }))
+        end
+        -- under the old MBK: blob0, a tampered copy, one of another device (foreign MBK),
+        -- a malformed one, a current one; in the middle of blobs of the current MBK (which
+        -- moved since the others were made: app_a made olds under the new one)
+        local tampered = blob0:sub(1, -21) .. string.char((blob0:byte(-20) + 1) % 256) .. blob0:sub(-19)
+        local foreign = assert(b.hsm:key_generate(EXT, { algo = "ec", name = "f", group = "iot" }))
+        local list = { blob0 }
+        for i = 1, 30 do list[#list + 1] = olds[i] end
+        table.insert(list, 10, tampered)
+        table.insert(list, 20, foreign)
+        table.insert(list, 25, "K-not-a-blob")
+        for _, threads in ipairs { 1, 2, 0 } do
+            local res, n = assert(app_a:key_rewrap_many(list, #list, threads))
+            assert.are.equal(#list, #res)
+            assert.are.equal(1, n)
+            for i, old in ipairs(list) do
+                local new, changed, code = app_a:key_rewrap(old)
+                if not new then
+                    assert.are.equal(code, res[i])
+                elseif changed then
+                    local a1, a2 = softcxi.key_info(new), softcxi.key_info(res[i])
+                    assert.are.equal(a1.kcv, a2.kcv)
+                    assert.are.equal(a1.public_key, a2.public_key)
+                    assert.are.equal(a1.name, a2.name)
+                    assert.are_not.equal(new, res[i])   -- a salt of its own
+                    local sig = assert(app_a:sign(res[i], "ecdsa-sha256", "m"))
+                    assert.is_true(app_a:verify(old, "ecdsa-sha256", "m", sig))
+                else
+                    assert.are.equal("current", res[i])
+                end
+            end
+            assert.are.equal("ETAMPER", res[10])
+            assert.are.equal("EMBK", res[20])
+            assert.are.equal("EFORMAT", res[25])
+        end
+        -- a prefix of the table; nothing at all
+        local res, n = assert(app_a:key_rewrap_many(list, 1))
+        assert.are.equal(1, #res)
+        assert.are.equal(1, n)
+        assert.are.same({}, (assert(app_a:key_rewrap_many({}))))
+        -- misuse raises
+        assert.has_error(function() app_a:key_rewrap_many("x") end)
+        assert.has_error(function() app_a:key_rewrap_many({ blob0, 42 }) end)
+        assert.has_error(function() app_a:key_rewrap_many({ blob0 }, -1) end)
+        assert.has_error(function() app_a:key_rewrap_many({ blob0 }, 1, 99) end)
+        assert.has_error(function() app_a:key_rewrap_many({ blob0 }, 2) end)
+        -- a session nobody logged on to: EAUTH for each blob, the call itself runs
+        local other = assert(softcxi.open { path = a.path, keyfile = a.keyfile })
+        res = assert(other:key_rewrap_many({ blob0, olds[1] }))
+        assert.are.same({ "EAUTH", "EAUTH" }, res)
+        other:close()
+    end)
+
     it("a second device that imports two of the shares opens the first device's blobs", function()
         local admin_b = assert(softcxi.open { path = b.path, keyfile = b.keyfile })
         assert(admin_b:logon_pass(H.ADMIN, H.ADMIN_PASSWORD))
@@ -113,6 +170,7 @@ describe("mbk", function()
         assert.are.equal(admin_a:mbk_info().current, assert(app_a:key_info(inside)).kcv)
         H.expect_err("EMBK", app_a:sign(blob0, "ecdsa-sha256", "m"))
         H.expect_err("EMBK", app_a:key_rewrap(blob0))
+        assert.are.same({ "EMBK", "current" }, (assert(app_a:key_rewrap_many({ blob0, rewrapped }))))
         assert(app_a:sign(rewrapped, "ecdsa-sha256", "m"))
         -- and in a process started now
         assert.are.equal("EMBK", H.child_sign_code(a, blob0))

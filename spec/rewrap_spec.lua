@@ -90,9 +90,57 @@ describe("rewrap", function()
         s2:close()
         H.destroy(other)
     end)
+    local CURL = os.getenv("SOFTCXI_TEST_REDIS_CLUSTER_URL")
+    if CURL and CURL ~= "" then
+        it("in a Redis Cluster: pages split by bucket and slot, compare-and-set per blob", function()
+            local P = "rwc" .. tostring(os.time()) .. math.random(1000000) .. ":"
+            local cs = assert(store_mod.open(CURL .. "?prefix=" .. P .. "&buckets=8"))
+            assert(provision.run { hsm = hsm, store = cs, count = 45, batch = 20,
+                name_format = "c%02d", template = { algo = "ec", group = "iot" } })
+            local shares, pws = {}, { "share-pw-seven", "share-pw-eight" }
+            for i = 1, 2 do shares[i] = root .. "/c" .. i end
+            assert(admin:mbk_generate { m = 2, shares = shares, passwords = pws, kdf_cost = 10 })
+            assert(admin:mbk_import { shares = shares, passwords = pws })
+            local new_kcv = admin:mbk_info().current
+            local theirs = assert(hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec", group = "iot",
+                name = "c11" }))
+            local replaced = false
+            local stale = setmetatable({
+                scan_blobs = function(_, cursor, count)
+                    local ids, blobs, nxt, bad = cs:scan_blobs(cursor, count)
+                    for i = 1, ids and #ids or 0 do
+                        if ids[i] == "iot/c11" and not replaced then
+                            assert(cs:put("iot/c11", theirs, { overwrite = true }))
+                            replaced = true
+                        end
+                    end
+                    return ids, blobs, nxt, bad
+                end,
+            }, { __index = function(_, k)
+                local v = cs[k]
+                if type(v) == "function" then return function(_, ...) return v(cs, ...) end end
+                return v
+            end })
+            local r = assert(rewrap.run { hsm = hsm, store = stale, page = 10 })
+            assert.are.equal(45, r.seen)
+            assert.are.equal(44, r.rewrapped)
+            assert.are.equal(1, r.conflicts)
+            local again = assert(rewrap.run { hsm = hsm, store = cs, page = 10 })
+            assert.are.equal(45, again.current)
+            for i = 1, 45 do
+                local id = ("iot/c%02d"):format(i)
+                local blob = assert(cs:get(id))
+                if i == 11 then assert.are.equal(theirs, blob) end
+                assert.are.equal(new_kcv, softcxi.key_info(blob).kcv)
+                assert(cs:delete(id))
+            end
+            cs:close()
+        end)
+    end
     local URL = os.getenv("SOFTCXI_TEST_REDIS_URL")
     if URL and URL ~= "" then
-        it("in Redis takes the values scan read (scan_blobs) and compare-and-sets them", function()
+        it("in Redis takes the values scan read (scan_blobs) and compare-and-sets them "
+           .. "(swap_later)", function()
             local P = "rw" .. tostring(os.time()) .. math.random(1000000) .. ":"
             local rs = assert(store_mod.open(URL .. "&prefix=" .. P))
             assert(provision.run { hsm = hsm, store = rs, count = 40, batch = 16,
@@ -109,9 +157,13 @@ describe("rewrap", function()
             local stale = setmetatable({
                 scan_blobs = function(_, cursor, count)
                     local ids, blobs, nxt, bad = rs:scan_blobs(cursor, count)
-                    if blobs and blobs["iot/r05"] and not replaced then
-                        assert(rs:put("iot/r05", theirs, { overwrite = true }))
-                        replaced = true
+                    for i = 1, ids and #ids or 0 do
+                        -- blobs[i] is the blob of ids[i]
+                        assert.are.equal(blobs[i], rs:get(ids[i]))
+                        if ids[i] == "iot/r05" and not replaced then
+                            assert(rs:put("iot/r05", theirs, { overwrite = true }))
+                            replaced = true
+                        end
                     end
                     return ids, blobs, nxt, bad
                 end,
@@ -129,9 +181,10 @@ describe("rewrap", function()
             local cursor
             repeat
                 local ids, blobs, nxt = assert(rs:scan_blobs(cursor, 100))
-                for _, id in ipairs(ids) do
+                assert.are.equal(#ids, #blobs)
+                for i, id in ipairs(ids) do
                     n = n + 1
-                    if id ~= "iot/r05" then assert.are.equal(new_kcv, softcxi.key_info(blobs[id]).kcv) end
+                    if id ~= "iot/r05" then assert.are.equal(new_kcv, softcxi.key_info(blobs[i]).kcv) end
                 end
                 cursor = nxt
             until not cursor
@@ -163,8 +216,8 @@ describe("rewrap", function()
                     if reads == 3 then return nil, "connection reset (test)", "ECONN" end
                     return rs:scan_blobs(cursor, count)
                 end,
-                put_many_later = function(_, items)
-                    local send, finish = rs:put_many_later(items)
+                swap_later = function(_, ids, olds, news, n)
+                    local send, finish = rs:swap_later(ids, olds, news, n)
                     return function() sent = sent + 1 return send() end,
                         function() finished = finished + 1 return finish() end
                 end,

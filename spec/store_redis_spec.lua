@@ -732,6 +732,74 @@ describe("redis store", function()
         assert.has_error(function() s:put_many_later({}) end)
     end)
 
+    it("swap_later: rewrap's compare-and-set in arrays, built now, sent by send, answered by "
+       .. "finish as put_many; a blob that is not a rewrap of the old one is refused", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local d = device()
+        local tpl = { algo = "ec", curve = "P-256", name = "sw", group = "gsw" }
+        local v1, v2, v3 = H.gen(d, tpl), H.gen(d, tpl), H.gen(d, tpl)
+        local ids, olds, news, items = {}, {}, {}, {}
+        for i = 1, 30 do
+            ids[i] = "s" .. i
+            items[i] = { id = ids[i], blob = v1 }
+            olds[i], news[i] = v1, v2
+        end
+        assert.are.equal(30, s:put_many(items))
+        olds[7] = v3      -- stale: someone else's value is stored
+        news[3] = false   -- left alone
+        assert(s:delete("s9"))
+        local send, finish = s:swap_later(ids, olds, news, 30)
+        assert.are.equal("function", type(send))
+        assert.are.equal(v1, s:get("s8"))        -- built, not sent
+        send()
+        assert.are.equal(29, s:count())           -- the store answers meanwhile
+        local r = H.pack(finish())
+        assert.is_nil(r[1])
+        assert.are.equal("ECONFLICT", r[3], r[2])
+        assert.are.equal(27, r[4], r[2])
+        assert.truthy(r[2]:find("'s7' changed", 1, true), r[2])
+        assert.truthy(r[2]:find("and 1 more failed", 1, true), r[2])
+        assert.are.same(r, H.pack(finish()))      -- the same answer again
+        assert.are.equal(v1, s:get("s3"))
+        assert.are.equal(v1, s:get("s7"))
+        assert.are.equal(v2, s:get("s8"))
+        H.expect_err("ENOTFOUND", s:get("s9"))    -- not brought back
+        assert.are.equal(29, s:count())
+        assert.are.equal(29, #cmd(c, { "SMEMBERS", P .. "idx:group:gsw" }))
+        -- the first refused item names the code: ENOTFOUND for a deleted one
+        finish = select(2, s:swap_later({ "s9", "s8" }, { v1, v2 }, { v2, v3 }))
+        r = H.pack(finish())
+        assert.are.equal("ENOTFOUND", r[3], r[2])
+        assert.are.equal(1, r[4])
+        -- all well: the count; nothing to write: 0
+        finish = select(2, s:swap_later({ "s1", "s2" }, { v2, v2 }, { v3, v3 }, 2))
+        assert.are.same({ 2 }, { finish() })
+        finish = select(2, s:swap_later({ "s1" }, { v3 }, { false }))
+        assert.are.same({ 0 }, { finish() })
+        -- later ones finished first: the earlier go out and are answered first
+        local send1, finish1 = s:swap_later({ "s4" }, { v2 }, { v3 })
+        local _, finish2 = s:swap_later({ "s5" }, { v2 }, { v3 })
+        s:swap_later({ "s6" }, { v2 }, { v3 })    -- never sent by us
+        local _, finish4 = s:swap_later({ "s10" }, { v2 }, { v3 })
+        assert.are.same({ 1 }, { finish2() })
+        assert.are.same({ 1 }, { finish1() })
+        send1()
+        assert.are.same({ 1 }, { finish4() })
+        for _, id in ipairs { "s4", "s5", "s6", "s10" } do assert.are.equal(v3, s:get(id)) end
+        -- not a rewrap: another name, not a blob; refused before anything is sent
+        local other = H.gen(d, { algo = "ec", curve = "P-256", name = "sw2", group = "gsw" })
+        local msg = H.expect_err("EINVAL", s:swap_later({ "s11", "s12" }, { v2, v2 }, { v3, other }))
+        assert.truthy(msg:find("'s12'", 1, true) and msg:find("name", 1, true), msg)
+        msg = H.expect_err("EFORMAT", s:swap_later({ "s11" }, { v2 }, { "K-no-blob" }))
+        assert.truthy(msg:find("'s11'", 1, true), msg)
+        assert.are.equal(v2, s:get("s11"))
+        assert.has_error(function() s:swap_later({ "s11" }, { v2 }, { 42 }) end)
+        assert.has_error(function() s:swap_later("s11", { v2 }, { v3 }) end)
+        s:close()
+        assert.has_error(function() s:swap_later({}, {}, {}) end)
+    end)
+
     it("scan fills a page in few SCAN round trips although index keys dilute the keyspace", function()
         -- a database of its own: only this store's keys (a blob and its name set each)
         local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix()))
@@ -835,6 +903,23 @@ describe("redis store", function()
         assert.are.same(set_of(ids_of(blobs)), set_of(ids))
         assert.are.equal(3, skipped)
         assert.are.equal(3, s.skipped)
+        -- scan_blobs too (rewrap's read): arrays of ids and their blobs
+        local by_id, cur, sk = {}, nil, 0
+        repeat
+            local pids, pblobs, nxt, bad = s:scan_blobs(cur, 2)
+            assert(pids, pblobs)
+            assert.are.equal(#pids, #pblobs)
+            for i = 1, #pids do by_id[pids[i]] = pblobs[i] end
+            cur, sk = nxt, sk + bad
+        until not cur
+        for i, id in ipairs(ids_of(blobs)) do assert.are.equal(blobs[i], by_id[id]) end
+        assert.are.same(set_of(ids_of(blobs)), set_of((function()
+            local l = {}
+            for id in pairs(by_id) do l[#l + 1] = id end
+            return l
+        end)()))
+        assert.are.equal(3, sk)
+        assert.are.equal(6, s.skipped)
         local all, cursor = {}, nil
         repeat
             local page

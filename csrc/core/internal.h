@@ -101,6 +101,9 @@ typedef struct scx_xaes {
 
 int scx_xaes_init(scx_xaes *x, const uint8_t key[32]);
 void scx_xaes_clear(scx_xaes *x);
+/* A copy of src's contexts for another thread (an EVP_CIPHER_CTX is not
+ * shared between threads); no raw key needed.  0 or SOFTCXI_ECRYPTO. */
+int scx_xaes_dup(scx_xaes *dst, const scx_xaes *src);
 /* 0 ok, SOFTCXI_ECRYPTO on failure. */
 int scx_xaes_seal(scx_xaes *x, EVP_CIPHER_CTX *gcm, uint8_t *ct, uint8_t tag[SCX_TAG_LEN],
                   const uint8_t nonce[SCX_SALT_LEN], const uint8_t *aad, size_t aad_len,
@@ -398,7 +401,15 @@ int scx_audit_request(softcxi_session *s, const char *event, const char *subject
 void scx_audit_outcome(softcxi_session *s, const char *event, const char *subject, int rc);
 /* Who is logged on as administrator, for audit details. */
 void scx_admins(const softcxi_session *s, char *out, size_t cap);
-/* Rewrap (mbk.c, internal_keys.c). */
+/* Rewrap (mbk.c, internal_keys.c, rewrap.c): scx_rewrap_blob is
+ * scx_rewrap_check (parse, access, which MBK) then scx_rewrap_seal (open and
+ * seal again, on the contexts given: thread-safe with contexts of its own). */
+int scx_rewrap_check(softcxi_session *s, scx_frame *f, softcxi_key_info *info, scx_xaes **from,
+                     const uint8_t *blob, size_t len, int check_access);
+int scx_rewrap_seal(softcxi_buf *out, int *changed, const scx_frame *f,
+                    const softcxi_key_info *info, const uint8_t *blob, size_t len, scx_xaes *from,
+                    scx_xaes *to, const uint8_t kcv[SCX_KCV_LEN], EVP_CIPHER_CTX *gcm,
+                    scx_rndpool *pool, softcxi_error *err);
 int scx_rewrap_blob(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
                     int *changed, int check_access);
 int scx_internal_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *handle,

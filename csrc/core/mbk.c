@@ -351,71 +351,102 @@ int softcxi_mbk_info(softcxi_session *s, uint8_t kcvs[][8], size_t cap, size_t *
 
 /* ---- rewrap ------------------------------------------------------------ */
 
-/* Re-seal one blob under the current MBK; check_access = 0 for the device's
- * own internal keys (rewrapped by an administrator during mbk_import). */
-int scx_rewrap_blob(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
-                    int *changed, int check_access)
+/* The checks of a rewrap, before any secret is touched: the frame parses,
+ * holds a key, the session may use its group (check_access = 0 for the
+ * device's own internal keys, rewrapped by an administrator during
+ * mbk_import), and an MBK held opens it (*from: its context). */
+int scx_rewrap_check(softcxi_session *s, scx_frame *f, softcxi_key_info *info, scx_xaes **from,
+                     const uint8_t *blob, size_t len, int check_access)
 {
     softcxi_device *dev = s->dev;
-    scx_frame f;
-    softcxi_key_info info;
+    int rc;
+
+    *from = NULL;
+    if ((rc = scx_frame_parse(f, info, blob, len, &s->err)) != 0)
+        return rc;
+    if (f->type != SCX_TYPE_KEY)
+        return scx_fail(&s->err, SOFTCXI_EFORMAT, "key_rewrap: not a key blob");
+    if (check_access && (rc = scx_access_key(s, info->group, info->group_len, "key_rewrap")) != 0)
+        return rc;
+    if (!(*from = scx_mbk_for(dev, f->kcv))) {
+        char want[17], have[17];
+        scx_hex(want, f->kcv, SCX_KCV_LEN);
+        scx_hex(have, dev->kcv, SCX_KCV_LEN);
+        return scx_fail(&s->err, SOFTCXI_EMBK,
+                        "key_rewrap: blob of key %s was sealed under MBK %s, which this device "
+                        "does not hold (current: %s)",
+                        REF(info), want, have);
+    }
+    return 0;
+}
+
+/* The rest of a rewrap of a checked blob: open it with from, and unless
+ * from is to (the current MBK's context: *changed = 0, out a copy) seal
+ * the same attributes and key under to with a new salt from pool.  The key
+ * itself never leaves this function.  Touches nothing of the device: the
+ * workers of softcxi_key_rewrap_many run it on contexts of their own. */
+int scx_rewrap_seal(softcxi_buf *out, int *changed, const scx_frame *f,
+                    const softcxi_key_info *info, const uint8_t *blob, size_t len, scx_xaes *from,
+                    scx_xaes *to, const uint8_t kcv[SCX_KCV_LEN], EVP_CIPHER_CTX *gcm,
+                    scx_rndpool *pool, softcxi_error *err)
+{
     uint8_t salt[SCX_SALT_LEN], *sec = NULL, none[1];
     int rc;
 
     out->data = NULL, out->len = 0, out->secret = 0;
     *changed = 0;
-    if ((rc = scx_frame_parse(&f, &info, blob, len, &s->err)) != 0)
-        return rc;
-    if (f.type != SCX_TYPE_KEY)
-        return scx_fail(&s->err, SOFTCXI_EFORMAT, "key_rewrap: not a key blob");
-    if (check_access && (rc = scx_access_key(s, info.group, info.group_len, "key_rewrap")) != 0)
-        return rc;
-    scx_xaes *from = scx_mbk_for(dev, f.kcv);
-    if (!from) {
-        char want[17], have[17];
-        scx_hex(want, f.kcv, SCX_KCV_LEN);
-        scx_hex(have, dev->kcv, SCX_KCV_LEN);
-        return scx_fail(&s->err, SOFTCXI_EMBK,
-                        "key_rewrap: blob of key %s was sealed under MBK %s, which this device "
-                        "does not hold (current: %s)",
-                        REF(&info), want, have);
-    }
-    if (f.ct_len && !(sec = OPENSSL_secure_malloc(f.ct_len)))
-        return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_rewrap: out of secure memory");
-    rc = scx_xaes_open(from, dev->gcm, sec ? sec : none, f.ct, f.ct_len, f.tag, f.salt, blob,
-                       f.aad_len);
+    if (f->ct_len && !(sec = OPENSSL_secure_malloc(f->ct_len)))
+        return scx_fail(err, SOFTCXI_ENOMEM, "key_rewrap: out of secure memory");
+    rc = scx_xaes_open(from, gcm, sec ? sec : none, f->ct, f->ct_len, f->tag, f->salt, blob,
+                       f->aad_len);
     if (rc) {
         rc = rc == SOFTCXI_ETAMPER
-                 ? scx_fail(&s->err, SOFTCXI_ETAMPER,
-                            "key_rewrap: blob of key %s fails authentication", REF(&info))
-                 : scx_fail_ssl(&s->err, rc, "key_rewrap: opening failed");
+                 ? scx_fail(err, SOFTCXI_ETAMPER,
+                            "key_rewrap: blob of key %s fails authentication", REF(info))
+                 : scx_fail_ssl(err, rc, "key_rewrap: opening failed");
         goto done;
     }
-    if (from == &dev->xblob) { /* current already: the same blob back */
+    if (from == to) { /* current already: the same blob back */
         if (!(out->data = OPENSSL_memdup(blob, len)))
-            rc = scx_fail(&s->err, SOFTCXI_ENOMEM, "key_rewrap: out of memory");
+            rc = scx_fail(err, SOFTCXI_ENOMEM, "key_rewrap: out of memory");
         out->len = len;
         goto done;
     }
-    /* The same attributes, a new salt, sealed under the current MBK: the
-     * key itself never leaves this function. */
-    size_t total = SCX_HDR_LEN + f.attrs_len + f.ct_len + SCX_TAG_LEN;
-    if (scx_rnd_public(&dev->pool, salt, sizeof salt) != 0 || !(out->data = OPENSSL_malloc(total)) ||
-        scx_frame_seal(out->data, SCX_TYPE_KEY, dev->kcv, salt, f.attrs, f.attrs_len,
-                       sec ? sec : none, f.ct_len, &dev->xblob, dev->gcm) != 0) {
+    size_t total = SCX_HDR_LEN + f->attrs_len + f->ct_len + SCX_TAG_LEN;
+    if (scx_rnd_public(pool, salt, sizeof salt) != 0 || !(out->data = OPENSSL_malloc(total)) ||
+        scx_frame_seal(out->data, SCX_TYPE_KEY, kcv, salt, f->attrs, f->attrs_len,
+                       sec ? sec : none, f->ct_len, to, gcm) != 0) {
         OPENSSL_free(out->data);
         out->data = NULL;
-        rc = scx_fail_ssl(&s->err, SOFTCXI_ECRYPTO, "key_rewrap: sealing failed");
+        rc = scx_fail_ssl(err, SOFTCXI_ECRYPTO, "key_rewrap: sealing failed");
         goto done;
     }
     out->len = total;
     *changed = 1;
 done:
     if (sec)
-        OPENSSL_secure_clear_free(sec, f.ct_len);
-    if (rc == 0)
-        scx_ok(&s->err);
+        OPENSSL_secure_clear_free(sec, f->ct_len);
     return rc;
+}
+
+/* Re-seal one blob under the current MBK; check_access as scx_rewrap_check. */
+int scx_rewrap_blob(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,
+                    int *changed, int check_access)
+{
+    softcxi_device *dev = s->dev;
+    scx_frame f;
+    softcxi_key_info info;
+    scx_xaes *from;
+    int rc;
+
+    out->data = NULL, out->len = 0, out->secret = 0;
+    *changed = 0;
+    if ((rc = scx_rewrap_check(s, &f, &info, &from, blob, len, check_access)) != 0 ||
+        (rc = scx_rewrap_seal(out, changed, &f, &info, blob, len, from, &dev->xblob, dev->kcv,
+                              dev->gcm, &dev->pool, &s->err)) != 0)
+        return rc;
+    scx_ok(&s->err);
+    return 0;
 }
 
 int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out, const uint8_t *blob, size_t len,

@@ -418,6 +418,19 @@ SOFTCXI_MUST_CHECK int softcxi_mbk_info(softcxi_session *s, uint8_t kcvs[][8], s
  * *changed = 0 when it was current already (out is then a copy). */
 SOFTCXI_MUST_CHECK int softcxi_key_rewrap(softcxi_session *s, softcxi_buf *out,
                                           const uint8_t *blob, size_t len, int *changed);
+/* Re-seal n blobs under the current MBK, each exactly as softcxi_key_rewrap
+ * would one by one, the costly part on up to `threads` worker threads (0:
+ * one per online CPU; at most SOFTCXI_BULK_MAX_THREADS; the calling thread
+ * is one of them).  Per blob i, status[i] is 1 (rewrapped: outs[i] holds the
+ * new blob, free it), 0 (under the current MBK already: outs[i] is empty) or
+ * a negative error code (EFORMAT, EACCESS, EMBK, ETAMPER, ...; outs[i]
+ * empty): a blob that fails does not stop the others.  Returns 0 when the
+ * call as a whole ran (the session's message then names the first blob
+ * that failed, if one did), or an error code with every outs[i] empty.
+ * blobs[i] must stay unchanged until the call returns. */
+SOFTCXI_MUST_CHECK int softcxi_key_rewrap_many(softcxi_session *s, softcxi_buf *outs, int *status,
+                                               const uint8_t *const *blobs, const size_t *lens,
+                                               size_t n, unsigned threads);
 
 /* Opened-key cache statistics (hits, misses, entries). */
 typedef struct softcxi_cache_stats {

@@ -50,6 +50,20 @@ void scx_xaes_clear(scx_xaes *x)
     OPENSSL_cleanse(x, sizeof *x);
 }
 
+int scx_xaes_dup(scx_xaes *dst, const scx_xaes *src)
+{
+    memset(dst, 0, sizeof *dst);
+    dst->ecb = EVP_CIPHER_CTX_new();
+    if (!dst->ecb || !EVP_CIPHER_CTX_copy(dst->ecb, src->ecb) || !EVP_CIPHER_up_ref(src->gcm)) {
+        EVP_CIPHER_CTX_free(dst->ecb);
+        OPENSSL_cleanse(dst, sizeof *dst);
+        return SOFTCXI_ECRYPTO;
+    }
+    dst->gcm = src->gcm;
+    memcpy(dst->k1, src->k1, sizeof dst->k1);
+    return 0;
+}
+
 static int derive(scx_xaes *x, uint8_t kx[32], const uint8_t nonce[SCX_SALT_LEN])
 {
     uint8_t m[32];

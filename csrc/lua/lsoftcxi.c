@@ -475,6 +475,52 @@ static int l_key_attrs(lua_State *L)
     return 1;
 }
 
+/* key_check(blob) -> true | nil, msg, code: a key blob whose clear attributes parse
+ * (as key_info), without building key_info's table.  A store checks every blob a
+ * rewrap scans with it. */
+static int l_key_check(lua_State *L)
+{
+    size_t len;
+    const uint8_t *blob = check_bytes(L, 1, &len);
+    softcxi_key_info info;
+    softcxi_error err;
+    if (softcxi_key_info_read(&info, blob, len, &err) != 0)
+        return push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int same_bytes(const char *a, size_t alen, const char *b, size_t blen)
+{
+    return alen == blen && (alen == 0 || memcmp(a, b, alen) == 0);
+}
+
+/* same_index(a, b) -> true | false, what differs | nil, msg, code: whether two blobs
+ * carry the same indexed attributes (algo, name, group, specifier), so a store can
+ * replace a by b without touching its index (rewrap's compare-and-set).  nil when b
+ * (or a) is not a key blob: the store checks the blob it is about to write here. */
+static int l_same_index(lua_State *L)
+{
+    size_t alen, blen;
+    const uint8_t *a = check_bytes(L, 1, &alen), *b = check_bytes(L, 2, &blen);
+    softcxi_key_info ia, ib;
+    softcxi_error err;
+    if (softcxi_key_info_read(&ib, b, blen, &err) != 0 ||
+        softcxi_key_info_read(&ia, a, alen, &err) != 0)
+        return push_error(L, &err);
+    const char *what = ia.algo != ib.algo ? "algo"
+                       : !same_bytes(ia.name, ia.name_len, ib.name, ib.name_len) ? "name"
+                       : !same_bytes(ia.group, ia.group_len, ib.group, ib.group_len) ? "group"
+                       : ia.has_specifier != ib.has_specifier || ia.specifier != ib.specifier
+                           ? "specifier"
+                           : NULL;
+    lua_pushboolean(L, what == NULL);
+    if (!what)
+        return 1;
+    lua_pushfstring(L, "the %s differs", what);
+    return 2;
+}
+
 static int l_public_key(lua_State *L)
 {
     size_t len;
@@ -1293,6 +1339,68 @@ static int m_key_rewrap(lua_State *L)
     return 2;
 }
 
+/* key_rewrap_many(blobs [, n [, threads]]) -> results, rewrapped: blobs[1..n]
+ * (n: #blobs) re-sealed as key_rewrap would one by one, on up to `threads`
+ * worker threads (default 0: one per online CPU).  results[i] is the new
+ * blob, "current" (already under the current MBK: keep blobs[i]) or the
+ * error code of that blob alone ("EMBK", "ETAMPER", "EFORMAT", "EACCESS",
+ * ...; key_rewrap(blobs[i]) gives its message); rewrapped counts the new
+ * blobs.  nil, msg, code when the call as a whole failed.  No key reaches
+ * Lua: only blobs go in and out. */
+static int m_key_rewrap_many(lua_State *L)
+{
+    lsession *ls = check_session(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_Integer n = luaL_optinteger(L, 3, (lua_Integer)lua_rawlen(L, 2));
+    lua_Integer threads = luaL_optinteger(L, 4, 0);
+    if (n < 0 || n > 1000000)
+        return luaL_error(L, "key_rewrap_many: n must be in 0..1000000");
+    if (threads < 0 || threads > SOFTCXI_BULK_MAX_THREADS)
+        return luaL_error(L, "key_rewrap_many: threads must be in 0..%d",
+                          SOFTCXI_BULK_MAX_THREADS);
+    /* What may raise on bad arguments comes before the core allocates the
+     * new blobs: the arrays (one userdata, collected on a raise), the
+     * argument checks and the results table.  After the call only running
+     * out of memory while pushing a result could raise, and the blobs it
+     * would leave unfreed hold no secret. */
+    size_t cnt = n ? (size_t)n : 1;
+    size_t lens_off = cnt * sizeof(const uint8_t *);
+    size_t outs_off = lens_off + cnt * sizeof(size_t);
+    size_t status_off = outs_off + cnt * sizeof(softcxi_buf);
+    char *mem = lua_newuserdata(L, status_off + cnt * sizeof(int));
+    const uint8_t **ptrs = (const uint8_t **)(void *)mem;
+    size_t *lens = (size_t *)(void *)(mem + lens_off);
+    softcxi_buf *outs = (softcxi_buf *)(void *)(mem + outs_off);
+    int *status = (int *)(void *)(mem + status_off);
+    int count = (int)n;
+    for (int i = 0; i < count; i++) {
+        lua_rawgeti(L, 2, i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "key_rewrap_many: blobs[%d] is not a string", i + 1);
+        ptrs[i] = (const uint8_t *)lua_tolstring(L, -1, &lens[i]);
+        lua_pop(L, 1); /* the table still holds it */
+    }
+    lua_createtable(L, count, 0);
+    if (softcxi_key_rewrap_many(ls->s, outs, status, ptrs, lens, (size_t)n, (unsigned)threads) !=
+        0)
+        return session_error(L, ls);
+    lua_Integer changed = 0;
+    for (int i = 0; i < count; i++) {
+        int st = status[i];
+        if (st == 1) {
+            push_buf(L, &outs[i]); /* frees outs[i] */
+            changed++;
+        } else if (st == 0) {
+            lua_pushliteral(L, "current");
+        } else {
+            lua_pushstring(L, softcxi_code_name(st));
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_pushinteger(L, changed);
+    return 2;
+}
+
 /* key_open(group, name [, specifier]) -> handle */
 static int m_key_open(lua_State *L)
 {
@@ -1548,6 +1656,7 @@ static const luaL_Reg session_methods[] = {
     {"mbk_retire", m_mbk_retire},
     {"mbk_info", m_mbk_info},
     {"key_rewrap", m_key_rewrap},
+    {"key_rewrap_many", m_key_rewrap_many},
     {"logon_pass", m_logon_pass},
     {"logoff", m_logoff},
     {"user_add", m_user_add},
@@ -1581,6 +1690,8 @@ static const luaL_Reg module_functions[] = {
     {"logon_answer", l_logon_answer},
     {"key_info", l_key_info},
     {"key_attrs", l_key_attrs},
+    {"key_check", l_key_check},
+    {"same_index", l_same_index},
     {"public_key", l_public_key},
     {"hash_compute", l_hash_compute},
     {NULL, NULL},

@@ -1,6 +1,7 @@
 /*
  * test_device.c - the device calls added after the first round: logon by
- * key (challenge and response), changing users, list_files, get_state.
+ * key (challenge and response), changing users, list_files, get_state,
+ * key_rewrap_many.
  *
  * Each test makes a file-backed device under $SOFTCXI_TEST_TMP (default
  * /tmp), removed at the end, and checks what a user relies on, including
@@ -593,6 +594,183 @@ static void test_export(void)
     softcxi_session_free(s);
 }
 
+/* ---- key_rewrap_many ---------------------------------------------------- */
+
+/* Import a new MBK from two fresh share files (admin logged on in s). */
+static void rotate_mbk(softcxi_session *s, const char *tag)
+{
+    char sh[2][700];
+    const char *pws[2] = {"share-pw-one", "share-pw-two"};
+    const char *paths[2] = {sh[0], sh[1]};
+    snprintf(sh[0], sizeof sh[0], "%s/%s-1", tmproot, tag);
+    snprintf(sh[1], sizeof sh[1], "%s/%s-2", tmproot, tag);
+    softcxi_mbk_req mr = {2, 2, SOFTCXI_SHARES_SHAMIR, paths, pws, 10};
+    CHECK_RC(softcxi_mbk_generate(s, &mr), 0);
+    CHECK_RC(softcxi_mbk_import(s, paths, pws, 2), 0);
+}
+
+/* A batch rewrapped by key_rewrap_many on `threads` threads gives, blob by
+ * blob, what key_rewrap gives one by one: the same code, the same "current",
+ * and for a rewrapped blob one under the current MBK, with the same
+ * attributes, holding the same key (its public key, and it signs). */
+static void check_many_as_one(softcxi_session *s, const uint8_t *const *blobs,
+                              const size_t *lens, size_t n, unsigned threads, int *status)
+{
+    softcxi_buf outs[64];
+    softcxi_device *dev = softcxi_session_device(s);
+    CHECK_RC(softcxi_key_rewrap_many(s, outs, status, blobs, lens, n, threads), 0);
+    for (size_t i = 0; i < n; i++) {
+        softcxi_buf one = {0};
+        int changed = -1;
+        int rc = softcxi_key_rewrap(s, &one, blobs[i], lens[i], &changed);
+        CHECK(status[i] == (rc ? rc : changed));
+        if (status[i] == 1) {
+            softcxi_key_info a, b;
+            softcxi_error err;
+            CHECK(outs[i].data && outs[i].len == lens[i]);
+            CHECK(softcxi_key_info_read(&a, blobs[i], lens[i], &err) == 0 &&
+                  softcxi_key_info_read(&b, outs[i].data, outs[i].len, &err) == 0);
+            CHECK(memcmp(b.kcv, dev->kcv, 8) == 0 && memcmp(a.kcv, b.kcv, 8) != 0);
+            CHECK(a.name_len == b.name_len && !memcmp(a.name, b.name, a.name_len) &&
+                  a.pub_len == b.pub_len && !memcmp(a.pub, b.pub, a.pub_len));
+            /* a fresh salt: not the bytes key_rewrap just made either */
+            CHECK(memcmp(outs[i].data + 12, one.data + 12, 24) != 0);
+            softcxi_buf sig = {0};
+            softcxi_sign_req sr = {outs[i].data, outs[i].len, SOFTCXI_MECH_ECDSA_SHA256, 0,
+                                   (const uint8_t *)"m", 1};
+            CHECK_RC(softcxi_sign(s, &sig, &sr), 0);
+            softcxi_buf_free(&sig);
+        } else {
+            CHECK(outs[i].data == NULL && outs[i].len == 0);
+        }
+        softcxi_buf_free(&one);
+        softcxi_buf_free(&outs[i]);
+    }
+}
+
+static void test_rewrap_many(void)
+{
+    char dir[600];
+    current = "key_rewrap_many";
+    softcxi_session *s = new_device(dir, sizeof dir);
+    softcxi_session *adm = another(s);
+    CHECK_RC(softcxi_logon_pass(adm, "ADMIN", "admin-password"), 0);
+    softcxi_user_req u = {"iot-ops", "iot-password", SOFTCXI_ROLE_USER, 1, "iot", 10, NULL, 0};
+    CHECK_RC(softcxi_user_add(adm, &u), 0);
+    CHECK_RC(softcxi_logon_pass(s, "app", "app-password"), 0);
+
+    /* 40 keys of group iot and one of group ops under MBK A */
+    enum { N = 40 };
+    softcxi_buf a[N], ops = {0}, c_blobs[4], b2[N];
+    char knames[N][16];
+    const char *np[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(knames[i], sizeof knames[i], "k%02d", i);
+        np[i] = knames[i];
+    }
+    softcxi_template t = {0};
+    t.algo = SOFTCXI_ALGO_EC, t.group = "iot", t.usage = SOFTCXI_USAGE_SIGN;
+    CHECK_RC(softcxi_bulk_generate(s, a, SOFTCXI_FLAG_EXTERNAL, &t, np, N, 2), 0);
+    t.group = "ops", t.name = "o";
+    CHECK_RC(softcxi_key_generate(s, &ops, SOFTCXI_FLAG_EXTERNAL, &t), 0);
+
+    /* MBK B: blobs of A move, blobs of B are current */
+    rotate_mbk(adm, "rw-b");
+    t.group = "iot", t.name = NULL;
+    CHECK_RC(softcxi_bulk_generate(s, c_blobs, SOFTCXI_FLAG_EXTERNAL, &t, np, 4, 1), 0);
+    uint8_t tampered[400], *garbage = (uint8_t *)"K-not-a-blob";
+    CHECK(a[7].len <= sizeof tampered);
+    memcpy(tampered, a[7].data, a[7].len);
+    tampered[a[7].len - 20] ^= 1; /* in the sealed key */
+
+    /* 46 blobs: old ones, a tampered one in the middle, current ones, a
+     * malformed one, an empty one, a key of a group iot-ops may not use */
+    const uint8_t *blobs[64];
+    size_t lens[64], n = 0;
+    int status[64];
+    for (int i = 0; i < N; i++) {
+        if (i == 20) {
+            blobs[n] = tampered, lens[n++] = a[7].len;
+            blobs[n] = c_blobs[0].data, lens[n++] = c_blobs[0].len;
+        }
+        blobs[n] = a[i].data, lens[n++] = a[i].len;
+    }
+    blobs[n] = c_blobs[1].data, lens[n++] = c_blobs[1].len;
+    blobs[n] = garbage, lens[n++] = strlen((const char *)garbage);
+    blobs[n] = garbage, lens[n++] = 0;
+    blobs[n] = ops.data, lens[n++] = ops.len;
+    CHECK(n == 46);
+
+    /* one thread, two, and more threads than the batch needs */
+    check_many_as_one(s, blobs, lens, n, 1, status);
+    CHECK(status[0] == 1 && status[20] == SOFTCXI_ETAMPER && status[21] == 0 &&
+          status[42] == 0 && status[43] == SOFTCXI_EFORMAT && status[44] == SOFTCXI_EFORMAT &&
+          status[45] == 1);
+    check_many_as_one(s, blobs, lens, n, 2, status);
+    CHECK(status[20] == SOFTCXI_ETAMPER && status[45] == 1);
+    check_many_as_one(s, blobs, lens, n, 16, status);
+    /* the session's message names the first blob that failed */
+    softcxi_buf outs[64];
+    CHECK_RC(softcxi_key_rewrap_many(s, outs, status, blobs, lens, n, 2), 0);
+    CHECK_MSG("blob 21:");
+    CHECK_MSG("fails authentication");
+    for (size_t i = 0; i < n; i++)
+        softcxi_buf_free(&outs[i]);
+
+    /* a user of group iot only: the ops key is refused, the rest works */
+    softcxi_session *iot = another(s);
+    CHECK_RC(softcxi_logon_pass(iot, "iot-ops", "iot-password"), 0);
+    check_many_as_one(iot, blobs, lens, n, 2, status);
+    CHECK(status[0] == 1 && status[45] == SOFTCXI_EACCESS);
+    /* nobody logged on: every blob says so, the call itself runs */
+    softcxi_session *none = another(s);
+    check_many_as_one(none, blobs, lens, n, 2, status);
+    CHECK(status[0] == SOFTCXI_EAUTH && status[21] == SOFTCXI_EAUTH);
+
+    /* Rewrap A's blobs to B, rotate to C, retire A: blobs of A give EMBK,
+     * blobs of B move to C, in one batch. */
+    for (int i = 0; i < N; i++)
+        blobs[i] = a[i].data, lens[i] = a[i].len;
+    CHECK_RC(softcxi_key_rewrap_many(s, b2, status, blobs, lens, N, 2), 0);
+    for (int i = 0; i < N; i++)
+        CHECK(status[i] == 1);
+    rotate_mbk(adm, "rw-c");
+    uint8_t kcv_a[8];
+    softcxi_key_info ia;
+    softcxi_error err;
+    CHECK(softcxi_key_info_read(&ia, a[0].data, a[0].len, &err) == 0);
+    memcpy(kcv_a, ia.kcv, 8);
+    CHECK_RC(softcxi_mbk_retire(adm, kcv_a), 0);
+    n = 0;
+    for (int i = 0; i < N; i += 2) {
+        blobs[n] = a[i].data, lens[n++] = a[i].len;
+        blobs[n] = b2[i].data, lens[n++] = b2[i].len;
+    }
+    check_many_as_one(s, blobs, lens, n, 2, status);
+    for (size_t i = 0; i < n; i++)
+        CHECK(status[i] == (i % 2 ? 1 : SOFTCXI_EMBK));
+    CHECK_RC(softcxi_key_rewrap_many(s, outs, status, blobs, lens, n, 2), 0);
+    CHECK_MSG("blob 1:");
+    CHECK_MSG("does not hold");
+    for (size_t i = 0; i < n; i++)
+        softcxi_buf_free(&outs[i]);
+
+    /* nothing to do is fine */
+    CHECK_RC(softcxi_key_rewrap_many(s, outs, status, blobs, lens, 0, 2), 0);
+
+    for (int i = 0; i < N; i++) {
+        softcxi_buf_free(&a[i]);
+        softcxi_buf_free(&b2[i]);
+    }
+    for (int i = 0; i < 4; i++)
+        softcxi_buf_free(&c_blobs[i]);
+    softcxi_buf_free(&ops);
+    softcxi_session_free(none);
+    softcxi_session_free(iot);
+    softcxi_session_free(adm);
+    softcxi_session_free(s);
+}
+
 int main(void)
 {
     const char *base = getenv("SOFTCXI_TEST_TMP");
@@ -608,6 +786,7 @@ int main(void)
     test_list_files_state();
     test_database_backup();
     test_export();
+    test_rewrap_many();
 
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmproot);
     if (system(cmd) != 0)

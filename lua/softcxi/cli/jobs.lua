@@ -111,6 +111,7 @@ end
 local function run_rewrap(ctx)
     local a = ctx.args
     local page = number_opt(a.page, "page", 1)
+    local threads = number_opt(a.threads, "threads", 1)
     local store = ctx:store(a.store)
     local hsm = ctx:session()
     local total = store:count()
@@ -119,7 +120,7 @@ local function run_rewrap(ctx)
     local last
     local r, err, code, partial = stoppable(function()
         return rewrap.run {
-            hsm = hsm, store = store, page = page,
+            hsm = hsm, store = store, page = page, threads = threads,
             on_progress = function(seen, rep)
                 last = rep
                 bar.update(seen)
@@ -311,6 +312,7 @@ Example:
   softcxi rewrap --store file:./keystore]])
     rw:option("--store", "Key store URL."):argname("URL"):count(1)
     rw:option("--page", "Blobs per page (default 500)."):argname("N")
+    rw:option("--threads", "Device threads re-sealing a page (default: one per core)."):argname("N")
 
     local st = cmd(p, "store", "Key store inspection.")
     local ss = cmd(st, "stats", "Count the keys of a store (--scan: by MBK, algorithm, group).",

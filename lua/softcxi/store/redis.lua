@@ -46,9 +46,11 @@ local coroutine_create, coroutine_resume, coroutine_status, coroutine_yield =
     coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
 local math_floor, math_min, math_max = math.floor, math.min, math.max
 local key_info, check = softcxi.key_info, store.check
+local core = require "softcxi.core"
+local key_check, same_index = core.key_check, core.same_index
 -- the four attributes the store indexes, parsed and checked as key_info does, in a table
--- of four fields rather than key_info's sixteen: the store checks every blob it scans and
--- every blob put_many writes (a rewrap: two per blob)
+-- of four fields rather than key_info's sixteen: put_many checks every blob it writes with
+-- it (scans check with key_check, and swap_later with same_index: no table at all)
 local key_attrs = require("softcxi.core").key_attrs or key_info
 
 local _M = { _VERSION = softcxi._VERSION }
@@ -1108,12 +1110,187 @@ function _M:put_many_later(items)
     return h.send, h.finish
 end
 
+-- ---- rewrap's compare-and-set -------------------------------------------------
+
+local SWAP_RESULT = {
+    [-1] = { "not found (deleted meanwhile)", "ENOTFOUND" },
+    [-2] = { "changed (the stored blob is not the one expected)", "ECONFLICT" },
+    [-3] = { "holds a value of another type, not a key blob", "EFORMAT" },
+}
+
+-- The swap calls of items i (news[i] a string) of ids/olds/news[1..n]: cmds (argv
+-- arrays; EVAL when eval, else EVALSHA) and, per cmd, the item positions it carries.
+-- One call per bucket and at most SCRIPT_ITEMS items; an id twice in one page goes to
+-- a later call (SWAP_SCRIPT compares each key once).
+local function swap_cmds(self, ids, olds, news, n, eval)
+    local P, tags, bucket_of = self.P, self.tags, self.bucket_of
+    local open, calls = {}, {}
+    for i = 1, n do
+        if news[i] then
+            local id = ids[i]
+            local b = bucket_of and bucket_of(id) or 0
+            local g = open[b]
+            if not g or g.n >= SCRIPT_ITEMS or g.seen[id] then
+                g = { n = 0, b = b, seen = {} }
+                open[b] = g
+                calls[#calls + 1] = g
+            end
+            g.n = g.n + 1
+            g[g.n], g.seen[id] = i, true
+        end
+    end
+    local cmds, members = {}, {}
+    for c = 1, #calls do
+        local g = calls[c]
+        local m, base = g.n, P .. tags[g.b] .. "k:"
+        local argv = eval and { "EVAL", SWAP_TEXT, m } or { "EVALSHA", SWAP_SHA, m, script = SWAP_TEXT }
+        local a = 3 + m
+        for j = 1, m do
+            local i = g[j]
+            argv[3 + j] = base .. ids[i]
+            argv[a + 2 * j - 1], argv[a + 2 * j] = olds[i], news[i]
+        end
+        argv.key = argv[4]
+        g.seen = nil
+        cmds[c], members[c] = argv, g
+    end
+    return cmds, members
+end
+
+--- Compare-and-set for rewrap, in arrays (no table per item): for each i in 1..n where
+-- news[i] is a blob (false: left alone), ids[i] goes from olds[i] to news[i] if it still
+-- holds olds[i].  A new blob must be a key blob with the indexed attributes (algo, name,
+-- group, specifier) of the old one, so no index set or counter changes (one GET and SET
+-- per key in SWAP_SCRIPT); else nil, msg (naming the id), EINVAL / EFORMAT, and nothing
+-- is sent.  Returns send, finish, as put_many_later: send() puts the calls on the wire
+-- (on a connection of their own where the store can: one Redis over hiredis, no
+-- wait_replicas; else finish does it all), finish() reads the replies and returns what
+-- put_many with if_match would: stored, or nil, msg, code, stored (ECONFLICT /
+-- ENOTFOUND: the first refused item, the rest written; ECONN: the connection broke and
+-- stored counts the keys confirmed).  Handles are sent and finished in the order made.
+function _M:swap_later(ids, olds, news, n)
+    local fn = self.name .. ".swap_later"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    if type(ids) ~= "table" or type(olds) ~= "table" or type(news) ~= "table" then
+        error(fn .. ": ids, olds and news must be arrays", 2)
+    end
+    n = n or #ids
+    local total = 0
+    for i = 1, n do
+        local new = news[i]
+        if new then
+            local id, old = ids[i], olds[i]
+            if type(id) ~= "string" or id == "" or type(old) ~= "string" or type(new) ~= "string" then
+                error(string_format("%s: item %d: id, old and new blob must be strings", fn, i), 2)
+            end
+            local same, why, code = same_index(old, new)
+            if not same then
+                if same == nil then return nil, string_format("%s: '%s': %s", fn, id, why), code end
+                return nil, string_format("%s: '%s': %s (not a rewrap: use put_many with if_match)",
+                                          fn, id, why), "EINVAL"
+            end
+            total = total + 1
+        end
+    end
+    local t = self.transport
+    local ahead = not self.cluster and t.twin ~= nil and t.send_ahead ~= nil
+        and (self.wait_replicas or 0) <= 0
+    local cmds, members = swap_cmds(self, ids, olds, news, n, ahead)
+    local h = { sent = false }
+
+    -- count the replies: put_many's return values
+    local function settle(res, err, code)
+        local stored, nfail, fail_msg, fail_code = 0, 0, nil, nil
+        for c = 1, #cmds do
+            local rc, g = res[c], members[c]
+            for j = 1, g.n do
+                local r = rc
+                if type(rc) == "table" and not is_err(rc) then r = rc[j] end
+                if r == 1 then
+                    stored = stored + 1
+                elseif r ~= nil then
+                    local msg, rcd
+                    if is_err(r) then
+                        msg, rcd = r.err, rcode(r.err)
+                    else
+                        local why = SWAP_RESULT[r] or { "unexpected reply " .. tostring(r), "EIO" }
+                        msg, rcd = why[1], why[2]
+                    end
+                    nfail = nfail + 1
+                    if not fail_msg then
+                        fail_msg, fail_code = string_format("'%s' %s", ids[g[j]], msg), rcd
+                    end
+                end
+            end
+        end
+        if err then
+            return nil, string_format("%s: connection lost after %d of %d keys were confirmed stored: %s",
+                                      fn, stored, total, err), code, stored
+        end
+        local ok, msg, c = replicated(self, fn, string_format("%d keys", stored))
+        if not ok then return nil, msg, c, stored end
+        if fail_msg then
+            return nil, string_format("%s: %s%s; %d of %d keys stored", fn, fail_msg,
+                                      nfail > 1 and string_format(" (and %d more failed)", nfail - 1) or "",
+                                      stored, total), fail_code, stored
+        end
+        return stored
+    end
+
+    if not ahead or #cmds == 0 then
+        function h.send() end
+        function h.finish()
+            if not h.res then
+                if #cmds == 0 then
+                    h.res = { 0, n = 1 }
+                else
+                    h.res = pack(settle(run(self, cmds, WRITE)))
+                end
+            end
+            return unpack(h.res, 1, h.res.n)
+        end
+        return h.send, h.finish
+    end
+
+    -- their own connection: the store's others (and put_many_later's) answer meanwhile
+    local w = self.swapper
+    if not w then
+        w = t:twin()
+        self.swapper, self.swaps = w, {}
+    end
+    local queue = self.swaps
+    queue[#queue + 1] = h
+    function h.send()
+        if h.sent then return end
+        for i = 1, #queue do
+            local o = queue[i]
+            if o == h then break end
+            o.send()
+        end
+        h.sent = true
+        local ok, err, code = w:send_ahead(cmds)
+        if not ok then h.send_err = { err, code } end
+    end
+    function h.finish()
+        if not h.res then
+            while queue[1] ~= h do queue[1].finish() end
+            h.send()
+            local res, err, code = w:receive(#cmds)
+            if h.send_err and not err then err, code = h.send_err[1], h.send_err[2] end
+            table_remove(queue, 1)
+            h.res = pack(settle(res, err, code))
+        end
+        return unpack(h.res, 1, h.res.n)
+    end
+    return h.send, h.finish
+end
+
 -- Read the keys of ids: one MGET per bucket (at most GET_CHUNK keys each, all in one
 -- pipeline); a key MGET answers nil for (deleted meanwhile, or holding another type) is
 -- asked again with GET, which tells the two apart.  Returns { [id] = blob } for the
 -- values that are key blobs, and nil or { [id] = { msg, code } } for those holding
 -- something else (another type, foreign bytes); or nil, msg, code.
-local function fetch_blobs(self, fn, ids, memo)
+local function fetch_blobs(self, fn, ids)
     local out, errs = {}, nil
     local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
     local open, cmds = {}, {}
@@ -1136,10 +1313,9 @@ local function fetch_blobs(self, fn, ids, memo)
         if is_err(v) then
             why = v.err
         else
-            local info, e = key_attrs(v)
-            if info then
+            local ok, e = key_check(v)
+            if ok then
                 out[id] = v
-                if memo then memo[v] = info end
             else
                 why = e
             end
@@ -1389,10 +1565,10 @@ local function scan_ids(self, cursor, count)
 end
 
 -- scan's work; fn names the caller in messages (find({}) scans too).
-local function scan(self, fn, cursor, count, memo)
+local function scan(self, fn, cursor, count)
     local ids, nxt, code = scan_ids(self, cursor, count)
     if not ids then return nil, fn .. ": " .. nxt, code end
-    local blobs, errs, c = fetch_blobs(self, fn, ids, memo)
+    local blobs, errs, c = fetch_blobs(self, fn, ids)
     if not blobs then return nil, fn .. ": " .. errs, c end
     -- an id deleted between SCAN and GET is left out too, but not counted: it is gone,
     -- not foreign
@@ -1405,7 +1581,7 @@ local function scan(self, fn, cursor, count, memo)
         end
     end
     self.skipped = self.skipped + bad
-    return out, nxt, bad, blobs
+    return out, nxt, bad
 end
 
 --- Iterate the store in bounded memory: ids, next_cursor (nil when done), skipped.
@@ -1421,18 +1597,79 @@ function _M:scan(cursor, count)
     return ids, nxt, bad
 end
 
---- scan with the values: ids, { [id] = blob }, next_cursor, skipped.  scan reads every
--- value anyway (to leave out what is not a key blob); rewrap takes them from here instead
--- of a second round of GETs.  A blob deleted meanwhile is absent from ids.
+-- The values of ids for scan_blobs, in arrays: ids and blobs of the key blobs (one MGET
+-- per bucket, at most GET_CHUNK keys each, in one pipeline; a key MGET answers nil for is
+-- asked again with GET: deleted meanwhile, or another type), and how many held something
+-- else; or nil, msg, code.  Blobs are checked with key_check (no table per blob).
+local function fetch_values(self, ids)
+    local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
+    local open, cmds = {}, {}
+    for i = 1, #ids do
+        local id = ids[i]
+        local b = bucket_of and bucket_of(id) or 0
+        local g = open[b]
+        if not g or g.n >= GET_CHUNK then
+            g = { "MGET", n = 0, pos = {} }
+            open[b] = g
+            cmds[#cmds + 1] = g
+        end
+        local n = g.n + 1
+        g.n, g[n + 1], g.pos[n] = n, P .. tags[b] .. "k:" .. id, i
+        if n == 1 then g.key = g[2] end
+    end
+    local res, err, code = run(self, cmds, RETRY)
+    if err then return nil, err, code end
+    local vals, again, bad = {}, {}, 0
+    for j = 1, #cmds do
+        local g, r = cmds[j], res[j]
+        if is_err(r) then return nil, r.err, rcode(r.err) end
+        local pos = g.pos
+        for k = 1, g.n do
+            local v = r[k]
+            if v == null then
+                again[#again + 1] = { "GET", g[k + 1], key = g[k + 1], i = pos[k] }
+            elseif key_check(v) then
+                vals[pos[k]] = v
+            else
+                bad = bad + 1
+            end
+        end
+    end
+    if #again > 0 then
+        res, err, code = run(self, again, RETRY)
+        if err then return nil, err, code end
+        for k = 1, #again do
+            local v = res[k]
+            if v ~= null then
+                if type(v) == "string" and key_check(v) then vals[again[k].i] = v else bad = bad + 1 end
+            end
+        end
+    end
+    local out_ids, out_vals, m = {}, {}, 0
+    for i = 1, #ids do
+        local v = vals[i]
+        if v then
+            m = m + 1
+            out_ids[m], out_vals[m] = ids[i], v
+        end
+    end
+    return out_ids, out_vals, bad
+end
+
+--- scan with the values, for rewrap: ids, blobs, next_cursor, skipped, where blobs[i] is
+-- the blob of ids[i] (arrays: no table per blob).  scan reads every value anyway (to leave
+-- out what is not a key blob); rewrap takes them from here instead of a second round of
+-- GETs.  A blob deleted meanwhile is absent from ids; values that are not key blobs are
+-- left out and counted, as scan does.
 function _M:scan_blobs(cursor, count)
     local fn = self.name .. ".scan_blobs"
     if self.closed then error(fn .. ": the store is closed", 2) end
-    -- the page's parsed attributes, for the compare-and-set put_many that follows (rewrap):
-    -- key_info of the same bytes again would give the same answer
-    self.info_memo = {}
-    local ids, nxt, bad, blobs = scan(self, fn, cursor, check_limit(fn, count, 100), self.info_memo)
-    if not ids then return nil, nxt, bad end
-    return ids, blobs, nxt, bad
+    local ids, nxt, code = scan_ids(self, cursor, check_limit(fn, count, 100))
+    if not ids then return nil, fn .. ": " .. nxt, code end
+    local out, vals, bad = fetch_values(self, ids)
+    if not out then return nil, fn .. ": " .. vals, bad end
+    self.skipped = self.skipped + bad
+    return out, vals, nxt, bad
 end
 
 --- Ids whose blob's attributes match filter (fields name, specifier, group, algo; an
@@ -1505,8 +1742,9 @@ function _M:close()
     if not self.closed then
         self.transport:close()
         if self.writer then self.writer:close() end
+        if self.swapper then self.swapper:close() end
     end
-    self.closed, self.info_memo, self.writer = true, nil, nil
+    self.closed, self.info_memo, self.writer, self.swapper = true, nil, nil, nil
     return true
 end
 
