@@ -449,6 +449,12 @@ describe("softcxi command", function()
             local err = fails(e.app .. " provision --algo ec --group iot --count 3 --name dev "
                 .. "--store " .. H.q(store), 2)
             assert.matches("%%d", err)
+            -- more threads than the device runs: a usage error before any work, for both jobs
+            err = fails(e.app .. " provision --algo ec --group iot --count 3 --name 'x-%d' --threads 17 "
+                .. "--store " .. H.q(store), 2)
+            assert.matches("%-%-threads must be an integer from 1 to 16, not '17'", err)
+            err = fails(e.app .. " rewrap --threads 0 --store " .. H.q(store), 2)
+            assert.matches("%-%-threads must be an integer from 1 to 16, not '0'", err)
         end)
 
         it("stops cleanly on SIGINT and a re-run completes", function()

@@ -796,6 +796,20 @@ describe("redis store", function()
         assert.are.equal(v2, s:get("s11"))
         assert.has_error(function() s:swap_later({ "s11" }, { v2 }, { 42 }) end)
         assert.has_error(function() s:swap_later("s11", { v2 }, { v3 }) end)
+        -- a script call refused as a whole (an ACL user without EVAL): the call's own code
+        -- and message, naming its first id, not a compare-and-set code
+        local user, pw = "noeval-" .. RUN, "pw-" .. RUN
+        cmd(c, { "ACL", "SETUSER", user, "reset", "on", ">" .. pw, "~" .. P .. "*", "+get", "+mget",
+                 "+exists", "+set", "+del", "+scan", "+sscan", "+ping", "+select" })
+        finally(function() c:command { "ACL", "DELUSER", user } end)
+        local weak = open(with_prefix(string.format("redis://%s:%s@127.0.0.1:%d/0", user, pw, MAIN.port), P))
+        r = H.pack(select(2, weak:swap_later({ "s1", "s2" }, { v3, v3 }, { v2, v2 }))())
+        assert.is_nil(r[1])
+        assert.are.equal("EPERM", r[3], r[2])
+        assert.truthy(r[2]:find("'s1' and 1 more: NOPERM", 1, true), r[2])
+        assert.are.equal(0, r[4])
+        assert.are.equal(v3, s:get("s1"))
+        weak:close()
         s:close()
         assert.has_error(function() s:swap_later({}, {}, {}) end)
     end)

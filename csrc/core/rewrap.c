@@ -17,6 +17,7 @@
 
 #include <openssl/crypto.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -144,7 +145,7 @@ int softcxi_key_rewrap_many(softcxi_session *s, softcxi_buf *outs, int *status,
         scx_ok(&s->err);
         return 0;
     }
-    job *jobs = OPENSSL_malloc(n * sizeof *jobs);
+    job *jobs = n <= SIZE_MAX / sizeof *jobs ? OPENSSL_malloc(n * sizeof *jobs) : NULL;
     if (!jobs)
         return scx_fail(&s->err, SOFTCXI_ENOMEM, "key_rewrap_many: out of memory");
 

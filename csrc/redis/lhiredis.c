@@ -44,6 +44,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <sys/un.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -534,14 +535,23 @@ static int l_connect(lua_State *L)
     return n;
 }
 
-/* hiredis.connect_unix(path [, timeout_s]) -> conn | nil, msg, "ECONN": the
- * same over a Unix domain socket (no TCP, no keep-alive: the peer is local). */
+/* hiredis.connect_unix(path [, timeout_s]) -> conn | nil, msg, "ECONN" | "EINVAL": the
+ * same over a Unix domain socket (no TCP, no keep-alive: the peer is local).
+ * A path too long for sun_path is nil, msg, "EINVAL": hiredis 0.14 would cut it
+ * short without a word and could reach another server's socket. */
 static int l_connect_unix(lua_State *L)
 {
     size_t len;
     const char *path = luaL_checklstring(L, 1, &len);
     double timeout = luaL_optnumber(L, 2, 2.0);
     luaL_argcheck(L, len > 0 && strlen(path) == len, 1, "a socket path without NUL bytes");
+    if (len >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "unix:%s: the socket path is too long (%d bytes at most)", path,
+                        (int)sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+        lua_pushliteral(L, "EINVAL");
+        return 3;
+    }
     struct timeval tv = seconds_to_tv(timeout);
 
     lconn *lc = new_conn(L);

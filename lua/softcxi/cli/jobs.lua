@@ -16,14 +16,17 @@ local check, die, usage = util.check, util.die, util.usage
 
 local STOP = {} -- raised from a progress callback when a signal came in
 
-local function number_opt(v, name, min)
+local function number_opt(v, name, min, max)
     if v == nil then return nil end
     local n = tonumber(v)
-    if not n or n % 1 ~= 0 or n < (min or 0) then
-        usage("--" .. name .. " must be an integer >= " .. (min or 0) .. ", not '" .. tostring(v) .. "'")
+    if not n or n % 1 ~= 0 or n < (min or 0) or (max and n > max) then
+        usage("--" .. name .. " must be an integer " .. (max and ("from " .. (min or 0) .. " to " .. max)
+            or (">= " .. (min or 0))) .. ", not '" .. tostring(v) .. "'")
     end
     return n
 end
+
+local MAX_THREADS = 16 -- the device's limit (SOFTCXI_BULK_MAX_THREADS)
 
 local unpack = table.unpack or unpack -- luacheck: ignore (LuaJIT's global unpack)
 
@@ -56,7 +59,7 @@ local function run_provision(ctx)
     local count = number_opt(a.count, "count", 0)
     local start = number_opt(a.start, "start", 0) or 1
     local batch = number_opt(a.batch, "batch", 1)
-    local threads = number_opt(a.threads, "threads", 1)
+    local threads = number_opt(a.threads, "threads", 1, MAX_THREADS)
     local fmt = a.name
     if not fmt:find("%%[0-9]*d") then
         usage("--name must hold a %d (e.g. 'dev-%08d'), not '" .. fmt .. "'")
@@ -111,7 +114,7 @@ end
 local function run_rewrap(ctx)
     local a = ctx.args
     local page = number_opt(a.page, "page", 1)
-    local threads = number_opt(a.threads, "threads", 1)
+    local threads = number_opt(a.threads, "threads", 1, MAX_THREADS)
     local store = ctx:store(a.store)
     local hsm = ctx:session()
     local total = store:count()

@@ -130,7 +130,8 @@ function _M.open(url, opts)
     local scheme, rest = url:match("^([%a][%w%-%+]*):(.*)$")
     local mod = scheme and schemes[scheme]
     if not mod then
-        return nil, "store.open: unknown store URL '" .. url
+        -- never the password of a mistyped URL
+        return nil, "store.open: unknown store URL '" .. (url:gsub("//.*@", "//***@"))
             .. "' (file:DIR, redis://HOST:PORT/DB, redis+unix:///SOCKET, redis-cluster://HOST:PORT,...,"
             .. " postgres://USER@HOST/DB, sqlite:FILE)", "EINVAL"
     end

@@ -1201,8 +1201,13 @@ function _M:swap_later(ids, olds, news, n)
     -- count the replies: put_many's return values
     local function settle(res, err, code)
         local stored, nfail, fail_msg, fail_code = 0, 0, nil, nil
+        local call_msg, call_code -- a script call that failed as a whole (OOM, READONLY, ...)
         for c = 1, #cmds do
             local rc, g = res[c], members[c]
+            if is_err(rc) and not call_msg then
+                call_msg, call_code = string_format("'%s' and %d more: %s", ids[g[1]], g.n - 1, rc.err),
+                    rcode(rc.err)
+            end
             for j = 1, g.n do
                 local r = rc
                 if type(rc) == "table" and not is_err(rc) then r = rc[j] end
@@ -1229,6 +1234,12 @@ function _M:swap_later(ids, olds, news, n)
         end
         local ok, msg, c = replicated(self, fn, string_format("%d keys", stored))
         if not ok then return nil, msg, c, stored end
+        -- a failed call says more than a refused compare-and-set: its code, not ECONFLICT,
+        -- tells the caller (rewrap) to stop
+        if call_msg then
+            return nil, string_format("%s: %s; %d of %d keys stored", fn, call_msg, stored, total),
+                call_code, stored
+        end
         if fail_msg then
             return nil, string_format("%s: %s%s; %d of %d keys stored", fn, fail_msg,
                                       nfail > 1 and string_format(" (and %d more failed)", nfail - 1) or "",
