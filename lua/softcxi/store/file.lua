@@ -538,8 +538,8 @@ local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on
 
 --- put_many({ {id=, blob= [, if_match=]}, ... } [, opts]) -> stored, skipped
 -- Every item is checked before anything is written (EFORMAT fails the call).
--- Group commit: one sync pass per chunk (opts.chunk, default 256, at most
--- 512).  opts.overwrite and a per-item if_match as in put;
+-- Group commit: one sync pass per chunk (opts.chunk, default 1024, at most
+-- 4096).  opts.overwrite and a per-item if_match as in put;
 -- opts.skip_existing: an id already stored is left alone and counted in
 -- skipped.  opts.on_chunk(done, total) runs after each chunk is durable.
 -- An item that may not be written (EEXIST, ECONFLICT, ENOTFOUND) fails
