@@ -183,10 +183,47 @@ static int fsync_parent(const char *path, size_t dlen, syserr *e)
     return fsync_dir(dir, e);
 }
 
+/* Directories a commit created, whose parents it must fsync before it
+ * places anything: fsyncing them there, after the files' data, rather than
+ * at each mkdir lets one journal commit cover the new directories and the
+ * files (on ext4 with a journal an fsync finds the rest already committed);
+ * a young store's put creates up to three. */
+typedef struct dirlog {
+    char **dirs;
+    size_t n, cap;
+} dirlog;
+
+/* Remember dir; -1 when out of memory (the caller then fsyncs at once). */
+static int log_dir(dirlog *log, const char *dir)
+{
+    if (log->n == log->cap) {
+        size_t cap = log->cap ? 2 * log->cap : 8;
+        char **d = realloc(log->dirs, cap * sizeof *d);
+        if (!d)
+            return -1;
+        log->dirs = d, log->cap = cap;
+    }
+    char *copy = strdup(dir);
+    if (!copy)
+        return -1;
+    log->dirs[log->n++] = copy;
+    return 0;
+}
+
+static void log_free(dirlog *log)
+{
+    for (size_t i = 0; i < log->n; i++)
+        free(log->dirs[i]);
+    free(log->dirs);
+    log->dirs = NULL, log->n = log->cap = 0;
+}
+
 /* mkdir -p of the first len bytes of path.  With durable, every directory
  * created is made durable by an fsync of its parent, so a file put in it
- * survives (a caller that ends with syncfs() passes 0). */
-static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syserr *e)
+ * survives (a caller that ends with syncfs() passes 0) -- at once, or, with
+ * a log, by the caller before it relies on it (see dirlog). */
+static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, dirlog *log,
+                   syserr *e)
 {
     char buf[4096];
     struct stat st;
@@ -204,7 +241,8 @@ static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syser
         char c = buf[i];
         buf[i] = '\0';
         if (mkdir(buf, mode) == 0) {
-            if (durable && fsync_parent(buf, dir_len(buf), e) != 0)
+            if (durable && !(log && log_dir(log, buf) == 0) &&
+                fsync_parent(buf, dir_len(buf), e) != 0)
                 return -1;
         } else if (errno != EEXIST) {
             return fail(e, "mkdir", buf);
@@ -219,11 +257,11 @@ static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syser
 
 /* open(2) that creates missing parent directories on ENOENT; -2 when
  * that fails (e filled), else open's result with errno. */
-static int open_mkdir(const char *path, int flags, int durable, syserr *e)
+static int open_mkdir(const char *path, int flags, int durable, dirlog *log, syserr *e)
 {
     int fd = open(path, flags, 0600);
     if (fd < 0 && errno == ENOENT && dir_len(path) > 0) {
-        if (mkdir_p(path, dir_len(path), 0700, durable, e) != 0)
+        if (mkdir_p(path, dir_len(path), 0700, durable, log, e) != 0)
             return -2;
         fd = open(path, flags, 0600);
     }
@@ -276,7 +314,7 @@ static unsigned long next_tmp(void)
 /* Create a unique temp file beside en->path, named ".<base>.<pid>.<n>.tmp":
  * the leading dot and the suffix keep it out of every store listing.
  * Fills en->tmp (tmpcap bytes) and en->fd. */
-static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
+static int open_tmp(entry *en, size_t tmpcap, int durable, dirlog *log, syserr *e)
 {
     const char *slash = strrchr(en->path, '/');
     const char *base = slash ? slash + 1 : en->path;
@@ -291,7 +329,7 @@ static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
             errno = ENAMETOOLONG;
             return fail(e, "create", en->path);
         }
-        en->fd = open_mkdir(en->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, e);
+        en->fd = open_mkdir(en->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, log, e);
         if (en->fd >= 0) {
             en->created = 1;
             return 0;
@@ -305,9 +343,9 @@ static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
 }
 
 /* Create marker en->path with its data unless it exists (then leave it). */
-static int open_marker(entry *en, int durable, syserr *e)
+static int open_marker(entry *en, int durable, dirlog *log, syserr *e)
 {
-    en->fd = open_mkdir(en->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, e);
+    en->fd = open_mkdir(en->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, log, e);
     if (en->fd >= 0) {
         en->created = 1;
         return 0;
@@ -322,11 +360,12 @@ static int open_marker(entry *en, int durable, syserr *e)
 
 /* A hard link at path to src, creating missing parent directories; -2 when
  * that fails (e filled), else link's result with errno. */
-static int link_mkdir(const char *src, const char *path, int durable, syserr *e)
+static int link_mkdir(const char *src, const char *path, int durable, dirlog *log,
+                      syserr *e)
 {
     int r = link(src, path);
     if (r != 0 && errno == ENOENT && dir_len(path) > 0) {
-        if (mkdir_p(path, dir_len(path), 0700, durable, e) != 0)
+        if (mkdir_p(path, dir_len(path), 0700, durable, log, e) != 0)
             return -2;
         r = link(src, path);
     }
@@ -337,9 +376,9 @@ static int link_mkdir(const char *src, const char *path, int durable, syserr *e)
  * its own (on ext4 without a journal, allocating inodes is most of what a
  * put costs).  An existing marker is replaced through a temp link and a
  * rename, so it never goes missing and never keeps an older blob alive. */
-static int link_marker(entry *en, const char *src, int durable, syserr *e)
+static int link_marker(entry *en, const char *src, int durable, dirlog *log, syserr *e)
 {
-    int r = link_mkdir(src, en->path, durable, e);
+    int r = link_mkdir(src, en->path, durable, log, e);
     if (r == -2)
         return -1;
     if (r == 0) {
@@ -444,6 +483,7 @@ typedef struct share {
     int first, use_syncfs;
     size_t tmpcap;
     int *stop; /* set by a share that failed: the other stops early */
+    dirlog *log; /* directories this share created (fsync path) */
     int failed;
     syserr e;
 } share;
@@ -469,7 +509,7 @@ static void *write_share(void *arg)
     size_t i;
     e->errnum = 0;
     for (i = sh->wlo; i < sh->whi && !failed && !stopped(sh); i++) {
-        if (open_tmp(&w[i], sh->tmpcap, !sh->use_syncfs, e) != 0)
+        if (open_tmp(&w[i], sh->tmpcap, !sh->use_syncfs, sh->log, e) != 0)
             failed = 1;
         else if (write_all(w[i].fd, w[i].data, w[i].len) != 0) {
             fail(e, "write", w[i].tmp);
@@ -483,11 +523,11 @@ static void *write_share(void *arg)
             continue;
         if (m[i].link_idx > 0 || m[i].link) {
             const char *src = m[i].link ? m[i].link : w[m[i].link_idx - 1].tmp;
-            if (link_marker(&m[i], src, !sh->use_syncfs, e) != 0)
+            if (link_marker(&m[i], src, !sh->use_syncfs, sh->log, e) != 0)
                 failed = 1;
             continue;
         }
-        if (open_marker(&m[i], !sh->use_syncfs, e) != 0)
+        if (open_marker(&m[i], !sh->use_syncfs, sh->log, e) != 0)
             failed = 1;
         else if (m[i].fd >= 0 && write_all(m[i].fd, m[i].data, m[i].len) != 0) {
             fail(e, "write", m[i].path);
@@ -510,7 +550,7 @@ static void *write_share(void *arg)
  * placed in this step, so the order in which the two halves finish does
  * not matter.  Returns 1 on failure (e filled). */
 static int write_phase(entry *w, size_t nw, entry *m, size_t nm, int use_syncfs, size_t tmpcap,
-                       syserr *e)
+                       dirlog logs[2], syserr *e)
 {
     int stop = 0;
     share sh[2];
@@ -521,6 +561,7 @@ static int write_phase(entry *w, size_t nw, entry *m, size_t nm, int use_syncfs,
         sh[k].first = k == 0;
         sh[k].use_syncfs = use_syncfs, sh[k].tmpcap = tmpcap;
         sh[k].stop = &stop, sh[k].failed = 0;
+        sh[k].log = &logs[k];
         sh[k].e.errnum = 0;
     }
     pthread_t helper;
@@ -572,7 +613,8 @@ static size_t commit(entry *w, size_t nw, entry *m, size_t nm, int exclusive, in
 
     /* 1. write every temp file and every new marker (on two threads for a
      * large batch) */
-    failed = write_phase(w, nw, m, nm, use_syncfs, tmpcap, e);
+    dirlog logs[2] = {{NULL, 0, 0}, {NULL, 0, 0}};
+    failed = write_phase(w, nw, m, nm, use_syncfs, tmpcap, logs, e);
 
     /* 2. one sync pass: file data, new markers and their directory entries */
     if (!failed && nw + nm > 0) {
@@ -597,8 +639,14 @@ static size_t commit(entry *w, size_t nw, entry *m, size_t nm, int exclusive, in
                     dirs[nd++] = m[i].path;
             if (!failed && nd > 0 && fsync_dirs(dirs, nd, e) != 0)
                 failed = 1;
+            /* the directories step 1 created: their parents */
+            for (int k = 0; k < 2 && !failed; k++)
+                if (logs[k].n > 0 && fsync_dirs((const char **)logs[k].dirs, logs[k].n, e) != 0)
+                    failed = 1;
         }
     }
+    log_free(&logs[0]);
+    log_free(&logs[1]);
     for (i = 0; i < nw; i++)
         if (close_fd(&w[i], e, failed) != 0)
             failed = 1;
@@ -848,7 +896,7 @@ static int l_mkdir_p(lua_State *L)
     const char *path = luaL_checklstring(L, 1, &len);
     mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
     syserr e;
-    if (mkdir_p(path, len, mode, 1, &e) != 0)
+    if (mkdir_p(path, len, mode, 1, NULL, &e) != 0)
         return push_fail(L, &e);
     lua_pushboolean(L, 1);
     return 1;
@@ -1035,7 +1083,7 @@ static int l_flock(lua_State *L)
     lk->ofd = 0;
     luaL_setmetatable(L, LOCK_MT);
     syserr e;
-    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, &e);
+    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, NULL, &e);
     if (fd == -2)
         return push_fail(L, &e);
     if (fd < 0)
@@ -1112,7 +1160,7 @@ static int l_lock_slots(lua_State *L)
     lk->ofd = 1;
     luaL_setmetatable(L, LOCK_MT);
     syserr e;
-    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, &e);
+    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, NULL, &e);
     if (fd == -2)
         return push_fail(L, &e);
     if (fd < 0)
