@@ -184,14 +184,17 @@ local function run()
         fill_keys / fill_cpu, rss))
 
     -- the steady state: a store in service (of a few hundred thousand keys
-    -- and more) has all 65,536 bucket directories and lock files, so make
-    -- those the next keys need first (untimed, as bench/store_file.lua
-    -- does), then time the same provisioning
+    -- and more) has all 65,536 bucket directories and name index
+    -- directories, so make those the next keys need first (untimed, as
+    -- bench/store_file.lua does), then time the same provisioning
     local k = math.max(1000, math.min(5000, math.floor(have / 2)))
     for i = have + 1, have + k do
-        local loc = s:_loc(GROUP .. "/" .. NAME:format(i))
+        local id, name = GROUP .. "/" .. NAME:format(i), NAME:format(i)
+        local loc = s:_loc(id)
         assert(sys.mkdir_p(loc.path:match("^(.*)/")))
-        assert(sys.flock(root .. "/ks/locks/" .. loc.bucket .. ".lock", "ex")):unlock()
+        for _, m in ipairs(s:_markers(loc, id, { group = GROUP, name = name })) do
+            assert(sys.mkdir_p(m[1]:match("^(.*)/")))
+        end
     end
     rss_reset()
     local w0, c0 = monotonic(), clock()

@@ -99,12 +99,16 @@ local function run()
     end
     line("softcxi", "file_put_many_fresh", keys, put_range(1, keys))
     -- A store of a few hundred thousand keys has every bucket directory and
-    -- lock file; a store of N has few.  Make those the next N keys need
-    -- (untimed) so this measures the steady state, not directory creation.
+    -- every name index directory (65,536 of each); a store of N has few.
+    -- Make those the next N keys need (untimed) so this measures the steady
+    -- state, not directory creation.
     for i = keys + 1, 2 * keys do
-        local loc = s:_loc(assert(store.id_of(blobs[i])))
+        local id = assert(store.id_of(blobs[i]))
+        local loc = s:_loc(id)
         assert(sys.mkdir_p(loc.path:match("^(.*)/")))
-        assert(sys.flock(root .. "/ks/locks/" .. loc.bucket .. ".lock", "ex")):unlock()
+        for _, m in ipairs(s:_markers(loc, id, assert(softcxi.key_info(blobs[i])))) do
+            assert(sys.mkdir_p(m[1]:match("^(.*)/")))
+        end
     end
     local c1 = os.clock()
     line("softcxi", "file_put_many", keys, put_range(keys + 1, 2 * keys))

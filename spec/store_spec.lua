@@ -720,6 +720,27 @@ describe("file store", function()
                 assert.is_true(#pps <= 256)
                 for _, pp in ipairs(pps) do assert.truthy(pp:match("^%x%x$"), pp) end
             end
+            -- group markers fan out by id (pp/ab/), name markers by value (pp/qq/):
+            -- find by name lists one of 65,536 directories
+            for _, attr in ipairs { "group", "name" } do
+                for _, pp in ipairs(assert(sys.listdir(ks .. "/index/" .. attr))) do
+                    local subs = assert(sys.listdir(ks .. "/index/" .. attr .. "/" .. pp))
+                    assert.is_true(#subs >= 1 and #subs <= 256)
+                    for _, sub in ipairs(subs) do
+                        assert.truthy(sub:match("^%x%x$"), sub)
+                        local st = sys.stat(ks .. "/index/" .. attr .. "/" .. pp .. "/" .. sub)
+                        assert.are.equal("dir", st.type)
+                    end
+                end
+            end
+            local npath = s:_markers(s:_loc(default_id(3)), default_id(3), infos[3])[2][1]
+            local ppqq = npath:match("/index/name/(%x%x/%x%x)/[^/]+$")
+            assert.truthy(ppqq, npath)
+            local h = math.floor(sys.hash32(infos[3].name) / 65536)
+            assert.are.equal(string.format("%02x/%02x", math.floor(h / 256), h % 256), ppqq)
+            assert.are.equal(blobs[3], H.readfile(npath)) -- a hard link to the blob's file
+            -- one lock file for every bucket, no file per bucket
+            assert.are.same({ "buckets" }, assert(sys.listdir(ks .. "/locks")))
             for _, pp in ipairs(assert(sys.listdir(ks .. "/index/group"))) do
                 local abs = assert(sys.listdir(ks .. "/index/group/" .. pp))
                 assert.is_true(#abs <= 256)
@@ -745,6 +766,60 @@ describe("file store", function()
             s = assert(store.open("file:" .. ks))
             assert.are.equal(N / 2, #find_all(s, { group = G2 }, 1000))
             assert.are.equal(2 * N, count_markers(ks))
+        end)
+
+        it("opens a format 1 store (name markers in pp/, a lock file per bucket) by migrating it", function()
+            -- make the store what the previous version wrote: name markers one
+            -- level up, a lock file per bucket, the format 1 marker
+            s:close()
+            local names_before = {}
+            for _, pp in ipairs(assert(sys.listdir(ks .. "/index/name"))) do
+                for _, qq in ipairs(assert(sys.listdir(ks .. "/index/name/" .. pp))) do
+                    local d = ks .. "/index/name/" .. pp .. "/" .. qq
+                    for _, m in ipairs(assert(sys.listdir(d))) do
+                        assert(os.rename(d .. "/" .. m, ks .. "/index/name/" .. pp .. "/" .. m))
+                        names_before[#names_before + 1] = m
+                    end
+                    assert(sys.rmdir(d))
+                end
+            end
+            assert.are.equal(N, #names_before)
+            H.rm_rf(ks .. "/locks")
+            H.mkdir_p(ks .. "/locks")
+            for _, b in ipairs { "0001", "abcd", "ffff" } do
+                H.writefile(ks .. "/locks/" .. b .. ".lock", "")
+            end
+            H.writefile(ks .. "/softcxi-store", "softcxi file store 1\n")
+            -- a reader of format 2 does not see those name markers ...
+            local raw = setmetatable({ dir = ks, sync = "auto" }, getmetatable(s))
+            assert.are.same({}, (find_all(raw, { name = infos[7].name }, 10)))
+            -- ... and open migrates: same ids, same finds, the new layout, no old lock file
+            s = assert(store.open("file:" .. ks))
+            assert.are.equal("softcxi file store 2\n", H.readfile(ks .. "/softcxi-store"))
+            assert.are.same({}, assert(sys.listdir(ks .. "/locks")))
+            assert.are.equal(N, s:count())
+            for _, i in ipairs { 1, 7, 100, 101, 200 } do
+                assert.are.same({ default_id(i) }, (find_all(s, { name = infos[i].name }, 10)))
+            end
+            assert.are.equal(N / 2, #find_all(s, { group = G1 }, 1000))
+            assert.are.equal(2 * N, count_markers(ks))
+            for _, pp in ipairs(assert(sys.listdir(ks .. "/index/name"))) do
+                for _, qq in ipairs(assert(sys.listdir(ks .. "/index/name/" .. pp))) do
+                    assert.are.equal("dir", sys.stat(ks .. "/index/name/" .. pp .. "/" .. qq).type)
+                end
+            end
+            -- opened again: already format 2, nothing to do; writes work
+            s:close()
+            s = assert(store.open("file:" .. ks))
+            assert.is_true(s:put("migrated-extra", blobs[1]))
+            assert.is_true(s:delete("migrated-extra"))
+            assert.are.same({ "buckets" }, assert(sys.listdir(ks .. "/locks")))
+            assert.are.equal(2 * N, count_markers(ks))
+            -- a format this version does not know is refused, naming the file
+            H.writefile(ks .. "/softcxi-store", "softcxi file store 3\n")
+            local msg = H.expect_err("EFORMAT", store.open("file:" .. ks))
+            assert.truthy(msg:find(ks .. "/softcxi-store", 1, true), msg)
+            H.writefile(ks .. "/softcxi-store", "softcxi file store 2\n")
         end)
 
         it("a backup is a copy of the directory", function()

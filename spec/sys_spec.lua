@@ -115,6 +115,63 @@ describe("softcxi.sys", function()
         assert.has_error(function() sys.flock(dir .. "/x", "both") end)
     end)
 
+    it("makes a large batch on two threads: every file placed, every marker its file's link", function()
+        -- 64 files (the second half made on a helper thread), each with a
+        -- marker linking to it and a plain marker, in 8 directories
+        local files, markers = {}, {}
+        for i = 1, 64 do
+            files[i] = { dir .. "/d" .. (i % 8) .. "/f" .. i, "data " .. i }
+            markers[#markers + 1] = { dir .. "/m" .. (i % 8) .. "/l" .. i, nil, i }
+            markers[#markers + 1] = { dir .. "/p/e" .. i }
+        end
+        assert.are.equal(64, sys.write_durable_many(files, { markers = markers, sync = "syncfs" }))
+        for i = 1, 64 do
+            assert.are.equal("data " .. i, sys.read(dir .. "/d" .. (i % 8) .. "/f" .. i))
+            assert.are.equal("data " .. i, sys.read(dir .. "/m" .. (i % 8) .. "/l" .. i))
+            assert.are.equal("", sys.read(dir .. "/p/e" .. i))
+        end
+        for k = 0, 7 do
+            assert.are.equal(8, #names(dir .. "/d" .. k)) -- no temp file left
+            assert.are.equal(8, #names(dir .. "/m" .. k))
+        end
+        -- fsynced file by file, too
+        for i = 1, 64 do files[i][1] = dir .. "/s/f" .. i end
+        assert.are.equal(64, sys.write_durable_many(files, { sync = "fsync" }))
+        assert.are.equal(64, #names(dir .. "/s"))
+    end)
+
+    it("a large batch failing on its helper thread places nothing and leaves no temp file", function()
+        assert.is_true(sys.write_durable(dir .. "/plain", "x"))
+        local files = {}
+        for i = 1, 40 do files[i] = { dir .. "/d/f" .. i, "data " .. i } end
+        -- file 35 is in the second half: its directory cannot be made under a file
+        files[35][1] = dir .. "/plain/sub/f35"
+        local r = H.pack(sys.write_durable_many(files))
+        assert.is_nil(r[1])
+        assert.are.equal("EIO", r[3])
+        assert.truthy(r[2]:find(dir .. "/plain/sub", 1, true), r[2])
+        assert.are.equal(0, r[4])
+        assert.are.same({}, names(dir .. "/d")) -- the first half's temp files are gone too
+    end)
+
+    it("lock_slots: any number of slots behind one lock, exclusive, nowait says EBUSY", function()
+        local p = dir .. "/locks/slots"
+        local a = assert(sys.lock_slots(p, { 5, 1, 65535, 5 }))
+        H.expect_err("EBUSY", sys.lock_slots(p, { 2, 5 }, true))
+        H.expect_err("EBUSY", sys.lock_slots(p, { 65535 }, true))
+        local b = assert(sys.lock_slots(p, { 2, 3, 4, 6 }, true)) -- the gaps are free
+        a:unlock()
+        local c = assert(sys.lock_slots(p, { 1, 5, 65535 }, true))
+        H.expect_err("EBUSY", sys.lock_slots(p, { 4 }, true))
+        b:unlock()
+        c:unlock()
+        assert(sys.lock_slots(p, { 1, 2, 3, 4, 5, 6, 65535 }, true)):unlock()
+        assert.is_true(assert(sys.lock_slots(p, {})):unlock()) -- none: a lock all the same
+        assert.has_error(function() sys.lock_slots(p, { -1 }) end)
+        assert.has_error(function() sys.lock_slots(p, { 1.5 }) end)
+        assert.has_error(function() sys.lock_slots(p, { "x" }) end)
+    end)
+
     it("hashes with FNV-1a 32", function()
         assert.are.equal(2166136261, sys.hash32(""))
         assert.are.equal(3826002220, sys.hash32("a"))

@@ -37,6 +37,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -63,6 +64,15 @@
  * dirty data too) and reports writeback errors only since Linux 5.8: the
  * store's sync = "fsync" option avoids it. */
 #define SYNCFS_MIN 8
+
+/* A batch of at least this many files makes its temp files and markers on
+ * two threads (the kernel's open/write/link per file is most of a batch's
+ * CPU, and the machines this runs on have two cores or more); a smaller one
+ * is not worth a thread. */
+#ifndef SOFTCXI_THREAD_MIN
+#define SOFTCXI_THREAD_MIN 16
+#endif
+#define THREAD_MIN SOFTCXI_THREAD_MIN
 
 /* ---- errors ------------------------------------------------------------- */
 
@@ -173,10 +183,47 @@ static int fsync_parent(const char *path, size_t dlen, syserr *e)
     return fsync_dir(dir, e);
 }
 
+/* Directories a commit created, whose parents it must fsync before it
+ * places anything: fsyncing them there, after the files' data, rather than
+ * at each mkdir lets one journal commit cover the new directories and the
+ * files (on ext4 with a journal an fsync finds the rest already committed);
+ * a young store's put creates up to three. */
+typedef struct dirlog {
+    char **dirs;
+    size_t n, cap;
+} dirlog;
+
+/* Remember dir; -1 when out of memory (the caller then fsyncs at once). */
+static int log_dir(dirlog *log, const char *dir)
+{
+    if (log->n == log->cap) {
+        size_t cap = log->cap ? 2 * log->cap : 8;
+        char **d = realloc(log->dirs, cap * sizeof *d);
+        if (!d)
+            return -1;
+        log->dirs = d, log->cap = cap;
+    }
+    char *copy = strdup(dir);
+    if (!copy)
+        return -1;
+    log->dirs[log->n++] = copy;
+    return 0;
+}
+
+static void log_free(dirlog *log)
+{
+    for (size_t i = 0; i < log->n; i++)
+        free(log->dirs[i]);
+    free(log->dirs);
+    log->dirs = NULL, log->n = log->cap = 0;
+}
+
 /* mkdir -p of the first len bytes of path.  With durable, every directory
  * created is made durable by an fsync of its parent, so a file put in it
- * survives (a caller that ends with syncfs() passes 0). */
-static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syserr *e)
+ * survives (a caller that ends with syncfs() passes 0) -- at once, or, with
+ * a log, by the caller before it relies on it (see dirlog). */
+static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, dirlog *log,
+                   syserr *e)
 {
     char buf[4096];
     struct stat st;
@@ -194,7 +241,8 @@ static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syser
         char c = buf[i];
         buf[i] = '\0';
         if (mkdir(buf, mode) == 0) {
-            if (durable && fsync_parent(buf, dir_len(buf), e) != 0)
+            if (durable && !(log && log_dir(log, buf) == 0) &&
+                fsync_parent(buf, dir_len(buf), e) != 0)
                 return -1;
         } else if (errno != EEXIST) {
             return fail(e, "mkdir", buf);
@@ -209,11 +257,11 @@ static int mkdir_p(const char *path, size_t len, mode_t mode, int durable, syser
 
 /* open(2) that creates missing parent directories on ENOENT; -2 when
  * that fails (e filled), else open's result with errno. */
-static int open_mkdir(const char *path, int flags, int durable, syserr *e)
+static int open_mkdir(const char *path, int flags, int durable, dirlog *log, syserr *e)
 {
     int fd = open(path, flags, 0600);
     if (fd < 0 && errno == ENOENT && dir_len(path) > 0) {
-        if (mkdir_p(path, dir_len(path), 0700, durable, e) != 0)
+        if (mkdir_p(path, dir_len(path), 0700, durable, log, e) != 0)
             return -2;
         fd = open(path, flags, 0600);
     }
@@ -255,12 +303,18 @@ typedef struct entry {
     size_t link_idx;  /* markers: 1-based, a hard link to that file's temp file */
 } entry;
 
+/* shared by the threads of a batch: every temp name is unique */
 static unsigned long tmp_counter;
+
+static unsigned long next_tmp(void)
+{
+    return __atomic_add_fetch(&tmp_counter, 1, __ATOMIC_RELAXED);
+}
 
 /* Create a unique temp file beside en->path, named ".<base>.<pid>.<n>.tmp":
  * the leading dot and the suffix keep it out of every store listing.
  * Fills en->tmp (tmpcap bytes) and en->fd. */
-static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
+static int open_tmp(entry *en, size_t tmpcap, int durable, dirlog *log, syserr *e)
 {
     const char *slash = strrchr(en->path, '/');
     const char *base = slash ? slash + 1 : en->path;
@@ -270,12 +324,12 @@ static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
         blen = 64;
     for (int tries = 0; tries < 100; tries++) {
         int n = snprintf(en->tmp, tmpcap, "%.*s.%.*s.%ld.%lu.tmp", dlen, en->path, blen, base,
-                         (long)getpid(), ++tmp_counter);
+                         (long)getpid(), next_tmp());
         if (n < 0 || (size_t)n >= tmpcap) {
             errno = ENAMETOOLONG;
             return fail(e, "create", en->path);
         }
-        en->fd = open_mkdir(en->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, e);
+        en->fd = open_mkdir(en->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, log, e);
         if (en->fd >= 0) {
             en->created = 1;
             return 0;
@@ -289,9 +343,9 @@ static int open_tmp(entry *en, size_t tmpcap, int durable, syserr *e)
 }
 
 /* Create marker en->path with its data unless it exists (then leave it). */
-static int open_marker(entry *en, int durable, syserr *e)
+static int open_marker(entry *en, int durable, dirlog *log, syserr *e)
 {
-    en->fd = open_mkdir(en->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, e);
+    en->fd = open_mkdir(en->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, durable, log, e);
     if (en->fd >= 0) {
         en->created = 1;
         return 0;
@@ -306,11 +360,12 @@ static int open_marker(entry *en, int durable, syserr *e)
 
 /* A hard link at path to src, creating missing parent directories; -2 when
  * that fails (e filled), else link's result with errno. */
-static int link_mkdir(const char *src, const char *path, int durable, syserr *e)
+static int link_mkdir(const char *src, const char *path, int durable, dirlog *log,
+                      syserr *e)
 {
     int r = link(src, path);
     if (r != 0 && errno == ENOENT && dir_len(path) > 0) {
-        if (mkdir_p(path, dir_len(path), 0700, durable, e) != 0)
+        if (mkdir_p(path, dir_len(path), 0700, durable, log, e) != 0)
             return -2;
         r = link(src, path);
     }
@@ -321,9 +376,9 @@ static int link_mkdir(const char *src, const char *path, int durable, syserr *e)
  * its own (on ext4 without a journal, allocating inodes is most of what a
  * put costs).  An existing marker is replaced through a temp link and a
  * rename, so it never goes missing and never keeps an older blob alive. */
-static int link_marker(entry *en, const char *src, int durable, syserr *e)
+static int link_marker(entry *en, const char *src, int durable, dirlog *log, syserr *e)
 {
-    int r = link_mkdir(src, en->path, durable, e);
+    int r = link_mkdir(src, en->path, durable, log, e);
     if (r == -2)
         return -1;
     if (r == 0) {
@@ -340,7 +395,7 @@ static int link_marker(entry *en, const char *src, int durable, syserr *e)
         blen = 64;
     for (int tries = 0; tries < 100; tries++) {
         int n = snprintf(tmp, sizeof tmp, "%.*s%s.%.*s.%ld.%lu.tmp", (int)dl, en->path,
-                         dl ? "/" : "", blen, base, (long)getpid(), ++tmp_counter);
+                         dl ? "/" : "", blen, base, (long)getpid(), next_tmp());
         if (n < 0 || (size_t)n >= sizeof tmp) {
             errno = ENAMETOOLONG;
             return fail(e, "link", en->path);
@@ -419,6 +474,118 @@ static int close_fd(entry *en, syserr *e, int failed)
     return 0;
 }
 
+/* Step 1 of a commit for one share of a batch: files [wlo, whi) and the
+ * markers that go with them (those linking to one of these files; share 0
+ * also takes the markers that link to nothing or to a path). */
+typedef struct share {
+    entry *w, *m;
+    size_t nw, nm, wlo, whi;
+    int first, use_syncfs;
+    size_t tmpcap;
+    int *stop; /* set by a share that failed: the other stops early */
+    dirlog *log; /* directories this share created (fsync path) */
+    int failed;
+    syserr e;
+} share;
+
+static int mine(const share *sh, const entry *mk)
+{
+    if (mk->link_idx == 0)
+        return sh->first;
+    return mk->link_idx - 1 >= sh->wlo && mk->link_idx - 1 < sh->whi;
+}
+
+static int stopped(const share *sh)
+{
+    return __atomic_load_n(sh->stop, __ATOMIC_RELAXED);
+}
+
+static void *write_share(void *arg)
+{
+    share *sh = arg;
+    entry *w = sh->w, *m = sh->m;
+    syserr *e = &sh->e;
+    int failed = 0;
+    size_t i;
+    e->errnum = 0;
+    for (i = sh->wlo; i < sh->whi && !failed && !stopped(sh); i++) {
+        if (open_tmp(&w[i], sh->tmpcap, !sh->use_syncfs, sh->log, e) != 0)
+            failed = 1;
+        else if (write_all(w[i].fd, w[i].data, w[i].len) != 0) {
+            fail(e, "write", w[i].tmp);
+            failed = 1;
+        }
+        if (sh->use_syncfs && close_fd(&w[i], e, failed) != 0)
+            failed = 1;
+    }
+    for (i = 0; i < sh->nm && !failed && !stopped(sh); i++) {
+        if (!mine(sh, &m[i]))
+            continue;
+        if (m[i].link_idx > 0 || m[i].link) {
+            const char *src = m[i].link ? m[i].link : w[m[i].link_idx - 1].tmp;
+            if (link_marker(&m[i], src, !sh->use_syncfs, sh->log, e) != 0)
+                failed = 1;
+            continue;
+        }
+        if (open_marker(&m[i], !sh->use_syncfs, sh->log, e) != 0)
+            failed = 1;
+        else if (m[i].fd >= 0 && write_all(m[i].fd, m[i].data, m[i].len) != 0) {
+            fail(e, "write", m[i].path);
+            failed = 1;
+        }
+        if (sh->use_syncfs && close_fd(&m[i], e, failed) != 0)
+            failed = 1;
+    }
+    if (failed)
+        __atomic_store_n(sh->stop, 1, __ATOMIC_RELAXED);
+    sh->failed = failed;
+    return NULL;
+}
+
+/* Step 1: every temp file written, every marker made.  A batch of
+ * THREAD_MIN files or more is split in two halves, the second made on a
+ * helper thread (all signals blocked in it, so a signal meant for the
+ * process -- nginx's, the CLI's Ctrl-C -- still reaches the caller's
+ * thread); if the thread cannot start, the caller does both.  Nothing is
+ * placed in this step, so the order in which the two halves finish does
+ * not matter.  Returns 1 on failure (e filled). */
+static int write_phase(entry *w, size_t nw, entry *m, size_t nm, int use_syncfs, size_t tmpcap,
+                       dirlog logs[2], syserr *e)
+{
+    int stop = 0;
+    share sh[2];
+    size_t half = nw >= THREAD_MIN ? nw / 2 : nw;
+    for (int k = 0; k < 2; k++) {
+        sh[k].w = w, sh[k].m = m, sh[k].nw = nw, sh[k].nm = nm;
+        sh[k].wlo = k ? half : 0, sh[k].whi = k ? nw : half;
+        sh[k].first = k == 0;
+        sh[k].use_syncfs = use_syncfs, sh[k].tmpcap = tmpcap;
+        sh[k].stop = &stop, sh[k].failed = 0;
+        sh[k].log = &logs[k];
+        sh[k].e.errnum = 0;
+    }
+    pthread_t helper;
+    int threaded = 0;
+    if (half < nw) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        threaded = pthread_create(&helper, NULL, write_share, &sh[1]) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    write_share(&sh[0]);
+    if (threaded)
+        pthread_join(helper, NULL);
+    else if (half < nw && !sh[0].failed)
+        write_share(&sh[1]);
+    for (int k = 0; k < 2; k++)
+        if (sh[k].failed) {
+            *e = sh[k].e;
+            return 1;
+        }
+    return 0;
+}
+
 /*
  * Commit nw whole-file writes and nm markers (small files created only if
  * absent: the store's index entries).  Returns the number of files placed;
@@ -444,33 +611,10 @@ static size_t commit(entry *w, size_t nw, entry *m, size_t nm, int exclusive, in
     for (i = 0; i < nm; i++)
         m[i].fd = -1, m[i].created = 0;
 
-    /* 1. write every temp file and every new marker */
-    for (i = 0; i < nw && !failed; i++) {
-        if (open_tmp(&w[i], tmpcap, !use_syncfs, e) != 0)
-            failed = 1;
-        else if (write_all(w[i].fd, w[i].data, w[i].len) != 0) {
-            fail(e, "write", w[i].tmp);
-            failed = 1;
-        }
-        if (use_syncfs && close_fd(&w[i], e, failed) != 0)
-            failed = 1;
-    }
-    for (i = 0; i < nm && !failed; i++) {
-        if (m[i].link_idx > 0 || m[i].link) {
-            const char *src = m[i].link ? m[i].link : w[m[i].link_idx - 1].tmp;
-            if (link_marker(&m[i], src, !use_syncfs, e) != 0)
-                failed = 1;
-            continue;
-        }
-        if (open_marker(&m[i], !use_syncfs, e) != 0)
-            failed = 1;
-        else if (m[i].fd >= 0 && write_all(m[i].fd, m[i].data, m[i].len) != 0) {
-            fail(e, "write", m[i].path);
-            failed = 1;
-        }
-        if (use_syncfs && close_fd(&m[i], e, failed) != 0)
-            failed = 1;
-    }
+    /* 1. write every temp file and every new marker (on two threads for a
+     * large batch) */
+    dirlog logs[2] = {{NULL, 0, 0}, {NULL, 0, 0}};
+    failed = write_phase(w, nw, m, nm, use_syncfs, tmpcap, logs, e);
 
     /* 2. one sync pass: file data, new markers and their directory entries */
     if (!failed && nw + nm > 0) {
@@ -495,8 +639,14 @@ static size_t commit(entry *w, size_t nw, entry *m, size_t nm, int exclusive, in
                     dirs[nd++] = m[i].path;
             if (!failed && nd > 0 && fsync_dirs(dirs, nd, e) != 0)
                 failed = 1;
+            /* the directories step 1 created: their parents */
+            for (int k = 0; k < 2 && !failed; k++)
+                if (logs[k].n > 0 && fsync_dirs((const char **)logs[k].dirs, logs[k].n, e) != 0)
+                    failed = 1;
         }
     }
+    log_free(&logs[0]);
+    log_free(&logs[1]);
     for (i = 0; i < nw; i++)
         if (close_fd(&w[i], e, failed) != 0)
             failed = 1;
@@ -746,7 +896,7 @@ static int l_mkdir_p(lua_State *L)
     const char *path = luaL_checklstring(L, 1, &len);
     mode_t mode = (mode_t)luaL_optinteger(L, 2, 0700);
     syserr e;
-    if (mkdir_p(path, len, mode, 1, &e) != 0)
+    if (mkdir_p(path, len, mode, 1, NULL, &e) != 0)
         return push_fail(L, &e);
     lua_pushboolean(L, 1);
     return 1;
@@ -915,6 +1065,7 @@ static int l_isatty(lua_State *L)
 typedef struct llock {
     int fd;     /* -1 once released */
     pid_t pid;  /* the process that took it */
+    int ofd;    /* byte-range (open file description) locks, not flock */
 } llock;
 
 /* flock(path, "ex"|"sh" [, nowait]) -> lock | nil, msg, code ("EBUSY" with
@@ -929,9 +1080,10 @@ static int l_flock(lua_State *L)
         op |= LOCK_NB;
     llock *lk = lua_newuserdata(L, sizeof *lk);
     lk->fd = -1;
+    lk->ofd = 0;
     luaL_setmetatable(L, LOCK_MT);
     syserr e;
-    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, &e);
+    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, NULL, &e);
     if (fd == -2)
         return push_fail(L, &e);
     if (fd < 0)
@@ -947,14 +1099,107 @@ static int l_flock(lua_State *L)
     return 1;
 }
 
+/* One exclusive F_OFD_SETLK(W) lock on byte `slot` of fd (waits unless
+ * nowait; EINTR retried). */
+static int lock_slot(int fd, lua_Integer slot, int nowait)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)slot;
+    fl.l_len = 1;
+    while (fcntl(fd, nowait ? F_OFD_SETLK : F_OFD_SETLKW, &fl) != 0) {
+        if (errno != EINTR) {
+            if (errno == EAGAIN || errno == EACCES)
+                errno = EWOULDBLOCK; /* "EBUSY", as flock's */
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * lock_slots(path, { slot, ... } [, nowait]) -> lock | nil, msg, code ("EBUSY"
+ * with nowait when another lock holds one of the slots: none is then held)
+ * Exclusive locks on one byte per slot (0 <= slot < 2^31) of the file at
+ * path, made if missing: any number of slots behind one descriptor, where
+ * flock needs a file and a descriptor per lock (the file store locks the
+ * buckets of a batch of thousands of ids this way).  The slots are locked
+ * in increasing order, whatever the order given, so two callers never
+ * deadlock; repeats are locked once.  Open file description locks
+ * (F_OFD_SETLKW): owned by this lock object as flock's are, not by the
+ * process as fcntl's classic locks (which any close of the file would drop).
+ * :unlock() releases them all.
+ */
+static int cmp_slot(const void *a, const void *b)
+{
+    lua_Integer x = *(const lua_Integer *)a, y = *(const lua_Integer *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int l_lock_slots(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int nowait = lua_toboolean(L, 3);
+    size_t n = (size_t)lua_rawlen(L, 2);
+    lua_Integer *slots = lua_newuserdata(L, (n ? n : 1) * sizeof *slots);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 2, (int)(i + 1));
+        int isnum = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &isnum);
+        if (!isnum || v < 0 || v > 0x7fffffff)
+            luaL_error(L, "sys.lock_slots: slot %d must be an integer in [0, 2^31)", (int)(i + 1));
+        slots[i] = v;
+        lua_pop(L, 1);
+    }
+    qsort(slots, n, sizeof *slots, cmp_slot);
+    llock *lk = lua_newuserdata(L, sizeof *lk);
+    lk->fd = -1;
+    lk->ofd = 1;
+    luaL_setmetatable(L, LOCK_MT);
+    syserr e;
+    int fd = open_mkdir(path, O_RDWR | O_CREAT | O_CLOEXEC, 0, NULL, &e);
+    if (fd == -2)
+        return push_fail(L, &e);
+    if (fd < 0)
+        return push_errno(L, "open", path);
+    lk->fd = fd; /* from here a raise or a failure releases what is held */
+    lk->pid = getpid();
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && slots[i] == slots[i - 1])
+            continue;
+        if (lock_slot(fd, slots[i], nowait) != 0) {
+            int saved = errno;
+            close(fd); /* drops the slots locked so far: this is their only descriptor */
+            lk->fd = -1;
+            errno = saved;
+            return push_errno(L, "lock", path);
+        }
+    }
+    return 1;
+}
+
 /* Release: LOCK_UN only in the process that locked (a forked child sharing
  * the descriptor must not drop its parent's lock), then close. */
 static int lock_release(lua_State *L)
 {
     llock *lk = luaL_checkudata(L, 1, LOCK_MT);
     if (lk->fd >= 0) {
-        if (lk->pid == getpid())
-            flock(lk->fd, LOCK_UN);
+        if (lk->pid == getpid()) {
+            if (lk->ofd) {
+                /* a forked child sharing the descriptor keeps the
+                 * description open: unlock explicitly, as for flock */
+                struct flock fl;
+                memset(&fl, 0, sizeof fl);
+                fl.l_type = F_UNLCK;
+                fl.l_whence = SEEK_SET;
+                fcntl(lk->fd, F_OFD_SETLK, &fl);
+            } else {
+                flock(lk->fd, LOCK_UN);
+            }
+        }
         close(lk->fd);
         lk->fd = -1;
     }
@@ -991,6 +1236,7 @@ static const luaL_Reg functions[] = {
     {"listdir", l_listdir},
     {"stat", l_stat},
     {"flock", l_flock},
+    {"lock_slots", l_lock_slots},
     {"hash32", l_hash32},
     {"monotonic", l_monotonic},
     {"trap_signals", l_trap_signals},

@@ -2,12 +2,17 @@
 -- fan-out directory tree, an attribute index of marker files beside it.
 -- docs/stores.md has the contract and the reasoning; the layout:
 --
---   DIR/softcxi-store                      marker: "softcxi file store 1"
+--   DIR/softcxi-store                      marker: "softcxi file store 2"
 --   DIR/blobs/ab/cd/<name>.blob            the blob, byte for byte
---   DIR/locks/abcd.lock                    flock of bucket ab/cd: writers of its ids
+--   DIR/locks/buckets                      byte 0xabcd locked: writers of bucket ab/cd's ids
 --   DIR/index/.lock                        flock: writers and find shared, reindex exclusive
 --   DIR/index/group/pp/ab/<group>@<name>   index marker: id <name> has this group
---   DIR/index/name/pp/<kname>@<name>       index marker: id <name> has this key name
+--   DIR/index/name/pp/qq/<kname>@<name>    index marker: id <name> has this key name
+--
+-- Format 1 (before this version) kept the name markers in index/name/pp/
+-- and a lock file per bucket (locks/abcd.lock, flock); open migrates a
+-- format 1 store: it rebuilds the index and removes the old lock files
+-- (docs/stores.md, "Formats").
 --
 -- A marker is a hard link to its blob's file (a directory entry, no inode
 -- of its own: on this project's ext4 without a journal, inode allocation was
@@ -15,11 +20,12 @@
 -- A store indexed by an older version has empty marker files instead; both
 -- are read.
 --
--- ab/cd: the top two bytes of FNV-1a-32(id) in hex; pp: the top byte of
--- FNV-1a-32(the value).  A group can hold millions of keys, so its markers
--- fan out again by id (a million-key group: ~4k entries a directory); a key
--- name is held by few keys, so all markers of one name share one of 256
--- directories, which find by name lists (~4k entries at a million keys).
+-- ab/cd: the top two bytes of FNV-1a-32(id) in hex; pp/qq: the top two
+-- bytes of FNV-1a-32(the value).  A group can hold millions of keys, so its
+-- markers fan out again by id (a million-key group: ~4k entries a
+-- directory); a key name is held by few keys, so all markers of one name
+-- share one of 65,536 directories, which find by name lists (~15 entries at
+-- a million keys: find by name stays flat as the store grows).
 -- No directory is ever made per key.  <name>, <group>, <kname>: percent-encoded
 -- (every byte outside [A-Za-z0-9._-], and a leading '.'), so '@' and '~'
 -- never occur in them; one too long for a file name becomes
@@ -30,7 +36,7 @@
 -- flushes both in one sync pass, then renames the blob into place and fsyncs
 -- the directory (softcxi.sys).  Markers are durable before the blob's name
 -- appears: a crash can leave a marker without a blob, never a blob without
--- its markers.  Every write of an id holds the flock of its bucket, so a put
+-- its markers.  Every write of an id holds the lock of its bucket, so a put
 -- and a delete of one id never interleave, and delete and overwrite remove
 -- the markers they make stale.  find checks each candidate against the blob
 -- itself (present, parses, matches), so a stale marker is skipped, never
@@ -49,18 +55,20 @@ local byte, char, fmt, sub, find, gsub, match =
     string.match
 local sort = table.sort
 local key_info, hash_compute = softcxi.key_info, softcxi.hash_compute
-local write_many, read, unlink, listdir, flock, hash32, fstat, rmdir =
-    sys.write_durable_many, sys.read, sys.unlink, sys.listdir, sys.flock, sys.hash32,
-    sys.stat, sys.rmdir
+local write_many, read, unlink, listdir, flock, lock_slots, hash32, fstat, rmdir =
+    sys.write_durable_many, sys.read, sys.unlink, sys.listdir, sys.flock, sys.lock_slots,
+    sys.hash32, sys.stat, sys.rmdir
 local check_blob, matches = store.check, store.matches
 
 local _M = { _VERSION = softcxi._VERSION }
 local mt = { __index = _M }
 
-local MARKER = "softcxi file store 1\n"
+local MARKER = "softcxi file store 2\n"
+local MARKER_1 = "softcxi file store 1\n" -- migrated on open
 local BLOB_NAME_MAX = 200    -- longest escaped id kept as a blob file name
 local PART_MAX = 100         -- longest escaped value or id in a marker name
-local BATCH = 256            -- ids per group commit (a bucket lock fd each)
+local BATCH = 1024           -- ids per group commit (two syncs: the data, then the names)
+local CHUNK_MAX = 4096       -- most ids per group commit (opts.chunk)
 local FIND_CHECKS = 20000    -- candidate blobs one find page may read
 local FIND_VISITS = 200000   -- directory entries one find page may look at
 local TEMP_MAX_AGE = 3600    -- reindex removes temp files older than this (s)
@@ -91,9 +99,10 @@ local function hex(s)
     return (gsub(s, ".", function(c) return fmt("%02x", byte(c)) end))
 end
 
+--- ab, cd (hex) and the bucket number 0xabcd of s.
 local function top_bytes(s)
-    local h = hash32(s)
-    return fmt("%02x", floor(h / 16777216)), fmt("%02x", floor(h / 65536) % 256)
+    local h = floor(hash32(s) / 65536)
+    return fmt("%02x", floor(h / 256)), fmt("%02x", h % 256), h
 end
 
 --- A file name for s of at most max bytes: escaped, or for a long s a
@@ -106,14 +115,14 @@ local function file_name(s, max)
     return head .. "~" .. hex(sub(hash_compute("sha256", s), 1, 16)), true
 end
 
---- Where id lives: { ab =, bucket = "abcd", path =, name =, header = } (header:
--- the id-carrying prefix of a long id's file).
+--- Where id lives: { ab =, bucket = 0xabcd, path =, name =, header = }
+-- (header: the id-carrying prefix of a long id's file).
 function _M:_loc(id)
-    local ab, cd = top_bytes(id)
+    local ab, cd, bucket = top_bytes(id)
     local name, long = file_name(id, BLOB_NAME_MAX)
     return {
         ab = ab,
-        bucket = ab .. cd,
+        bucket = bucket,
         name = name,
         path = self.dir .. "/blobs/" .. ab .. "/" .. cd .. "/" .. name .. ".blob",
         header = long and (LONG .. #id .. "\n" .. id) or nil,
@@ -131,8 +140,10 @@ end
 --- Where the markers for attr = value live: directory, name prefix, and
 -- the depth of the tree below the directory (1: fanned out by id).
 function _M:_value_root(attr, value)
-    return self.dir .. "/index/" .. attr .. "/" .. (top_bytes(value)),
-        (file_name(value, PART_MAX)) .. "@", FANOUT[attr] and 1 or 0
+    local pp, qq = top_bytes(value)
+    local prefix = (file_name(value, PART_MAX)) .. "@"
+    if FANOUT[attr] then return self.dir .. "/index/" .. attr .. "/" .. pp, prefix, 1 end
+    return self.dir .. "/index/" .. attr .. "/" .. pp .. "/" .. qq, prefix, 0
 end
 
 --- Marker entries { path } of a blob stored as loc.
@@ -238,17 +249,46 @@ function _M.open(rest, opts, url)
             if not ok then return nil, "store.file.open: " .. err, code end
         end
     end
-    if not fresh and marker ~= MARKER then
+    if not fresh and marker ~= MARKER and marker ~= MARKER_1 then
         return nil, "store.file.open: " .. dir .. "/softcxi-store: unknown format", "EFORMAT"
     end
 
     local self = setmetatable({ dir = dir, sync = sync }, mt)
-    -- No index at all: a store restored from a copy of blobs/ alone.
-    if not fresh and not fstat(dir .. "/index") then
+    if marker == MARKER_1 then
+        local ok, err, code = self:_migrate()
+        if not ok then return nil, "store.file.open: " .. err, code end
+    elseif not fresh and not fstat(dir .. "/index") then
+        -- No index at all: a store restored from a copy of blobs/ alone.
         local ok, err, code = self:reindex()
         if not ok then return nil, "store.file.open: " .. err, code end
     end
     return self
+end
+
+--- Format 1 -> 2, under the index lock held exclusively (writers of this
+-- version wait; find waits): rebuild the index in the new layout, remove
+-- the old per-bucket lock files, then write the new marker, durably, last
+-- -- a crash before it leaves a format 1 store that the next open migrates
+-- again.  Another process may have migrated it while this one waited for
+-- the lock: then there is nothing to do.  Writers of the old version must
+-- be stopped first (they lock buckets through the old files and write name
+-- markers where this version does not look).
+function _M:_migrate()
+    local lock, err, code = flock(self.dir .. "/index/.lock", "ex")
+    if not lock then return nil, err, code end
+    local ok, a, b, c = pcall(function()
+        if read(self.dir .. "/softcxi-store") == MARKER then return true end
+        local n, e, ecode = self:_reindex()
+        if not n then return nil, e, ecode end
+        for _, name in ipairs(listdir(self.dir .. "/locks") or {}) do
+            if find(name, "^%x%x%x%x%.lock$") then unlink(self.dir .. "/locks/" .. name) end
+        end
+        return sys.write_durable(self.dir .. "/softcxi-store", MARKER)
+    end)
+    lock:unlock()
+    if not ok then error(a, 0) end
+    if not a then return nil, "migrating " .. self.dir .. " from format 1: " .. b, c end
+    return true
 end
 
 local function check_open(self, fn)
@@ -268,28 +308,20 @@ end
 
 -- ---- locks ----------------------------------------------------------------
 
---- Exclusive flocks on buckets (deduplicated, taken in sorted order so two
--- batches never deadlock), then the index lock shared.  Returns a release
--- function.
+--- Exclusive locks on buckets (numbers 0-65535: one byte each of
+-- locks/buckets, taken in increasing order so two batches never deadlock,
+-- any number behind one descriptor), then the index lock shared.  Returns
+-- a release function.
 function _M:_lock(buckets)
-    local list, seen = {}, {}
-    for _, b in ipairs(buckets) do
-        if not seen[b] then seen[b] = true; list[#list + 1] = b end
+    local held, err, code = lock_slots(self.dir .. "/locks/buckets", buckets)
+    if not held then return nil, err, code end
+    local ilock
+    ilock, err, code = flock(self.dir .. "/index/.lock", "sh")
+    if not ilock then held:unlock(); return nil, err, code end
+    return function()
+        ilock:unlock()
+        held:unlock()
     end
-    sort(list)
-    local locks = {}
-    local function release()
-        for i = #locks, 1, -1 do locks[i]:unlock() end
-    end
-    for _, b in ipairs(list) do
-        local lock, err, code = flock(self.dir .. "/locks/" .. b .. ".lock", "ex")
-        if not lock then release(); return nil, err, code end
-        locks[#locks + 1] = lock
-    end
-    local lock, err, code = flock(self.dir .. "/index/.lock", "sh")
-    if not lock then release(); return nil, err, code end
-    locks[#locks + 1] = lock
-    return release
 end
 
 -- ---- reading ----------------------------------------------------------------
@@ -503,12 +535,11 @@ function _M:put(id, blob, opts)
 end
 
 local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on_chunk = true }
-local CHUNK_MAX = 512 -- a bucket lock fd each, under the usual 1024 fd limit
 
 --- put_many({ {id=, blob= [, if_match=]}, ... } [, opts]) -> stored, skipped
 -- Every item is checked before anything is written (EFORMAT fails the call).
--- Group commit: one sync pass per chunk (opts.chunk, default 256, at most
--- 512).  opts.overwrite and a per-item if_match as in put;
+-- Group commit: one sync pass per chunk (opts.chunk, default 1024, at most
+-- 4096).  opts.overwrite and a per-item if_match as in put;
 -- opts.skip_existing: an id already stored is left alone and counted in
 -- skipped.  opts.on_chunk(done, total) runs after each chunk is durable.
 -- An item that may not be written (EEXIST, ECONFLICT, ENOTFOUND) fails
