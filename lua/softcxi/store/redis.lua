@@ -62,7 +62,7 @@ local FIELDS = { "name", "specifier", "group", "algo" }
 local INDEXED = { name = true, specifier = true, group = true, algo = true }
 
 -- The name index: NAME_BUCKETS hashes by default (id -> name), the bucket of a name picked
--- by name_hash.  65,536 keeps a bucket under Redis 7.0's hash-max-listpack-entries (128:
+-- by name_bucket.  65,536 keeps a bucket under Redis 7.0's hash-max-listpack-entries (128:
 -- the compact encoding) up to ~8M names; docs/stores.md says what to choose for more.
 local NAME_BUCKETS = 65536
 local MAX_NAME_BUCKETS = 16777216
@@ -643,7 +643,7 @@ upgrade = function(self, fn)
             local cursor = "0"
             repeat
                 local r
-                r, err, code = node_call(node, { "SCAN", cursor, "MATCH", pat, "COUNT", 1000 })
+                r, err, code = node_call(node, { "SCAN", cursor, "MATCH", pat, "COUNT", 5000 })
                 if not r then return nil, string_format("%s: upgrade: %s: %s", fn, node.addr, err), code end
                 cursor = r[1]
                 -- the sets of this page by bucket (one script call per slot)
@@ -1692,10 +1692,11 @@ local function scan_ids(self, cursor, count)
     local function fetch(reqs)
         local req = reqs[1]
         local node = nodes[req[1] + 1]
-        -- SCAN's COUNT is work, not matches: other keys (the name index sets: about one
-        -- per blob) dilute ours.  Ask for a quarter more than the last reply's hit rate
-        -- says fills the page, so that one round trip usually does (asking for the page
-        -- size took ~12 per page of 1,000); what does not fit rides in the cursor.
+        -- SCAN's COUNT is work, not matches: other keys (the name index hashes: up to one
+        -- per blob in a small store) dilute ours.  Ask for a quarter more than the last
+        -- reply's hit rate says fills the page, so that one round trip usually does (asking
+        -- for the page size took ~12 per page of 1,000); what does not fit rides in the
+        -- cursor.
         local ratio = self.scan_ratio or 1
         local want = req[3]
         local n = math_min(math_floor(want * 1.25 / ratio) + 1, want * 16)
