@@ -538,7 +538,10 @@ describe("softcxi command", function()
                 for _, k in ipairs(r[2]) do
                     local kv = cmd { "HGETALL", k }
                     for i = 1, #kv, 2 do
-                        sets = sets + cmd { "SADD", P .. "idx:name:" .. kv[i + 1], kv[i] }
+                        -- a name of several ids has its set already
+                        if kv[i + 1] ~= "" then
+                            sets = sets + cmd { "SADD", P .. "idx:name:" .. kv[i], kv[i + 1] }
+                        end
                     end
                     cmd { "DEL", k }
                 end

@@ -523,7 +523,7 @@ describe("store record fuzzing", function()
                 if ty == "set" then cmd { "SET", k, random_bytes(rnd, rnd(40)) }
                 else cmd { ({ "SADD", "RPUSH", "HSET" })[rnd(3)], k, "x", "y" } end
             elseif ty == "hash" then
-                -- a name index hash: entries id -> name
+                -- a name index hash: entries name -> id (or '': the ids are in its set)
                 local kv = cmd { "HGETALL", k }
                 local j = 2 * rnd(#kv / 2) - 1
                 local q = rnd(3)
@@ -536,7 +536,7 @@ describe("store record fuzzing", function()
                     cmd { "HSET", k, v, kv[j + 1] }
                 else
                     local _, v = mutate(rnd, kv[j + 1])
-                    op = "hash: name changed"
+                    op = "hash: value changed"
                     cmd { "HSET", k, kv[j], v }
                 end
             elseif ty == "set" then
@@ -581,7 +581,8 @@ describe("store record fuzzing", function()
         s = assert(store_mod.open(url))
         assert(s:put(ctx.ids[9], ctx.blobs[ctx.ids[9]]))
         cmd { "SADD", prefix .. "idx:group:" .. GROUP, "" }
-        cmd { "HSET", s:name_key(ctx.ids[9], "k09"), "", "k09" }
+        cmd { "HSET", s:name_key(ctx.ids[9], "k09"), "k09", "" }
+        cmd { "SADD", prefix .. "idx:name:k09", ctx.ids[9], "" }
         cmd { "SET", prefix .. "k:", ctx.blobs[ctx.ids[10]] }
         no_empty_id(s)
         assert.are.same({ ctx.ids[9] }, (assert(s:find({ name = "k09" }))))

@@ -77,21 +77,55 @@ local WRITE = { write = true }
 
 -- ---- scripts ---------------------------------------------------------------
 
+-- The name index, inside the scripts.  The hash h (P nx:<bucket of name>) has a field per
+-- name: the one id with that name, or '' when several ids share it, which are then the
+-- members of the set s (P idx:name:<name>, declared by the caller as a key of the call).
+-- A name usually belongs to one key: a field, no Redis key of its own.
+local NAME_OPS = [[
+local function name_join(h, s, name, id)
+  if redis.call('HSETNX', h, name, id) == 1 then return end
+  local v = redis.call('HGET', h, name)
+  if v == id then return end
+  if v == '' then
+    redis.call('SADD', s, id)
+  else
+    redis.call('SADD', s, v, id)
+    redis.call('HSET', h, name, '')
+  end
+end
+local function name_leave(h, s, name, id)
+  local v = redis.call('HGET', h, name)
+  if v == id then
+    redis.call('HDEL', h, name)
+  elseif v == '' then
+    redis.call('SREM', s, id)
+    local left = redis.call('SCARD', s)
+    if left == 0 then
+      redis.call('HDEL', h, name)
+    elseif left == 1 then
+      local last = redis.call('SPOP', s)
+      if last == '' then redis.call('HDEL', h, name) else redis.call('HSET', h, name, last) end
+    end
+  end
+end
+]]
+
 -- One script call writes a batch of items (put_many's chunk, or put's one item), all in
 -- one bucket: in a cluster its keys share one slot.
--- KEYS: the counter, m index sets, then the n items' blob keys.
+-- KEYS: the counter, m index keys (a set; for a name, its hash and its set), then the n
+-- items' blob keys.
 -- ARGV: m, n; per item: id, blob, expected, how -- "a": must be absent (one SET NX);
 --       "b"/"f": the stored value must equal expected, a key blob / foreign bytes (a GET,
---       then a SET); then per index key: its kind ("s": a set; "h<name>": a name index
---       hash, whose entries map id -> name), the count and ids that leave it, the count
+--       then a SET); then per index entry: its kind ("s": a set, one key; "h<name>": the
+--       name's index hash and set, two keys), the count and ids that leave it, the count
 --       and ids that join it (only items written take effect).
 -- Returns one result per item: 1 (written), 0 ("a": the key exists, whatever it holds),
 -- -1 (absent), -2 (differs), -3 (holds another type).
--- The index updates go out once per key (SREM/SADD, HDEL/HSET with many members), the
--- counter once per call by GET and SET (no ACL permission beyond a put's).  Item ids of
--- one call are distinct (write_cmds); an id never both leaves and joins one set, but may
--- leave and join one name hash (renamed to a name of the same bucket): leaves go first.
-local WRITE_SCRIPT = [[
+-- The set updates go out once per set (SREM/SADD with many members), the name index
+-- entries one by one (name_leave, name_join), the counter once per call by GET and SET.
+-- Item ids of one call are distinct (write_cmds); an id never both leaves and joins one
+-- entry, but two names of a call may share a hash: every leave goes before any join.
+local WRITE_SCRIPT = NAME_OPS .. [[
 local m, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out, ok, delta = {}, {}, 0
 local a = 3
@@ -114,10 +148,16 @@ for i = 1, n do
   out[i] = r
   a = a + 4
 end
-local sets = {}
-for s = 2, m + 1 do
-  local st = { key = KEYS[s], kind = ARGV[a] }
+local sets, ki = {}, 2
+while ki <= m + 1 do
+  local st = { key = KEYS[ki], kind = ARGV[a] }
   a = a + 1
+  if st.kind == 's' then
+    ki = ki + 1
+  else
+    st.set, st.name = KEYS[ki + 1], string.sub(st.kind, 2)
+    ki = ki + 2
+  end
   for half = 1, 2 do
     local c = tonumber(ARGV[a])
     local t = {}
@@ -138,18 +178,9 @@ for half = 1, 2 do
     if st.kind == 's' then
       local op = half == 1 and 'SREM' or 'SADD'
       for f = 1, #t, 1000 do redis.call(op, st.key, unpack(t, f, math.min(#t, f + 999))) end
-    elseif half == 1 then
-      for f = 1, #t, 1000 do redis.call('HDEL', st.key, unpack(t, f, math.min(#t, f + 999))) end
     else
-      local name, fv = string.sub(st.kind, 2), {}
-      for f = 1, #t, 1000 do
-        for j = f, math.min(#t, f + 999) do
-          fv[#fv + 1] = t[j]
-          fv[#fv + 1] = name
-        end
-        redis.call('HSET', st.key, unpack(fv))
-        fv = {}
-      end
+      local op = half == 1 and name_leave or name_join
+      for j = 1, #t do op(st.key, st.set, st.name, t[j]) end
     end
   end
 end
@@ -163,25 +194,25 @@ return out
 -- The common case of WRITE_SCRIPT, new keys (provisioning), with fewer arguments: items
 -- that must be absent, each with a name, all sharing one bucket and the same other indexed
 -- attributes (their index sets are the call's shared sets).
--- KEYS: the counter, m shared index sets, then per item: its blob key, its name's index hash.
--- ARGV: m, then per item: id, blob, name.
+-- KEYS: the counter, m shared index sets, then per item: its blob key, its name's index
+-- hash and set.  ARGV: m, then per item: id, blob, name.
 -- Returns per item 1 (written) or 0 (the key exists, whatever it holds).  Measured
--- against WRITE_SCRIPT (bench/store_redis.lua): 5 arguments per key instead of 11.
-local FRESH_SCRIPT = [[
+-- against WRITE_SCRIPT (bench/store_redis.lua): 6 arguments per key instead of 11.
+local FRESH_SCRIPT = NAME_OPS .. [[
 local m = tonumber(ARGV[1])
-local n = (#KEYS - 1 - m) / 2
+local n = (#KEYS - 1 - m) / 3
 local out, t = {}, {}
 local k, a = m + 2, 2
 for i = 1, n do
   local id = ARGV[a]
   if redis.call('SET', KEYS[k], ARGV[a + 1], 'NX') then
-    redis.call('HSET', KEYS[k + 1], id, ARGV[a + 2])
+    name_join(KEYS[k + 1], KEYS[k + 2], ARGV[a + 2], id)
     t[#t + 1] = id
     out[i] = 1
   else
     out[i] = 0
   end
-  k, a = k + 2, a + 3
+  k, a = k + 3, a + 3
 end
 if #t > 0 then
   for s = 2, m + 1 do
@@ -212,18 +243,20 @@ end
 return out
 ]]
 
--- KEYS: blob, counter, index keys to leave.  ARGV: id, expected, expected-is-a-blob, the
--- position in KEYS of the name index hash (0: none; the others are sets).
+-- KEYS: blob, counter, [the name's index hash and set,] the index sets to leave.
+-- ARGV: id, expected, expected-is-a-blob[, name].
 -- Returns 1 (deleted), -1 (absent), -2 (differs).
-local DELETE_SCRIPT = [[
+local DELETE_SCRIPT = NAME_OPS .. [[
 local cur = redis.call('GET', KEYS[1])
 if not cur then return -1 end
 if cur ~= ARGV[2] then return -2 end
 redis.call('DEL', KEYS[1])
-local h = tonumber(ARGV[4])
-for i = 3, #KEYS do
-  if i == h then redis.call('HDEL', KEYS[i], ARGV[1]) else redis.call('SREM', KEYS[i], ARGV[1]) end
+local first = 3
+if ARGV[4] then
+  name_leave(KEYS[3], KEYS[4], ARGV[4], ARGV[1])
+  first = 5
 end
+for i = first, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
 if ARGV[3] == '1' then redis.call('DECR', KEYS[2]) end
 return 1
 ]]
@@ -243,44 +276,64 @@ end
 return { r[1], out }
 ]]
 
--- find by name: KEYS: the name's index hash, then the sets of the filter's other fields.
--- ARGV: cursor, count, name.  Returns { next_cursor, { ids } } as FIND_SCRIPT: the hash's
--- entries (id -> name) whose name is the one asked for and whose id is in every set.
+-- find by name: KEYS: the name's index hash and set, then the sets of the filter's other
+-- fields.  ARGV: cursor, count, name.  Returns { next_cursor, { ids } } as FIND_SCRIPT:
+-- the name's id (one HGET), or a page of its set (SSCAN) when several ids share it,
+-- those in every other set.
 local FIND_NAME_SCRIPT = [[
-local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local out, kv, name = {}, r[2], ARGV[3]
-for i = 1, #kv, 2 do
-  local id = kv[i]
-  if kv[i + 1] == name and id ~= '' then
+local v = redis.call('HGET', KEYS[1], ARGV[3])
+local ids, nxt = {}, '0'
+if v == '' then
+  local r = redis.call('SSCAN', KEYS[2], ARGV[1], 'COUNT', ARGV[2])
+  ids, nxt = r[2], r[1]
+elseif v and ARGV[1] == '0' then
+  ids = { v }
+end
+local out = {}
+for _, id in ipairs(ids) do
+  if id ~= '' then
     local all = true
-    for k = 2, #KEYS do
+    for k = 3, #KEYS do
       if redis.call('SISMEMBER', KEYS[k], id) == 0 then all = false break end
     end
     if all then out[#out + 1] = id end
   end
 end
-return { r[1], out }
+return { nxt, out }
 ]]
 
 -- store.open(url, { upgrade = true }): the name index of a store made by softcxi before
 -- name_buckets (one set per name, P idx:name:<name>) moved into the hashes.  KEYS: pairs
--- of an old name set and the index hash of its name (one slot); ARGV: the names.  Moves
--- up to 1000 members of each set (SPOP: a member leaves its set in the call that writes
--- it to the hash, so an interrupted upgrade loses none) and returns per set the members
--- left, or -1 when the key is not a set (left alone).
+-- of an old name set and the index hash of its name (one slot); ARGV: the names.  A set
+-- of one id becomes the hash's field (SPOP and HSET in one call: nothing is lost however
+-- the upgrade stops); a set of several stays where it is, as the name's set, and the field
+-- says so ('').  Returns per set 1 (changed), 0 (already in this layout), -1 (the key is
+-- not a set: left alone).
 local UPGRADE_SCRIPT = [[
 local out = {}
 for i = 1, #ARGV do
   local set, h, name = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i]
+  local r = 0
   if redis.call('TYPE', set)['ok'] ~= 'set' then
-    out[i] = -1
+    r = -1
   else
-    local m = redis.call('SPOP', set, 1000)
-    for _, id in ipairs(m) do
-      if id ~= '' then redis.call('HSET', h, id, name) end
+    local v = redis.call('HGET', h, name)
+    local n = redis.call('SCARD', set)
+    if v == '' then
+      r = 0
+    elseif v then
+      redis.call('SADD', set, v)
+      redis.call('HSET', h, name, '')
+      r = 1
+    elseif n == 1 then
+      redis.call('HSET', h, name, redis.call('SPOP', set))
+      r = 1
+    elseif n > 1 then
+      redis.call('HSET', h, name, '')
+      r = 1
     end
-    out[i] = redis.call('SCARD', set)
   end
+  out[i] = r
 end
 return out
 ]]
@@ -612,12 +665,13 @@ end
 _M.ready = ready
 
 -- The upgrade: every old name set (P idx:name:<name>, in a cluster P{b}idx:name:<name>)
--- moved into the index hashes, by UPGRADE_SCRIPT calls, until a full SCAN of every master
--- finds none; then the record.  The count it uses is recorded first (P name-buckets
+-- taken into the index hashes by UPGRADE_SCRIPT calls, until a full SCAN of every master
+-- changes nothing; then the record.  The count it uses is recorded first (P name-buckets
 -- :upgrading), so a run that stops (a crash, a lost connection) resumes with the same.
 -- Safe to run again on an upgraded store: it folds in name sets an older softcxi wrote
--- since.  self.upgraded = { sets =, blobs =, passes =, foreign = } says what it did
--- (foreign: keys under idx:name: that are not sets, left alone).
+-- since.  self.upgraded = { sets =, blobs =, passes =, foreign = } says what it did (sets:
+-- name sets taken in; blobs: the store's count; foreign: keys under idx:name: that are
+-- not sets, left alone).
 upgrade = function(self, fn)
     local rec, up = names_record(self)
     local want = self.want_names or NAME_BUCKETS
@@ -636,9 +690,8 @@ upgrade = function(self, fn)
     local up_sha = SCRIPTS.upgrade
     local on = self.on_upgrade
     repeat
-        local found = 0
+        local changed, foreign = 0, 0
         done.passes = done.passes + 1
-        local foreign = 0
         for _, node in ipairs(self.transport:nodes()) do
             local cursor = "0"
             repeat
@@ -668,7 +721,6 @@ upgrade = function(self, fn)
                         g.names[#g.names + 1] = name
                     end
                 end
-                -- a set of more than 1000 members takes several calls
                 local calls = {}
                 for _, tag in ipairs(order) do
                     local g = groups[tag]
@@ -679,44 +731,29 @@ upgrade = function(self, fn)
                             keys[k + 1], keys[k + 2] = g.keys[2 * i - 1], g.keys[2 * i]
                             names[#names + 1] = g.names[i]
                         end
-                        calls[#calls + 1] = { keys = keys, names = names }
+                        calls[#calls + 1] = script_cmd(up_sha, keys, names)
                     end
                 end
-                while #calls > 0 do
-                    local cmds = {}
-                    for i, c in ipairs(calls) do cmds[i] = script_cmd(up_sha, c.keys, c.names) end
-                    res, err, code = run(self, cmds, WRITE)
+                if #calls > 0 then
+                    res, err, code = run(self, calls, WRITE)
                     if err then return nil, fn .. ": upgrade: " .. err, code end
-                    local again = {}
-                    for i, c in ipairs(calls) do
+                    for i = 1, #calls do
                         local rc = res[i]
                         if is_err(rc) then return nil, fn .. ": upgrade: " .. rc.err, rcode(rc.err) end
-                        local keys, names = {}, {}
-                        for j = 1, #c.names do
-                            local left = rc[j]
-                            if left == -1 then
+                        for j = 1, #rc do
+                            if rc[j] == -1 then
                                 foreign = foreign + 1
-                            else
-                                found = found + 1
-                                if left > 0 then
-                                    local k = #keys
-                                    keys[k + 1], keys[k + 2] = c.keys[2 * j - 1], c.keys[2 * j]
-                                    names[#names + 1] = c.names[j]
-                                else
-                                    done.sets = done.sets + 1
-                                end
+                            elseif rc[j] == 1 then
+                                changed = changed + 1
                             end
                         end
-                        if #names > 0 then again[#again + 1] = { keys = keys, names = names } end
                     end
-                    calls = again
                 end
-                if on then on(done.sets) end
+                if on then on(done.sets + changed) end
             until cursor == "0"
         end
-        done.foreign = foreign
-    until found == 0
-    -- ids moved: the hashes' entries are not counted one by one; the blobs the store holds
+        done.foreign, done.sets = foreign, done.sets + changed
+    until changed == 0
     local n
     n, err, code = self:count()
     if not n then return nil, fn .. ": upgrade: " .. err, code end
@@ -774,8 +811,8 @@ local function new_call(base)
              idx = {} }
 end
 
--- The index key of field:value in call g: { key, kind, leave = {ids}, join = {ids} }; kind
--- "s" for a set, "h<name>" for the name's index hash.
+-- The index entry of field:value in call g: { key, kind, leave = {ids}, join = {ids} };
+-- kind "s" for a set, "h<name>" for a name (key: its index hash, .set: its set).
 local function set_of(self, g, f, v)
     local memo = g.memo[f]
     if not memo then
@@ -786,12 +823,13 @@ local function set_of(self, g, f, v)
     if not set then
         local s = attr_str(v)
         if f == "name" then
-            set = { name_key(self, g.base, s), "h" .. s, leave = EMPTY, join = EMPTY }
+            set = { name_key(self, g.base, s), "h" .. s, leave = EMPTY, join = EMPTY,
+                    set = g.base .. "idx:name:" .. s }
         else
             set = { g.base .. "idx:" .. f .. ":" .. s, "s", leave = EMPTY, join = EMPTY }
         end
         g.sets[#g.sets + 1] = set
-        g.nargs = g.nargs + 4
+        g.nargs = g.nargs + 5
         memo[v] = set
     end
     return set
@@ -853,10 +891,10 @@ local function add_fresh(self, fresh, calls, b, e, ei)
         calls[#calls + 1] = g
     end
     local k = g.n + 1
-    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 5
-    local keys, args, j, name = g.keys, g.args, 2 * k, attr_str(info.name)
-    keys[j - 1], keys[j] = g.base .. "k:" .. id, name_key(self, g.base, name)
-    j = 3 * k
+    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 6
+    local keys, args, j, name = g.keys, g.args, 3 * k, attr_str(info.name)
+    keys[j - 2], keys[j - 1], keys[j] = g.base .. "k:" .. id, name_key(self, g.base, name),
+        g.base .. "idx:name:" .. name
     args[j - 2], args[j - 1], args[j] = id, e.blob, name
 end
 
@@ -951,15 +989,23 @@ end
 local function write_argv(g, eval)
     local sets, keys, args = g.sets, g.keys, g.args
     local counter = g.base .. "n"
-    local argv = { "EVALSHA", WRITE_SHA, 1 + #sets + #keys, counter,
-                   key = counter, script = WRITE_TEXT }
+    local argv = { "EVALSHA", WRITE_SHA, 0, counter, key = counter, script = WRITE_TEXT }
     if eval then argv[1], argv[2], argv.script = "EVAL", WRITE_TEXT, nil end
     local n = 4
-    for i = 1, #sets do argv[n + i] = sets[i][1] end
-    n = n + #sets
+    for i = 1, #sets do
+        local set = sets[i]
+        n = n + 1
+        argv[n] = set[1]
+        if set.set then
+            n = n + 1
+            argv[n] = set.set
+        end
+    end
+    local m = n - 4
     for i = 1, #keys do argv[n + i] = keys[i] end
     n = n + #keys
-    argv[n + 1], argv[n + 2] = #sets, #keys
+    argv[3] = 1 + m + #keys
+    argv[n + 1], argv[n + 2] = m, #keys
     n = n + 2
     for i = 1, #args do argv[n + i] = args[i] end
     n = n + #args
@@ -1037,15 +1083,17 @@ end
 local function delete_cmd(self, id, old)
     local base = self.P .. self.tags[self:bucket(id)]
     local keys = { base .. "k:" .. id, base .. "n" }
+    local args = { id, old, "0" }
     local old_info = key_info(old)
-    local h = 0
     if old_info then
+        args[3] = "1"
         if old_info.name ~= nil then
-            keys[3], h = name_key(self, base, attr_str(old_info.name)), 3
+            local name = attr_str(old_info.name)
+            keys[3], keys[4], args[4] = name_key(self, base, name), base .. "idx:name:" .. name, name
         end
         index_keys(keys, #keys, base, old_info)
     end
-    return script_cmd(SCRIPTS.delete, keys, { id, old, old_info and "1" or "0", h })
+    return script_cmd(SCRIPTS.delete, keys, args)
 end
 
 -- After writes: WAIT for the configured replicas.  true or nil, msg, code.
@@ -1809,10 +1857,9 @@ function _M:find(filter, cursor, limit)
             for j, req in ipairs(reqs) do
                 local base = P .. tags[req[1]]
                 local keys = {}
-                if name then keys[1] = name_key(self, base, name) end
+                if name then keys[1], keys[2] = name_key(self, base, name), base .. "idx:name:" .. name end
                 for _, f in ipairs(fields) do keys[#keys + 1] = base .. "idx:" .. f end
                 if name then
-                    -- a bucket's hash holds other names too: the script keeps this one's
                     cmds[j] = script_cmd(SCRIPTS.find_name, keys, { req[2], req[3], name })
                 elseif #keys == 1 then
                     cmds[j] = { "SSCAN", keys[1], req[2], "COUNT", req[3], key = keys[1] }
@@ -1836,9 +1883,7 @@ function _M:find(filter, cursor, limit)
             end
             return got
         end
-        -- HSCAN's COUNT is work, not matches: a name's hash is scanned 1,000 entries a call
-        -- (a small one, listpack-encoded, whole in one reply anyway)
-        ids, nxt, code = page(self.nb, cursor, limit, fetch, MAX_WINDOW, name and 1000 or 10)
+        ids, nxt, code = page(self.nb, cursor, limit, fetch, MAX_WINDOW, 10)
     end
     if not ids then return nil, fn .. ": " .. nxt, code end
     return ids, nxt
