@@ -533,6 +533,16 @@ describe("redis store", function()
         assert.are.equal(2191852, nb(string.rep("long-", 40), 16777216))
         assert.are.equal(208, nb("dev-00000001", 256))
         assert.are.equal(0, nb("a", 1))
+        -- put_many starts from key_attrs' name_h31 (the first step, in C): the same buckets
+        local ka = require("softcxi.core").key_attrs
+        for _, name in ipairs { "dev-00000001", "\195\188tf-8 name", string.rep("long-", 40), "x" } do
+            local blob = H.gen(device(), { algo = "ec", curve = "P-256", name = name, group = "gk" })
+            local info = assert(ka(blob))
+            assert.are.equal(name, info.name)
+            for _, m in ipairs { 65536, 1000, 16777216 } do
+                assert.are.equal(nb(name, m), nb(name, m, info.name_h31), name)
+            end
+        end
         -- and the store writes the entry there: id -> name
         local P = fresh_prefix()
         local s = open(with_prefix(URL, P))

@@ -195,24 +195,30 @@ return out
 -- that must be absent, each with a name, all sharing one bucket and the same other indexed
 -- attributes (their index sets are the call's shared sets).
 -- KEYS: the counter, m shared index sets, then per item: its blob key, its name's index
--- hash and set.  ARGV: m, then per item: id, blob, name.
+-- hash.  ARGV: m, then per item: id, blob, name.
 -- Returns per item 1 (written) or 0 (the key exists, whatever it holds).  Measured
--- against WRITE_SCRIPT (bench/store_redis.lua): 6 arguments per key instead of 11.
+-- against WRITE_SCRIPT (bench/store_redis.lua): 5 arguments per key instead of 11.
+-- A name taken by another id needs the name's set: its key is not passed (one argument
+-- fewer per key, for a case provisioning never meets) but made from the hash's key,
+-- <base>nx:<h> -> <base>idx:name:<name>: the same hash tag, so the same slot.
 local FRESH_SCRIPT = NAME_OPS .. [[
 local m = tonumber(ARGV[1])
-local n = (#KEYS - 1 - m) / 3
+local n = (#KEYS - 1 - m) / 2
 local out, t = {}, {}
 local k, a = m + 2, 2
 for i = 1, n do
   local id = ARGV[a]
   if redis.call('SET', KEYS[k], ARGV[a + 1], 'NX') then
-    name_join(KEYS[k + 1], KEYS[k + 2], ARGV[a + 2], id)
+    local h, name = KEYS[k + 1], ARGV[a + 2]
+    if redis.call('HSETNX', h, name, id) == 0 then
+      name_join(h, string.match(h, '^(.*)nx:%d+$') .. 'idx:name:' .. name, name, id)
+    end
     t[#t + 1] = id
     out[i] = 1
   else
     out[i] = 0
   end
-  k, a = k + 3, a + 3
+  k, a = k + 2, a + 3
 end
 if #t > 0 then
   for s = 2, m + 1 do
@@ -370,10 +376,17 @@ end
 -- 2^32, then a multiplicative mix), scaled to 0..m-1 by its top bits.  Arithmetic only,
 -- every value an exact integer below 2^53: the same bucket under Lua 5.4 (integers) and
 -- LuaJIT (doubles), in a CLI and in nginx.  spec/store_redis_spec.lua pins known answers.
-local function name_bucket(name, m)
-    local h, n, i = 0, #name, 1
-    -- four bytes a step, the same sum (h * 31^4 < 2^53): a third of the time of one a step
-    while i + 3 <= n do
+-- h31: the first step's result when known (key_attrs' name_h31: put_many has it).
+local function name_bucket(name, m, h31)
+    local h, n, i = h31 or 0, h31 and 0 or #name, 1
+    -- four bytes at a time, the same sum (h * 31^4 < 2^53), eight per string.byte call
+    while i + 7 <= n do
+        local a, b, c, d, e, f, g, k = string_byte(name, i, i + 7)
+        h = (h * 923521 + a * 29791 + b * 961 + c * 31 + d) % 4294967296
+        h = (h * 923521 + e * 29791 + f * 961 + g * 31 + k) % 4294967296
+        i = i + 8
+    end
+    if i + 3 <= n then
         local a, b, c, d = string_byte(name, i, i + 3)
         h = (h * 923521 + a * 29791 + b * 961 + c * 31 + d) % 4294967296
         i = i + 4
@@ -593,9 +606,25 @@ end
 
 -- ---- the name index: its record, its keys, the upgrade from name sets ---------------
 
--- The key of name's index hash in the bucket whose keys start with base.
-local function name_key(self, base, name)
-    return base .. "nx:" .. string_format("%d", name_bucket(name, self.nm))
+-- The key of name's index hash in the bucket whose keys start with base.  The keys are
+-- kept once made (self.nx_keys[base][h]; a third of the cost of a new key each time),
+-- when there are at most MEMO_NAME_KEYS of them (a few MiB).
+local MEMO_NAME_KEYS = 65536
+local function name_key(self, base, name, h31)
+    local h = name_bucket(name, self.nm, h31)
+    local memo = self.nx_keys
+    if not memo then return base .. "nx:" .. string_format("%d", h) end
+    local keys = memo[base]
+    if not keys then
+        keys = {}
+        memo[base] = keys
+    end
+    local k = keys[h]
+    if not k then
+        k = base .. "nx:" .. string_format("%d", h)
+        keys[h] = k
+    end
+    return k
 end
 
 --- The key of the index hash that holds name's entry for id (for tests and tools).
@@ -622,6 +651,7 @@ local function take_names(self, fn, v)
                                   fn, self.P, m, self.want_names), "EINVAL"
     end
     self.name_buckets, self.nm = m, math_max(1, math_floor(m / self.nb))
+    self.nx_keys = self.nm * self.nb <= MEMO_NAME_KEYS and {} or nil
     return true
 end
 
@@ -891,10 +921,9 @@ local function add_fresh(self, fresh, calls, b, e, ei)
         calls[#calls + 1] = g
     end
     local k = g.n + 1
-    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 6
+    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 5
     local keys, args, j, name = g.keys, g.args, 3 * k, attr_str(info.name)
-    keys[j - 2], keys[j - 1], keys[j] = g.base .. "k:" .. id, name_key(self, g.base, name),
-        g.base .. "idx:name:" .. name
+    keys[2 * k - 1], keys[2 * k] = g.base .. "k:" .. id, name_key(self, g.base, name, info.name_h31)
     args[j - 2], args[j - 1], args[j] = id, e.blob, name
 end
 
