@@ -675,7 +675,16 @@ local function ready(self, fn)
         local n
         n, err, code = self:count()
         if not n then return nil, fn .. ": " .. err, code end
-        old = n > 0
+        if n > 0 then
+            -- blobs, and no record when first asked: another process of this version may
+            -- have made the store meanwhile.  It recorded the count before it wrote any
+            -- blob, so asking again after the count settles it.
+            local again
+            again, err, code = call(self, { "GET", rec, key = rec }, RETRY)
+            if again == nil then return nil, fn .. ": " .. err, code end
+            if again ~= null and not self.upgrade then return take_names(self, fn, again) end
+            old = again == null
+        end
     end
     if old and not self.upgrade then
         return nil, string_format("%s: the store under prefix '%s' has %s: run 'softcxi store upgrade %s' "
