@@ -606,25 +606,11 @@ end
 
 -- ---- the name index: its record, its keys, the upgrade from name sets ---------------
 
--- The key of name's index hash in the bucket whose keys start with base.  The keys are
--- kept once made (self.nx_keys[base][h]; a third of the cost of a new key each time),
--- when there are at most MEMO_NAME_KEYS of them (a few MiB).
-local MEMO_NAME_KEYS = 65536
+-- The key of name's index hash in the bucket whose keys start with base.  name_bucket's
+-- result is an integer (Lua 5.4) or an integral double (LuaJIT): both concatenate as
+-- digits alone, without string.format's call.
 local function name_key(self, base, name, h31)
-    local h = name_bucket(name, self.nm, h31)
-    local memo = self.nx_keys
-    if not memo then return base .. "nx:" .. string_format("%d", h) end
-    local keys = memo[base]
-    if not keys then
-        keys = {}
-        memo[base] = keys
-    end
-    local k = keys[h]
-    if not k then
-        k = base .. "nx:" .. string_format("%d", h)
-        keys[h] = k
-    end
-    return k
+    return base .. "nx:" .. name_bucket(name, self.nm, h31)
 end
 
 --- The key of the index hash that holds name's entry for id (for tests and tools).
@@ -651,7 +637,6 @@ local function take_names(self, fn, v)
                                   fn, self.P, m, self.want_names), "EINVAL"
     end
     self.name_buckets, self.nm = m, math_max(1, math_floor(m / self.nb))
-    self.nx_keys = self.nm * self.nb <= MEMO_NAME_KEYS and {} or nil
     return true
 end
 
