@@ -65,8 +65,8 @@ describe("softcxi command", function()
                 "mbk rotate", "mbk retire", "user add", "user delete", "user list", "key generate",
                 "key list", "key info", "key public", "key delete", "key backup", "key restore",
                 "key import", "key export", "key revoke", "key revoked", "sign", "verify", "encrypt",
-                "decrypt", "provision", "rewrap", "store stats", "store migrate", "db backup",
-                "db restore", "audit show", "audit verify", "user set" }
+                "decrypt", "provision", "rewrap", "store stats", "store migrate", "store upgrade",
+                "db backup", "db restore", "audit show", "audit verify", "user set" }
             for _, c in ipairs(cmds) do
                 local help = ok(BIN .. " " .. c .. " --help")
                 assert.matches("Usage: softcxi " .. c:gsub("%-", "%%-"), help)
@@ -522,6 +522,57 @@ describe("softcxi command", function()
             assert.are.equal(0, r.copied)
             assert.are.equal(n, r.skipped)
             assert.are.equal(n, json(e.base .. " --json store stats " .. H.q(to)).count)
+        end)
+
+        it("upgrades a Redis store of the old layout (a set per name) that open refuses", function()
+            local url, port = os.getenv("SOFTCXI_TEST_REDIS_URL"), os.getenv("SOFTCXI_TEST_REDIS_PORT")
+            if not (url and port) then
+                pending("SOFTCXI_TEST_REDIS_URL / SOFTCXI_TEST_REDIS_PORT are not set")
+                return
+            end
+            local P = "cli-upgrade-" .. os.time() .. "-" .. math.random(1, 1e6) .. ":"
+            url = url:gsub("prefix=[^&]*", "prefix=" .. P)
+            json(e.base .. " --json store migrate --from " .. H.q(store) .. " --to " .. H.q(url))
+            local n = stats().count
+            -- what an older softcxi wrote: the name index as a set per name, no record
+            local c = assert(require("softcxi.hiredis").connect("127.0.0.1", tonumber(port), 5))
+            local function cmd(argv) return assert(c:command(argv)) end
+            local cursor, sets = "0", 0
+            repeat
+                local r = cmd { "SCAN", cursor, "MATCH", P .. "nx:*", "COUNT", 1000 }
+                cursor = r[1]
+                for _, k in ipairs(r[2]) do
+                    local kv = cmd { "HGETALL", k }
+                    for i = 1, #kv, 2 do
+                        -- a name of several ids has its set already
+                        if kv[i + 1] ~= "" then
+                            sets = sets + cmd { "SADD", P .. "idx:name:" .. kv[i], kv[i + 1] }
+                        end
+                    end
+                    cmd { "DEL", k }
+                end
+            until cursor == "0"
+            cmd { "DEL", P .. "name-buckets" }
+            assert.are.equal(n, sets)           -- one name per key here
+            local err = fails(e.base .. " store stats " .. H.q(url))
+            assert.matches("ELAYOUT", err)
+            assert.truthy(err:find("softcxi store upgrade " .. url, 1, true), err)
+            local r = json(e.base .. " --json store upgrade " .. H.q(url))
+            assert.are.equal(n, r.name_sets_moved)
+            assert.are.equal(n, r.keys)
+            assert.are.equal(65536, r.name_buckets)
+            assert.are.equal(n, json(e.base .. " --json store stats " .. H.q(url)).count)
+            assert.are.equal(0, #cmd { "KEYS", P .. "idx:name:*" })
+            -- once more: nothing left to move
+            assert.are.equal(0, json(e.base .. " --json store upgrade " .. H.q(url)).name_sets_moved)
+            cursor = "0"
+            repeat
+                local r2 = cmd { "SCAN", cursor, "MATCH", P .. "*", "COUNT", 1000 }
+                cursor = r2[1]
+                for _, k in ipairs(r2[2]) do cmd { "DEL", k } end
+            until cursor == "0"
+            c:close()
+            fails(e.base .. " store upgrade " .. H.q("file:" .. e.dir .. "/ks"), 2)
         end)
     end)
 

@@ -17,7 +17,7 @@ describe("key_attrs", function()
         H.destroy(dev)
     end)
 
-    it("gives key_info's name, group, specifier and algo, and nothing else", function()
+    it("gives key_info's name, group, specifier and algo, the name's h*31 sum, nothing else", function()
         local blobs = {
             H.gen(hsm, { algo = "ec", curve = "P-256", group = "g1", name = "n1", specifier = 7 }),
             H.gen(hsm, { algo = "aes", size = 256, group = "g2", name = "n2" }),
@@ -26,9 +26,15 @@ describe("key_attrs", function()
         for i, b in ipairs(blobs) do
             local info = assert(softcxi.key_info(b))
             local a = assert(core.key_attrs(b))
+            -- name_h31: "n1" is 110 * 31 + 49 (the Redis store's name index starts from it)
             assert.are.same({ name = info.name, group = info.group, specifier = info.specifier,
-                              algo = info.algo }, a, "blob " .. i)
+                              algo = info.algo, name_h31 = 3458 + i }, a, "blob " .. i)
         end
+        local long = string.rep("\255", 40)   -- wraps mod 2^32 many times: as the Lua form
+        local a = assert(core.key_attrs(H.gen(hsm, { algo = "ec", curve = "P-256", name = long })))
+        local h = 0
+        for k = 1, #long do h = (h * 31 + long:byte(k)) % 4294967296 end
+        assert.are.equal(h, a.name_h31)
         assert.are.equal(7, core.key_attrs(blobs[1]).specifier)
         assert.is_nil(core.key_attrs(blobs[2]).specifier)
     end)

@@ -165,6 +165,13 @@ local function check_store(ctx, open_store, affected, stats, reindex)
             local okg, e = pcall(s.get, s, id)
             assert(okg, phase .. ": get of found id '" .. tostring(id) .. "' raised: " .. tostring(e))
         end
+        for _, name in ipairs { "k05", "k01" } do
+            for _, id in ipairs(pages("find", { name = name }) or {}) do
+                local okg, e = pcall(s.get, s, id)
+                assert(okg, phase .. ": get of id '" .. tostring(id) .. "' found by name raised: "
+                    .. tostring(e))
+            end
+        end
         pages("scan")
         local okc, n = pcall(s.count, s)
         assert(okc, phase .. ": count raised: " .. tostring(n))
@@ -515,6 +522,23 @@ describe("store record fuzzing", function()
                 cmd { "DEL", k }
                 if ty == "set" then cmd { "SET", k, random_bytes(rnd, rnd(40)) }
                 else cmd { ({ "SADD", "RPUSH", "HSET" })[rnd(3)], k, "x", "y" } end
+            elseif ty == "hash" then
+                -- a name index hash: entries name -> id (or '': the ids are in its set)
+                local kv = cmd { "HGETALL", k }
+                local j = 2 * rnd(#kv / 2) - 1
+                local q = rnd(3)
+                if q == 1 then
+                    op = "hash: entry removed"
+                    cmd { "HDEL", k, kv[j] }
+                elseif q == 2 then
+                    local _, v = mutate(rnd, kv[j])
+                    op = "hash: entry added"
+                    cmd { "HSET", k, v, kv[j + 1] }
+                else
+                    local _, v = mutate(rnd, kv[j + 1])
+                    op = "hash: value changed"
+                    cmd { "HSET", k, kv[j], v }
+                end
             elseif ty == "set" then
                 local members = cmd { "SMEMBERS", k }
                 local m = members[rnd(#members)]
@@ -552,12 +576,16 @@ describe("store record fuzzing", function()
         report("Redis", SEED + 2, stats)
         assert.are.equal(CASES, stats.cases)
 
-        -- the regression: an empty member in an index set, an empty id's key
+        -- the regression: an empty member in an index set (and an empty id in a name index
+        -- hash), an empty id's key
         s = assert(store_mod.open(url))
         assert(s:put(ctx.ids[9], ctx.blobs[ctx.ids[9]]))
         cmd { "SADD", prefix .. "idx:group:" .. GROUP, "" }
+        cmd { "HSET", s:name_key(ctx.ids[9], "k09"), "k09", "" }
+        cmd { "SADD", prefix .. "idx:name:k09", ctx.ids[9], "" }
         cmd { "SET", prefix .. "k:", ctx.blobs[ctx.ids[10]] }
         no_empty_id(s)
+        assert.are.same({ ctx.ids[9] }, (assert(s:find({ name = "k09" }))))
         s:close()
         wipe()
         conn:close()

@@ -450,9 +450,13 @@ static int l_key_info(lua_State *L)
     return 1;
 }
 
-/* key_attrs(blob) -> { algo =, name =, group =, specifier = }: the clear attributes the
- * stores index, parsed and checked as key_info does, without the rest of its table.  The
- * stores check every blob they read or write with it (rewrap: two per blob). */
+/* key_attrs(blob) -> { algo =, name =, group =, specifier =, name_h31 = }: the clear
+ * attributes the stores index, parsed and checked as key_info does, without the rest of
+ * its table.  The stores check every blob they read or write with it (rewrap: two per
+ * blob).  name_h31 is the sum over the name's bytes of h = h * 31 + byte, mod 2^32: where
+ * the Redis store's name index puts the name starts from it (store/redis.lua,
+ * name_bucket), and here, with the bytes at hand, it costs nothing, against ~1 us per
+ * key in Lua 5.4. */
 static int l_key_attrs(lua_State *L)
 {
     size_t len;
@@ -461,12 +465,19 @@ static int l_key_attrs(lua_State *L)
     softcxi_error err;
     if (softcxi_key_info_read(&info, blob, len, &err) != 0)
         return push_error(L, &err);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
     if (softcxi_algo_name(info.algo)) {
         lua_pushstring(L, softcxi_algo_name(info.algo));
         lua_setfield(L, -2, "algo");
     }
     set_str(L, "name", info.name, info.name_len);
+    if (info.name) {
+        uint32_t h = 0;
+        for (size_t i = 0; i < info.name_len; i++)
+            h = h * 31u + (uint8_t)info.name[i];
+        lua_pushinteger(L, (lua_Integer)h);
+        lua_setfield(L, -2, "name_h31");
+    }
     set_str(L, "group", info.group, info.group_len);
     if (info.has_specifier) {
         lua_pushinteger(L, (lua_Integer)info.specifier);

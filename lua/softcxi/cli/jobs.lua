@@ -283,6 +283,33 @@ local function run_store_migrate(ctx)
     end)
 end
 
+-- ---- store upgrade ----------------------------------------------------------------------
+
+local function run_store_upgrade(ctx)
+    local a = ctx.args
+    local url = a.url
+    if not url:match("^redis:") and not url:match("^redis%-cluster:") then
+        usage("store upgrade: only redis:// and redis-cluster:// stores have a layout to upgrade")
+    end
+    local bar = util.progress("upgrade (name sets moved)", nil, { quiet = a.quiet })
+    local opts = { upgrade = true, on_upgrade = function(sets) bar.update(sets) end }
+    opts.name_buckets = number_opt(a.name_buckets, "name-buckets", 1)
+    local s, err, code = require("softcxi.store").open(url, opts)
+    bar.finish()
+    check("store upgrade " .. url, s, err, code)
+    ctx.stores = ctx.stores or {}
+    ctx.stores[url .. "#upgrade"] = s        -- closed with the others
+    local u = s.upgraded
+    ctx:report({ store = url, name_buckets = s.name_buckets, name_sets_moved = u.sets, keys = u.blobs,
+        passes = u.passes, not_sets = u.foreign, seconds = bar.elapsed() }, function(say)
+        say("store %s: %d name sets moved into %d name index hashes (%d keys in the store) in %.1f s",
+            url, u.sets, s.name_buckets, u.blobs, bar.elapsed())
+        if u.foreign > 0 then
+            say("left alone: %d keys under idx:name: that are not sets (not written by softcxi)", u.foreign)
+        end
+    end)
+end
+
 -- ---- the commands -----------------------------------------------------------------------
 
 return function(p, cmd)
@@ -333,4 +360,18 @@ Example:
     sm:option("--to", "Target store URL."):argname("URL"):count(1)
     sm:option("--page", "Keys per page (default 1000)."):argname("N")
     sm:flag("--overwrite", "Replace blobs already in the target.")
+    local su = cmd(st, "upgrade", "Move a Redis store to this version's name index, in place.",
+        run_store_upgrade, [[
+A Redis store written by a softcxi that kept one Redis set per key name is
+refused on open (ELAYOUT) until upgraded. The upgrade moves every name set into
+the bucketed name index hashes, atomically set by set: it may be stopped and
+run again, nothing is lost. Stop the writers of older softcxi versions first;
+run it again afterwards if one wrote meanwhile. Needs no logon.
+
+Example:
+  softcxi store upgrade redis://127.0.0.1:6379/0?prefix=keys:]])
+    su:argument("url", "Key store URL (redis:// or redis-cluster://).")
+    su:option("--name-buckets", "Name index hashes, for a store that has none recorded yet "
+        .. "(default 65536).")
+        :argname("N")
 end

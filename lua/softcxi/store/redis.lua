@@ -13,8 +13,11 @@
 --
 -- Layout under the prefix P (docs/stores.md):
 --   P k:<id>                   the blob, a Redis string
---   P idx:<field>:<value>      a set of ids per attribute value (name, specifier, group, algo)
+--   P nx:<h>                   the name index: a hash of id -> name for the names whose
+--                              hash falls in bucket h (of name_buckets, default 65536)
+--   P idx:<field>:<value>      a set of ids per attribute value (specifier, group, algo)
 --   P n                        how many blobs the store holds (kept by the write scripts)
+--   P name-buckets             name_buckets, recorded when the store is first opened
 -- Every write is a Lua script run by Redis (EVALSHA): it checks the current value (absent
 -- for a plain put, equal to what the caller expects for if_match, overwrite and delete),
 -- writes or deletes the blob, updates the index sets and the counter; one call writes up
@@ -40,7 +43,7 @@ local transport = require "softcxi.store.redis_transport"
 local unpack, select, pcall = table.unpack or unpack, select, pcall -- luacheck: ignore 143
 local type, tostring, tonumber, pairs, ipairs, setmetatable, error =
     type, tostring, tonumber, pairs, ipairs, setmetatable, error
-local string_format, string_char = string.format, string.char
+local string_format, string_char, string_byte = string.format, string.char, string.byte
 local table_remove = table.remove
 local coroutine_create, coroutine_resume, coroutine_status, coroutine_yield =
     coroutine.create, coroutine.resume, coroutine.status, coroutine.yield
@@ -60,6 +63,12 @@ local mt = { __index = _M }
 local FIELDS = { "name", "specifier", "group", "algo" }
 local INDEXED = { name = true, specifier = true, group = true, algo = true }
 
+-- The name index: NAME_BUCKETS hashes by default (id -> name), the bucket of a name picked
+-- by name_bucket.  65,536 keeps a bucket under Redis 7.0's hash-max-listpack-entries (128:
+-- the compact encoding) up to ~8M names; docs/stores.md says what to choose for more.
+local NAME_BUCKETS = 65536
+local MAX_NAME_BUCKETS = 16777216
+
 local MAX_RACE = 16      -- read-then-compare-and-set rounds before giving up (ECONFLICT)
 local MAX_ROUNDS = 64    -- server round trips one find/scan call may make
 local MAX_WINDOW = 32    -- buckets find asks for in one pipeline
@@ -70,19 +79,55 @@ local WRITE = { write = true }
 
 -- ---- scripts ---------------------------------------------------------------
 
+-- The name index, inside the scripts.  The hash h (P nx:<bucket of name>) has a field per
+-- name: the one id with that name, or '' when several ids share it, which are then the
+-- members of the set s (P idx:name:<name>, declared by the caller as a key of the call).
+-- A name usually belongs to one key: a field, no Redis key of its own.
+local NAME_OPS = [[
+local function name_join(h, s, name, id)
+  if redis.call('HSETNX', h, name, id) == 1 then return end
+  local v = redis.call('HGET', h, name)
+  if v == id then return end
+  if v == '' then
+    redis.call('SADD', s, id)
+  else
+    redis.call('SADD', s, v, id)
+    redis.call('HSET', h, name, '')
+  end
+end
+local function name_leave(h, s, name, id)
+  local v = redis.call('HGET', h, name)
+  if v == id then
+    redis.call('HDEL', h, name)
+  elseif v == '' then
+    redis.call('SREM', s, id)
+    local left = redis.call('SCARD', s)
+    if left == 0 then
+      redis.call('HDEL', h, name)
+    elseif left == 1 then
+      local last = redis.call('SPOP', s)
+      if last == '' then redis.call('HDEL', h, name) else redis.call('HSET', h, name, last) end
+    end
+  end
+end
+]]
+
 -- One script call writes a batch of items (put_many's chunk, or put's one item), all in
 -- one bucket: in a cluster its keys share one slot.
--- KEYS: the counter, m index sets, then the n items' blob keys.
+-- KEYS: the counter, m index keys (a set; for a name, its hash and its set), then the n
+-- items' blob keys.
 -- ARGV: m, n; per item: id, blob, expected, how -- "a": must be absent (one SET NX);
 --       "b"/"f": the stored value must equal expected, a key blob / foreign bytes (a GET,
---       then a SET); then per index set: the count and ids that leave it, the count and
---       ids that join it (only items written take effect).
+--       then a SET); then per index entry: its kind ("s": a set, one key; "h<name>": the
+--       name's index hash and set, two keys), the count and ids that leave it, the count
+--       and ids that join it (only items written take effect).
 -- Returns one result per item: 1 (written), 0 ("a": the key exists, whatever it holds),
 -- -1 (absent), -2 (differs), -3 (holds another type).
--- The index updates go out once per set (SREM/SADD with many members), the counter once
--- per call by GET and SET (no ACL permission beyond a put's).  Item ids of one call are
--- distinct (write_cmds), and an id never both leaves and joins one set.
-local WRITE_SCRIPT = [[
+-- The set updates go out once per set (SREM/SADD with many members), the name index
+-- entries one by one (name_leave, name_join), the counter once per call by GET and SET.
+-- Item ids of one call are distinct (write_cmds); an id never both leaves and joins one
+-- entry, but two names of a call may share a hash: every leave goes before any join.
+local WRITE_SCRIPT = NAME_OPS .. [[
 local m, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out, ok, delta = {}, {}, 0
 local a = 3
@@ -105,8 +150,17 @@ for i = 1, n do
   out[i] = r
   a = a + 4
 end
-for s = 2, m + 1 do
-  for _, op in ipairs({ 'SREM', 'SADD' }) do
+local sets, ki = {}, 2
+while ki <= m + 1 do
+  local st = { key = KEYS[ki], kind = ARGV[a] }
+  a = a + 1
+  if st.kind == 's' then
+    ki = ki + 1
+  else
+    st.set, st.name = KEYS[ki + 1], string.sub(st.kind, 2)
+    ki = ki + 2
+  end
+  for half = 1, 2 do
     local c = tonumber(ARGV[a])
     local t = {}
     for j = a + 1, a + c do
@@ -114,7 +168,22 @@ for s = 2, m + 1 do
       if ok[id] then t[#t + 1] = id end
     end
     a = a + c + 1
-    for f = 1, #t, 1000 do redis.call(op, KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
+    st[half] = t
+  end
+  sets[#sets + 1] = st
+end
+-- every leave before any join: two names of one call may share an index hash, and an
+-- id renamed within it leaves one and joins the other
+for half = 1, 2 do
+  for _, st in ipairs(sets) do
+    local t = st[half]
+    if st.kind == 's' then
+      local op = half == 1 and 'SREM' or 'SADD'
+      for f = 1, #t, 1000 do redis.call(op, st.key, unpack(t, f, math.min(#t, f + 999))) end
+    else
+      local op = half == 1 and name_leave or name_join
+      for j = 1, #t do op(st.key, st.set, st.name, t[j]) end
+    end
   end
 end
 if delta ~= 0 then
@@ -127,11 +196,14 @@ return out
 -- The common case of WRITE_SCRIPT, new keys (provisioning), with fewer arguments: items
 -- that must be absent, each with a name, all sharing one bucket and the same other indexed
 -- attributes (their index sets are the call's shared sets).
--- KEYS: the counter, m shared index sets, then per item: its blob key, its name's set.
--- ARGV: m, then per item: id, blob.
+-- KEYS: the counter, m shared index sets, then per item: its blob key, its name's index
+-- hash.  ARGV: m, then per item: id, blob, name.
 -- Returns per item 1 (written) or 0 (the key exists, whatever it holds).  Measured
--- against WRITE_SCRIPT (bench/store_redis.lua): 4 arguments per key instead of 11.
-local FRESH_SCRIPT = [[
+-- against WRITE_SCRIPT (bench/store_redis.lua): 5 arguments per key instead of 11.
+-- A name taken by another id needs the name's set: its key is not passed (one argument
+-- fewer per key, for a case provisioning never meets) but made from the hash's key,
+-- <base>nx:<h> -> <base>idx:name:<name>: the same hash tag, so the same slot.
+local FRESH_SCRIPT = NAME_OPS .. [[
 local m = tonumber(ARGV[1])
 local n = (#KEYS - 1 - m) / 2
 local out, t = {}, {}
@@ -139,13 +211,16 @@ local k, a = m + 2, 2
 for i = 1, n do
   local id = ARGV[a]
   if redis.call('SET', KEYS[k], ARGV[a + 1], 'NX') then
-    redis.call('SADD', KEYS[k + 1], id)
+    local h, name = KEYS[k + 1], ARGV[a + 2]
+    if redis.call('HSETNX', h, name, id) == 0 then
+      name_join(h, string.match(h, '^(.*)nx:%d+$') .. 'idx:name:' .. name, name, id)
+    end
     t[#t + 1] = id
     out[i] = 1
   else
     out[i] = 0
   end
-  k, a = k + 2, a + 2
+  k, a = k + 2, a + 3
 end
 if #t > 0 then
   for s = 2, m + 1 do
@@ -176,14 +251,20 @@ end
 return out
 ]]
 
--- KEYS: blob, counter, index sets to leave.  ARGV: id, expected, expected-is-a-blob.
+-- KEYS: blob, counter, [the name's index hash and set,] the index sets to leave.
+-- ARGV: id, expected, expected-is-a-blob[, name].
 -- Returns 1 (deleted), -1 (absent), -2 (differs).
-local DELETE_SCRIPT = [[
+local DELETE_SCRIPT = NAME_OPS .. [[
 local cur = redis.call('GET', KEYS[1])
 if not cur then return -1 end
 if cur ~= ARGV[2] then return -2 end
 redis.call('DEL', KEYS[1])
-for i = 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+local first = 3
+if ARGV[4] then
+  name_leave(KEYS[3], KEYS[4], ARGV[4], ARGV[1])
+  first = 5
+end
+for i = first, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
 if ARGV[3] == '1' then redis.call('DECR', KEYS[2]) end
 return 1
 ]]
@@ -203,6 +284,68 @@ end
 return { r[1], out }
 ]]
 
+-- find by name: KEYS: the name's index hash and set, then the sets of the filter's other
+-- fields.  ARGV: cursor, count, name.  Returns { next_cursor, { ids } } as FIND_SCRIPT:
+-- the name's id (one HGET), or a page of its set (SSCAN) when several ids share it,
+-- those in every other set.
+local FIND_NAME_SCRIPT = [[
+local v = redis.call('HGET', KEYS[1], ARGV[3])
+local ids, nxt = {}, '0'
+if v == '' then
+  local r = redis.call('SSCAN', KEYS[2], ARGV[1], 'COUNT', ARGV[2])
+  ids, nxt = r[2], r[1]
+elseif v and ARGV[1] == '0' then
+  ids = { v }
+end
+local out = {}
+for _, id in ipairs(ids) do
+  if id ~= '' then
+    local all = true
+    for k = 3, #KEYS do
+      if redis.call('SISMEMBER', KEYS[k], id) == 0 then all = false break end
+    end
+    if all then out[#out + 1] = id end
+  end
+end
+return { nxt, out }
+]]
+
+-- store.open(url, { upgrade = true }): the name index of a store made by softcxi before
+-- name_buckets (one set per name, P idx:name:<name>) moved into the hashes.  KEYS: pairs
+-- of an old name set and the index hash of its name (one slot); ARGV: the names.  A set
+-- of one id becomes the hash's field (SPOP and HSET in one call: nothing is lost however
+-- the upgrade stops); a set of several stays where it is, as the name's set, and the field
+-- says so ('').  Returns per set 1 (changed), 0 (already in this layout), -1 (the key is
+-- not a set: left alone).
+local UPGRADE_SCRIPT = [[
+local out = {}
+for i = 1, #ARGV do
+  local set, h, name = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i]
+  local r = 0
+  if redis.call('TYPE', set)['ok'] ~= 'set' then
+    r = -1
+  else
+    local v = redis.call('HGET', h, name)
+    local n = redis.call('SCARD', set)
+    if v == '' then
+      r = 0
+    elseif v then
+      redis.call('SADD', set, v)
+      redis.call('HSET', h, name, '')
+      r = 1
+    elseif n == 1 then
+      redis.call('HSET', h, name, redis.call('SPOP', set))
+      r = 1
+    elseif n > 1 then
+      redis.call('HSET', h, name, '')
+      r = 1
+    end
+  end
+  out[i] = r
+end
+return out
+]]
+
 local function sha1_hex(s)
     return (softcxi.hash_compute("sha1", s):gsub(".", function(c)
         return string_format("%02x", c:byte())
@@ -211,7 +354,8 @@ end
 
 local SCRIPTS = {}
 for name, text in pairs { write = WRITE_SCRIPT, fresh = FRESH_SCRIPT, swap = SWAP_SCRIPT,
-                          delete = DELETE_SCRIPT, find = FIND_SCRIPT } do
+                          delete = DELETE_SCRIPT, find = FIND_SCRIPT, find_name = FIND_NAME_SCRIPT,
+                          upgrade = UPGRADE_SCRIPT } do
     SCRIPTS[name] = { text = text, sha = sha1_hex(text) }
 end
 
@@ -229,6 +373,32 @@ local function attr_str(v)
     if type(v) == "number" and v == math_floor(v) then return string_format("%d", v) end
     return tostring(v)
 end
+
+--- The name index bucket of name among m: a 32-bit hash of its bytes (h * 31 + byte, mod
+-- 2^32, then a multiplicative mix), scaled to 0..m-1 by its top bits.  Arithmetic only,
+-- every value an exact integer below 2^53: the same bucket under Lua 5.4 (integers) and
+-- LuaJIT (doubles), in a CLI and in nginx.  spec/store_redis_spec.lua pins known answers.
+-- h31: the first step's result when known (key_attrs' name_h31: put_many has it).
+local function name_bucket(name, m, h31)
+    local h, n, i = h31 or 0, h31 and 0 or #name, 1
+    -- four bytes at a time, the same sum (h * 31^4 < 2^53), eight per string.byte call
+    while i + 7 <= n do
+        local a, b, c, d, e, f, g, k = string_byte(name, i, i + 7)
+        h = (h * 923521 + a * 29791 + b * 961 + c * 31 + d) % 4294967296
+        h = (h * 923521 + e * 29791 + f * 961 + g * 31 + k) % 4294967296
+        i = i + 8
+    end
+    if i + 3 <= n then
+        local a, b, c, d = string_byte(name, i, i + 3)
+        h = (h * 923521 + a * 29791 + b * 961 + c * 31 + d) % 4294967296
+        i = i + 4
+    end
+    for j = i, n do h = (h * 31 + string_byte(name, j)) % 4294967296 end
+    local hi, lo = math_floor(h / 65536), h % 65536
+    h = ((hi * 2654435761) % 65536 * 65536 + lo * 2654435761) % 4294967296
+    return math_floor(h / 4294967296 * m)
+end
+_M.name_bucket = name_bucket
 
 local function glob_escape(s)
     return (s:gsub("[%*%?%[%]\\]", "\\%0"))
@@ -254,7 +424,9 @@ end
 -- ---- URL ----------------------------------------------------------------------
 
 local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeout_ms = true,
-                buckets = true, chunk = true, transport = true }
+                buckets = true, chunk = true, transport = true, name_buckets = true, upgrade = true }
+-- store.open's opts only
+local OPTS_ONLY = { on_upgrade = true }
 
 --- Parse "//[user:password@]host:port[,host:port...][/db][?k=v&...]" (the part after
 -- "redis:" / "redis-cluster:"), or with unix set "//[user:password@]/path/to/socket[?db=N&...]"
@@ -276,8 +448,11 @@ function _M.parse_url(rest, unix)
             if unix and k == "db" then
                 db = v
             elseif not k or not QUERY[k] then
-                return nil, "unknown URL parameter '" .. (k or pair) .. "' (" .. (unix and "db, " or "")
-                    .. "prefix, timeout, wait_replicas, wait_timeout_ms, buckets, chunk, transport)"
+                -- an unencoded '?' or '&' in a password puts part of it here: no name then
+                local what = body:find("@", 1, true) and "" or " '" .. (k or pair) .. "'"
+                return nil, "unknown URL parameter" .. what .. " (" .. (unix and "db, " or "")
+                    .. "prefix, timeout, wait_replicas, wait_timeout_ms, buckets, name_buckets, chunk, "
+                    .. "transport, upgrade; percent-encode ? & @ % in a password)"
             else
                 u.query[k] = pct_decode(v)     -- a later repetition wins
             end
@@ -287,15 +462,23 @@ function _M.parse_url(rest, unix)
     local auth, hostpart = body:match("^(.*)@([^@]*)$")
     if auth then
         local user, pass = auth:match("^([^:]*):(.*)$")
-        if not user then return nil, "credentials must be user:password@ or :password@" end
+        if not user then
+            return nil, "credentials must be user:password@ or :password@"
+                .. (unix and " (an @ in the socket path is written %40)" or "")
+        end
         u.user = user ~= "" and pct_decode(user) or nil
         u.password = pct_decode(pass)
         body = hostpart
     end
     if unix then
         local path = pct_decode(body)
-        if path:sub(1, 1) ~= "/" or path:find("\0", 1, true) then
+        if path:find("\0", 1, true) then return nil, "the socket path holds a NUL byte" end
+        if path:sub(1, 1) ~= "/" then
             return nil, "the socket path must be absolute: redis+unix:///path/to/redis.sock"
+                .. " (a host and port: redis://host:port)"
+        end
+        if #path > 107 then -- sun_path: a longer one would be cut short, onto another socket
+            return nil, "the socket path is too long (107 bytes at most)"
         end
         u.hosts[1] = { host = path }
     else
@@ -338,7 +521,9 @@ function _M.config(fn, u, opts)
     for k, v in pairs(u.query) do merged[k] = v end
     for k, v in pairs(opts or {}) do
         -- store.open tail-calls open, which calls this: level 3 is store.open's caller
-        if not QUERY[k] then error(fn .. ": unknown option '" .. tostring(k) .. "'", 3) end
+        if not QUERY[k] and not OPTS_ONLY[k] then
+            error(fn .. ": unknown option '" .. tostring(k) .. "'", 3)
+        end
         merged[k] = v
     end
     local cfg = { user = u.user, password = u.password, db = u.db }
@@ -347,13 +532,26 @@ function _M.config(fn, u, opts)
     local err
     for _, spec in ipairs { { "timeout", 0, false, 2 }, { "wait_replicas", 0, true, 0 },
                             { "wait_timeout_ms", 0, true, 1000 }, { "chunk", 1, true, 1000 },
-                            { "buckets", 1, true, false } } do
+                            { "buckets", 1, true, false }, { "name_buckets", 1, true, false } } do
         local v
         v, err = num_opt(fn, merged, spec[1], spec[2], spec[3])
         if err then return nil, err end
         if v == nil then v = spec[4] or nil end
         cfg[spec[1]] = v
     end
+    if cfg.name_buckets and cfg.name_buckets > MAX_NAME_BUCKETS then
+        return nil, string_format("%s: name_buckets must be at most %d", fn, MAX_NAME_BUCKETS)
+    end
+    local up = merged.upgrade
+    if up ~= nil and up ~= true and up ~= false and up ~= "1" and up ~= "0" and up ~= "true"
+       and up ~= "false" then
+        return nil, fn .. ": upgrade must be true or false (1 or 0), not '" .. tostring(up) .. "'"
+    end
+    cfg.upgrade = up == true or up == "1" or up == "true"
+    if merged.on_upgrade ~= nil and type(merged.on_upgrade) ~= "function" then
+        error(fn .. ": on_upgrade must be a function", 3)
+    end
+    cfg.on_upgrade = merged.on_upgrade
     local T
     T, err = transport.choose(merged.transport)
     if not T then return nil, fn .. ": " .. err end
@@ -380,6 +578,11 @@ function _M.new(t, cfg, layout)
         match = layout.match or (glob_escape(P) .. "k:*"),
         wait_replicas = cfg.wait_replicas, wait_timeout_ms = cfg.wait_timeout_ms,
         chunk = cfg.chunk, skipped = 0,
+        -- the name index: name_buckets asked for (nil: the default, or what the store
+        -- recorded), and once the store's record is read (ready()), name_buckets and nm,
+        -- the hashes per bucket
+        want_names = cfg.name_buckets, upgrade = cfg.upgrade, on_upgrade = cfg.on_upgrade,
+        name_buckets = nil, nm = nil,
     }
     return setmetatable(s, mt)
 end
@@ -431,13 +634,201 @@ function _M:bucket(id)
     return self.bucket_of and self.bucket_of(id) or 0
 end
 
+-- ---- the name index: its record, its keys, the upgrade from name sets ---------------
+
+-- The key of name's index hash in the bucket whose keys start with base.  name_bucket's
+-- result is an integer (Lua 5.4) or an integral double (LuaJIT): both concatenate as
+-- digits alone, without string.format's call.
+local function name_key(self, base, name, h31)
+    return base .. "nx:" .. name_bucket(name, self.nm, h31)
+end
+
+--- The key of the index hash that holds name's entry for id (for tests and tools).
+function _M:name_key(id, name)
+    assert(self.nm, "the store's name index is not read yet")
+    return name_key(self, self.P .. self.tags[self:bucket(id)], attr_str(name))
+end
+
+-- Where the name bucket count is recorded, and where an upgrade records the count it uses
+-- until it is done (a cluster: one slot, {meta}).
+local function names_record(self)
+    local k = self.P .. (self.cluster and "{meta}" or "") .. "name-buckets"
+    return k, k .. ":upgrading"
+end
+
+local function take_names(self, fn, v)
+    local m = tonumber(v)
+    if not m or m < 1 or m > MAX_NAME_BUCKETS or m ~= math_floor(m) then
+        return nil, string_format("%s: %s holds '%s', not a name bucket count", fn,
+                                  (names_record(self)), tostring(v)), "EFORMAT"
+    end
+    if self.want_names and self.want_names ~= m then
+        return nil, string_format("%s: the store under prefix '%s' was created with name_buckets=%d, not %d",
+                                  fn, self.P, m, self.want_names), "EINVAL"
+    end
+    self.name_buckets, self.nm = m, math_max(1, math_floor(m / self.nb))
+    return true
+end
+
+local upgrade
+
+--- Read the store's name index record (once): true, or nil, msg, code.  A store with none
+-- is new (the record is made) or was written by a softcxi with one set per name: that one
+-- is refused (ELAYOUT) unless opened with upgrade, which converts it first.
+local function ready(self, fn)
+    if self.nm then return true end
+    local rec, up = names_record(self)
+    local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up } }, RETRY)
+    if err then return nil, fn .. ": " .. err, code end
+    for i = 1, 2 do
+        if is_err(res[i]) then return nil, fn .. ": " .. res[i].err, rcode(res[i].err) end
+    end
+    local null = self.null
+    if res[1] ~= null and not self.upgrade then return take_names(self, fn, res[1]) end
+    local old = res[2] ~= null
+    if not old and res[1] == null then
+        local n
+        n, err, code = self:count()
+        if not n then return nil, fn .. ": " .. err, code end
+        if n > 0 then
+            -- blobs, and no record when first asked: another process of this version may
+            -- have made the store meanwhile.  It recorded the count before it wrote any
+            -- blob, so asking again after the count settles it.
+            local again
+            again, err, code = call(self, { "GET", rec, key = rec }, RETRY)
+            if again == nil then return nil, fn .. ": " .. err, code end
+            if again ~= null and not self.upgrade then return take_names(self, fn, again) end
+            old = again == null
+        end
+    end
+    if old and not self.upgrade then
+        return nil, string_format("%s: the store under prefix '%s' has %s: run 'softcxi store upgrade %s' "
+            .. "(or store.open(url, { upgrade = true })) to move it to the name index of this "
+            .. "version, in place and resumable; nothing is lost", fn, self.P,
+            res[2] ~= null and "a name index upgrade that did not finish"
+                or "the name index of an older softcxi (a Redis set per name)",
+            self.url or "URL"), "ELAYOUT"
+    end
+    if old or self.upgrade then return upgrade(self, fn) end
+    local want = self.want_names or NAME_BUCKETS
+    res, err, code = run(self, { { "SET", rec, want, "NX", key = rec }, { "GET", rec, key = rec } })
+    if err then return nil, fn .. ": " .. err, code end
+    if is_err(res[2]) then return nil, fn .. ": " .. res[2].err, rcode(res[2].err) end
+    return take_names(self, fn, res[2])
+end
+_M.ready = ready
+
+-- The upgrade: every old name set (P idx:name:<name>, in a cluster P{b}idx:name:<name>)
+-- taken into the index hashes by UPGRADE_SCRIPT calls, until a full SCAN of every master
+-- changes nothing; then the record.  The count it uses is recorded first (P name-buckets
+-- :upgrading), so a run that stops (a crash, a lost connection) resumes with the same.
+-- Safe to run again on an upgraded store: it folds in name sets an older softcxi wrote
+-- since.  self.upgraded = { sets =, blobs =, passes =, foreign = } says what it did (sets:
+-- name sets taken in; blobs: the store's count; foreign: keys under idx:name: that are
+-- not sets, left alone).
+upgrade = function(self, fn)
+    local rec, up = names_record(self)
+    local want = self.want_names or NAME_BUCKETS
+    local res, err, code = run(self, { { "GET", rec, key = rec }, { "SET", up, want, "NX", key = up },
+                                       { "GET", up, key = up } })
+    if err then return nil, fn .. ": upgrade: " .. err, code end
+    for i = 1, 3 do
+        if is_err(res[i]) then return nil, fn .. ": upgrade: " .. res[i].err, rcode(res[i].err) end
+    end
+    local ok, msg
+    ok, msg, code = take_names(self, fn, res[1] ~= self.null and res[1] or res[3])
+    if not ok then return nil, msg, code end
+    local P, cluster = self.P, self.cluster
+    local pat = glob_escape(P) .. (cluster and "{*}" or "") .. "idx:name:*"
+    local done = { sets = 0, blobs = 0, passes = 0, foreign = 0 }
+    local up_sha = SCRIPTS.upgrade
+    local on = self.on_upgrade
+    repeat
+        local changed, foreign = 0, 0
+        done.passes = done.passes + 1
+        for _, node in ipairs(self.transport:nodes()) do
+            local cursor = "0"
+            repeat
+                local r
+                r, err, code = node_call(node, { "SCAN", cursor, "MATCH", pat, "COUNT", 5000 })
+                if not r then return nil, string_format("%s: upgrade: %s: %s", fn, node.addr, err), code end
+                cursor = r[1]
+                -- the sets of this page by bucket (one script call per slot)
+                local groups, order = {}, {}
+                for _, key in ipairs(r[2]) do
+                    local tag, at
+                    if cluster then
+                        tag, at = key:match("^({%d+})idx:name:()", #P + 1)
+                    else
+                        tag, at = "", #P + 10
+                    end
+                    if tag then
+                        local g = groups[tag]
+                        if not g then
+                            g = { keys = {}, names = {} }
+                            groups[tag] = g
+                            order[#order + 1] = tag
+                        end
+                        local name = key:sub(at)
+                        g.keys[#g.keys + 1] = key
+                        g.keys[#g.keys + 1] = name_key(self, P .. tag, name)
+                        g.names[#g.names + 1] = name
+                    end
+                end
+                local calls = {}
+                for _, tag in ipairs(order) do
+                    local g = groups[tag]
+                    for f = 1, #g.names, 200 do
+                        local keys, names = {}, {}
+                        for i = f, math_min(#g.names, f + 199) do
+                            local k = #keys
+                            keys[k + 1], keys[k + 2] = g.keys[2 * i - 1], g.keys[2 * i]
+                            names[#names + 1] = g.names[i]
+                        end
+                        calls[#calls + 1] = script_cmd(up_sha, keys, names)
+                    end
+                end
+                if #calls > 0 then
+                    res, err, code = run(self, calls, WRITE)
+                    if err then return nil, fn .. ": upgrade: " .. err, code end
+                    for i = 1, #calls do
+                        local rc = res[i]
+                        if is_err(rc) then return nil, fn .. ": upgrade: " .. rc.err, rcode(rc.err) end
+                        for j = 1, #rc do
+                            if rc[j] == -1 then
+                                foreign = foreign + 1
+                            elseif rc[j] == 1 then
+                                changed = changed + 1
+                            end
+                        end
+                    end
+                end
+                if on then on(done.sets + changed) end
+            until cursor == "0"
+        end
+        done.foreign, done.sets = foreign, done.sets + changed
+    until changed == 0
+    local n
+    n, err, code = self:count()
+    if not n then return nil, fn .. ": upgrade: " .. err, code end
+    done.blobs = n
+    res, err, code = run(self, { { "SET", rec, self.name_buckets, key = rec }, { "DEL", up, key = up } })
+    if err then return nil, fn .. ": upgrade: " .. err, code end
+    for i = 1, 2 do
+        if is_err(res[i]) then return nil, fn .. ": upgrade: " .. res[i].err, rcode(res[i].err) end
+    end
+    self.upgraded, self.upgrade = done, false
+    return true
+end
+
 function _M:blob_key(id)
     return self.P .. self.tags[self:bucket(id)] .. "k:" .. id
 end
 
--- Append info's index set keys to argv from position n + 1; returns the new n.
+-- Append info's index set keys (not the name's) to argv from position n + 1; returns the
+-- new n.
 local function index_keys(argv, n, base, info)
-    for i = 1, #FIELDS do
+    for i = 2, #FIELDS do
         local f = FIELDS[i]
         local v = info[f]
         if v ~= nil then
@@ -474,8 +865,9 @@ local function new_call(base)
              idx = {} }
 end
 
--- The index set field:value of call g: { key, leave = {ids}, join = {ids} }.
-local function set_of(g, f, v)
+-- The index entry of field:value in call g: { key, kind, leave = {ids}, join = {ids} };
+-- kind "s" for a set, "h<name>" for a name (key: its index hash, .set: its set).
+local function set_of(self, g, f, v)
     local memo = g.memo[f]
     if not memo then
         memo = {}
@@ -483,9 +875,15 @@ local function set_of(g, f, v)
     end
     local set = memo[v]
     if not set then
-        set = { g.base .. "idx:" .. f .. ":" .. attr_str(v), leave = EMPTY, join = EMPTY }
+        local s = attr_str(v)
+        if f == "name" then
+            set = { name_key(self, g.base, s), "h" .. s, leave = EMPTY, join = EMPTY,
+                    set = g.base .. "idx:name:" .. s }
+        else
+            set = { g.base .. "idx:" .. f .. ":" .. s, "s", leave = EMPTY, join = EMPTY }
+        end
         g.sets[#g.sets + 1] = set
-        g.nargs = g.nargs + 3
+        g.nargs = g.nargs + 5
         memo[v] = set
     end
     return set
@@ -547,10 +945,10 @@ local function add_fresh(self, fresh, calls, b, e, ei)
         calls[#calls + 1] = g
     end
     local k = g.n + 1
-    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 4
-    local keys, args, j = g.keys, g.args, 2 * k
-    keys[j - 1], keys[j] = g.base .. "k:" .. id, g.base .. "idx:name:" .. attr_str(info.name)
-    args[j - 1], args[j] = id, e.blob
+    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 5
+    local keys, args, j, name = g.keys, g.args, 3 * k, attr_str(info.name)
+    keys[2 * k - 1], keys[2 * k] = g.base .. "k:" .. id, name_key(self, g.base, name, info.name_h31)
+    args[j - 2], args[j - 1], args[j] = id, e.blob, name
 end
 
 -- Add entry e (position ei) to the open SWAP_SCRIPT call for bucket b, or a new one.
@@ -594,7 +992,7 @@ local function add_write(self, open, calls, b, e, ei, old_info)
             local f = FIELDS[i]
             local v = old_info[f]
             if v ~= nil and v ~= info[f] then
-                local set = set_of(g, f, v)
+                local set = set_of(self, g, f, v)
                 if set.leave == EMPTY then set.leave = {} end
                 set.leave[#set.leave + 1] = id
             end
@@ -604,7 +1002,7 @@ local function add_write(self, open, calls, b, e, ei, old_info)
         local f = FIELDS[i]
         local v = info[f]
         if v ~= nil and (not old_info or old_info[f] ~= v) then
-            local set = set_of(g, f, v)
+            local set = set_of(self, g, f, v)
             if set.join == EMPTY then set.join = {} end
             set.join[#set.join + 1] = id
         end
@@ -644,22 +1042,31 @@ end
 local function write_argv(g, eval)
     local sets, keys, args = g.sets, g.keys, g.args
     local counter = g.base .. "n"
-    local argv = { "EVALSHA", WRITE_SHA, 1 + #sets + #keys, counter,
-                   key = counter, script = WRITE_TEXT }
+    local argv = { "EVALSHA", WRITE_SHA, 0, counter, key = counter, script = WRITE_TEXT }
     if eval then argv[1], argv[2], argv.script = "EVAL", WRITE_TEXT, nil end
     local n = 4
-    for i = 1, #sets do argv[n + i] = sets[i][1] end
-    n = n + #sets
+    for i = 1, #sets do
+        local set = sets[i]
+        n = n + 1
+        argv[n] = set[1]
+        if set.set then
+            n = n + 1
+            argv[n] = set.set
+        end
+    end
+    local m = n - 4
     for i = 1, #keys do argv[n + i] = keys[i] end
     n = n + #keys
-    argv[n + 1], argv[n + 2] = #sets, #keys
+    argv[3] = 1 + m + #keys
+    argv[n + 1], argv[n + 2] = m, #keys
     n = n + 2
     for i = 1, #args do argv[n + i] = args[i] end
     n = n + #args
     for i = 1, #sets do
         local set = sets[i]
         local list = set.leave
-        n = n + 1
+        argv[n + 1] = set[2]
+        n = n + 2
         argv[n] = #list
         for j = 1, #list do argv[n + j] = list[j] end
         n = n + #list
@@ -729,9 +1136,17 @@ end
 local function delete_cmd(self, id, old)
     local base = self.P .. self.tags[self:bucket(id)]
     local keys = { base .. "k:" .. id, base .. "n" }
+    local args = { id, old, "0" }
     local old_info = key_info(old)
-    if old_info then index_keys(keys, 2, base, old_info) end
-    return script_cmd(SCRIPTS.delete, keys, { id, old, old_info and "1" or "0" })
+    if old_info then
+        args[3] = "1"
+        if old_info.name ~= nil then
+            local name = attr_str(old_info.name)
+            keys[3], keys[4], args[4] = name_key(self, base, name), base .. "idx:name:" .. name, name
+        end
+        index_keys(keys, #keys, base, old_info)
+    end
+    return script_cmd(SCRIPTS.delete, keys, args)
 end
 
 -- After writes: WAIT for the configured replicas.  true or nil, msg, code.
@@ -765,6 +1180,8 @@ function _M:put(id, blob, opts)
     local info, code
     id, info, code = check(id, blob, fn)
     if not id then return nil, info, code end
+    local ok, msg, c = ready(self, fn)
+    if not ok then return nil, msg, c end
     local old = opts.if_match
     if old ~= nil and type(old) ~= "string" then error(fn .. ": if_match must be a blob string", 2) end
     local key = self:blob_key(id)
@@ -824,6 +1241,8 @@ function _M:delete(id)
     local fn = self.name .. ".delete"
     if self.closed then error(fn .. ": the store is closed", 2) end
     check_id(fn, id)
+    local ok, msg, c = ready(self, fn)
+    if not ok then return nil, msg, c end
     local key = self:blob_key(id)
     for _ = 1, MAX_RACE do
         local cur, err, code = call(self, { "GET", key, key = key }, RETRY)
@@ -873,6 +1292,10 @@ function _M:put_many(items, opts)
     opts, chunk, on_chunk = store.put_many_args(fn, items, opts, PUT_MANY_OPTS, self.chunk)
     local overwrite, skip_existing = opts.overwrite, opts.skip_existing
     local total = #items
+    do
+        local ok, msg, c = ready(self, fn)
+        if not ok then return nil, msg, c, 0 end
+    end
     local stored, skipped, nfail = 0, 0, 0
     local fail_msg, fail_code
 
@@ -1056,6 +1479,11 @@ function _M:put_many_later(items)
     local t = self.transport
     if self.cluster or not t.twin or not t.send_ahead or (self.wait_replicas or 0) > 0 then
         return nil
+    end
+    -- put_many reads the name index record on the store's connection, not the writer's
+    local ready_ok, ready_msg, ready_code = ready(self, fn)
+    if not ready_ok then
+        return function() end, function() return nil, ready_msg, ready_code, 0 end
     end
     local w = self.writer
     if not w then
@@ -1550,10 +1978,11 @@ local function scan_ids(self, cursor, count)
     local function fetch(reqs)
         local req = reqs[1]
         local node = nodes[req[1] + 1]
-        -- SCAN's COUNT is work, not matches: other keys (the name index sets: about one
-        -- per blob) dilute ours.  Ask for a quarter more than the last reply's hit rate
-        -- says fills the page, so that one round trip usually does (asking for the page
-        -- size took ~12 per page of 1,000); what does not fit rides in the cursor.
+        -- SCAN's COUNT is work, not matches: other keys (the name index hashes: up to one
+        -- per blob in a small store) dilute ours.  Ask for a quarter more than the last
+        -- reply's hit rate says fills the page, so that one round trip usually does (asking
+        -- for the page size took ~12 per page of 1,000); what does not fit rides in the
+        -- cursor.
         local ratio = self.scan_ratio or 1
         local want = req[3]
         local n = math_min(math_floor(want * 1.25 / ratio) + 1, want * 16)
@@ -1698,6 +2127,7 @@ function _M:find(filter, cursor, limit)
                                       fn, tostring(k)), "EINVAL"
         end
     end
+    local name
     for _, f in ipairs(FIELDS) do
         local v = filter[f]
         if v ~= nil then
@@ -1705,21 +2135,32 @@ function _M:find(filter, cursor, limit)
                 v = tonumber(v)
                 if not v then return {}, nil end  -- no blob has a non-numeric specifier
             end
-            fields[#fields + 1] = f .. ":" .. attr_str(v)
+            if f == "name" then
+                name = attr_str(v)
+            else
+                fields[#fields + 1] = f .. ":" .. attr_str(v)
+            end
         end
     end
     local ids, nxt, code
-    if #fields == 0 then
+    if #fields == 0 and not name then
         return scan(self, fn, cursor, limit)
     else
+        if name then
+            local ok, msg, c = ready(self, fn)
+            if not ok then return nil, msg, c end
+        end
         local P, tags = self.P, self.tags
         local fetch = function(reqs)
             local cmds = {}
             for j, req in ipairs(reqs) do
-                local base = P .. tags[req[1]] .. "idx:"
+                local base = P .. tags[req[1]]
                 local keys = {}
-                for i, f in ipairs(fields) do keys[i] = base .. f end
-                if #keys == 1 then
+                if name then keys[1], keys[2] = name_key(self, base, name), base .. "idx:name:" .. name end
+                for _, f in ipairs(fields) do keys[#keys + 1] = base .. "idx:" .. f end
+                if name then
+                    cmds[j] = script_cmd(SCRIPTS.find_name, keys, { req[2], req[3], name })
+                elseif #keys == 1 then
                     cmds[j] = { "SSCAN", keys[1], req[2], "COUNT", req[3], key = keys[1] }
                 else
                     cmds[j] = script_cmd(SCRIPTS.find, keys, { req[2], req[3] })
@@ -1784,6 +2225,16 @@ function _M.open(rest, opts, url, unix)
     end
     local s = _M.new(node, cfg, { name = "store.redis" })
     s.url = url and url:gsub("//[^@/]*@", "//***@")   -- for messages: never the password
+    -- the name index record (or the refusal of an old layout) now, where the store can
+    -- talk to Redis; inside nginx without cosockets, on first use
+    if not cfg.T.cosockets or cfg.T.cosockets() then
+        local ok, code
+        ok, err, code = ready(s, fn)
+        if not ok then
+            s:close()
+            return nil, err, code
+        end
+    end
     return s
 end
 

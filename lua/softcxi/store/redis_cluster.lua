@@ -16,11 +16,12 @@
 --   default 256, fixed when the store is first opened); bucket b's keys carry the hash tag
 --   {b}, so a blob, its index entries and its bucket's counter share one slot and one
 --   write script still updates them atomically:
---     P{b}k:<id>    P{b}idx:<field>:<value>    P{b}n
+--     P{b}k:<id>    P{b}nx:<h>    P{b}idx:<field>:<value>    P{b}n
 --   An index set holds one bucket's share of a group, never the whole group: 100M keys in
---   one group make N sets of 100M/N members spread over the cluster.  find pages through
---   the buckets (fetching small ones several at a time); count sums the N counters; scan
---   SCANs each master in turn.  P{meta}buckets records N.
+--   one group make N sets of 100M/N members spread over the cluster; the name index is
+--   name_buckets / N hashes per bucket (redis.lua).  find pages through the buckets
+--   (fetching small ones several at a time); count sums the N counters; scan SCANs each
+--   master in turn.  P{meta}buckets records N, P{meta}name-buckets name_buckets.
 --
 -- CRC16 is pure Lua with arithmetic only: LuaJIT's parser has no bitwise operators and
 -- Lua 5.4 has no bit library.
@@ -416,6 +417,12 @@ function _M.open(rest, opts, url)
         router:close()
         return nil, string_format("%s: the store under prefix '%s' was created with buckets=%s, not %d",
                                   fn, P, tostring(have), nb), "EINVAL"
+    end
+    -- the name index record, or the refusal of an old layout (or its upgrade)
+    ok, err, code = redis.ready(s, fn)
+    if not ok then
+        router:close()
+        return nil, err, code
     end
     return s
 end
