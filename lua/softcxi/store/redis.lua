@@ -1729,24 +1729,31 @@ end
 -- asked again with GET, which tells the two apart.  Returns { [id] = blob } for the
 -- values that are key blobs, and nil or { [id] = { msg, code } } for those holding
 -- something else (another type, foreign bytes); or nil, msg, code.
-local function fetch_blobs(self, fn, ids)
-    local out, errs = {}, nil
-    local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
+-- The MGETs that read the keys of ids: one per bucket, at most GET_CHUNK keys each;
+-- cmds[c].pos[k] is the index in ids of command c's k-th key.
+local function mget_cmds(self, ids)
+    local P, tags, bucket_of = self.P, self.tags, self.bucket_of
     local open, cmds = {}, {}
     for i = 1, #ids do
         local id = ids[i]
         local b = bucket_of and bucket_of(id) or 0
         local g = open[b]
         if not g or g.n >= GET_CHUNK then
-            g = { "MGET", n = 0, ids = {} }
+            g = { "MGET", n = 0, pos = {} }
             open[b] = g
             cmds[#cmds + 1] = g
         end
         local n = g.n + 1
-        local key = P .. tags[b] .. "k:" .. id
-        g.n, g[n + 1], g.ids[n] = n, key, id
-        if n == 1 then g.key = key end
+        g.n, g[n + 1], g.pos[n] = n, P .. tags[b] .. "k:" .. id, i
+        if n == 1 then g.key = g[2] end
     end
+    return cmds
+end
+
+local function fetch_blobs(self, fn, ids)
+    local out, errs = {}, nil
+    local null = self.null
+    local cmds = mget_cmds(self, ids)
     local function take(id, key, v)
         local why
         if is_err(v) then
@@ -1771,13 +1778,13 @@ local function fetch_blobs(self, fn, ids)
     for j = 1, #cmds do
         local g, r = cmds[j], res[j]
         if is_err(r) then return nil, r.err, rcode(r.err) end
-        local gids = g.ids
+        local pos = g.pos
         for k = 1, g.n do
             local v = r[k]
             if v == null then
-                again[#again + 1] = { "GET", g[k + 1], key = g[k + 1], id = gids[k] }
+                again[#again + 1] = { "GET", g[k + 1], key = g[k + 1], id = ids[pos[k]] }
             else
-                take(gids[k], g[k + 1], v)
+                take(ids[pos[k]], g[k + 1], v)
             end
         end
     end
@@ -2042,21 +2049,8 @@ end
 -- asked again with GET: deleted meanwhile, or another type), and how many held something
 -- else; or nil, msg, code.  Blobs are checked with key_check (no table per blob).
 local function fetch_values(self, ids)
-    local P, tags, bucket_of, null = self.P, self.tags, self.bucket_of, self.null
-    local open, cmds = {}, {}
-    for i = 1, #ids do
-        local id = ids[i]
-        local b = bucket_of and bucket_of(id) or 0
-        local g = open[b]
-        if not g or g.n >= GET_CHUNK then
-            g = { "MGET", n = 0, pos = {} }
-            open[b] = g
-            cmds[#cmds + 1] = g
-        end
-        local n = g.n + 1
-        g.n, g[n + 1], g.pos[n] = n, P .. tags[b] .. "k:" .. id, i
-        if n == 1 then g.key = g[2] end
-    end
+    local null = self.null
+    local cmds = mget_cmds(self, ids)
     local res, err, code = run(self, cmds, RETRY)
     if err then return nil, err, code end
     local vals, again, bad = {}, {}, 0
