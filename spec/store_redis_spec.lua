@@ -620,9 +620,10 @@ describe("redis store", function()
                 assert.are.equal(nb(name, m), nb(name, m, info.name_h31), name)
             end
         end
-        -- and the store writes the entry there: id -> name
+        -- and the store writes the entry there: id -> name (a store made with 65,536 name
+        -- hashes; a new store's default is 16)
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))
+        local s = open(with_prefix(URL, P, "&name_buckets=65536"))
         local blob = H.gen(device(), { algo = "ec", curve = "P-256", name = "dev-00000001", group = "gk" })
         assert.is_true(s:put("kid", blob))
         assert.are.equal(P .. "nx:53493", s:name_key("kid", "dev-00000001"))
@@ -630,6 +631,14 @@ describe("redis store", function()
         assert.are.equal("65536", cmd(c, { "GET", P .. "name-buckets" }))
         assert.are.same({ "kid" }, s:find({ name = "dev-00000001" }))
         assert.are.same({}, s:find({ name = "dev-00000002" }))
+        s:close()
+        P = fresh_prefix()
+        s = open(with_prefix(URL, P))
+        assert.are.equal(16, s.name_buckets)
+        assert.are.equal("16", cmd(c, { "GET", P .. "name-buckets" }))
+        assert.is_true(s:put("kid", blob))
+        assert.are.equal(P .. "nx:" .. nb("dev-00000001", 16), s:name_key("kid", "dev-00000001"))
+        assert.are.same({ "dev-00000001", "kid" }, cmd(c, { "HGETALL", s:name_key("kid", "dev-00000001") }))
         s:close()
     end)
 
@@ -813,8 +822,10 @@ describe("redis store", function()
     end)
 
     it("put_many batches keys into one script call and keeps index and counter exact", function()
+        -- 65,536 name hashes: a slice's names fall in too many for one transaction, so
+        -- new keys go through the scripts too (the transaction is tested below)
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))
+        local s = open(with_prefix(URL, P, "&name_buckets=65536"))
         local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "ba", group = "ga", specifier = 1 })
         local b = H.gen(device(), { algo = "aes", size = 256, name = "bb", group = "gb" })
         local a2 = H.gen(device(), { algo = "ec", curve = "P-256", name = "ba", group = "ga", specifier = 1 })
@@ -868,6 +879,119 @@ describe("redis store", function()
         assert.are.equal(1202, n())
         assert.are.equal(1202, s:count())
         cmd(c, { "DEL", P .. "k:z" })
+        s:close()
+    end)
+
+    it("put_many writes new keys as one transaction per slice; a name another id holds, a key "
+        .. "already there, a write between its reads and EXEC, a new connection", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))   -- the default 16 name hashes: the transaction
+        local function members(field, value)
+            local m = index_members(c, s, P, field, value)
+            table.sort(m)
+            return m
+        end
+        local function n() return tonumber(cmd(c, { "GET", P .. "n" })) end
+        local function calls(name)
+            local stats = cmd(c, { "INFO", "commandstats" })
+            return tonumber(stats:match("cmdstat_" .. name .. ":calls=(%d+)") or "0")
+        end
+        local function sorted(t)
+            table.sort(t)
+            return t
+        end
+        local function gen(name, group)
+            return H.gen(device(), { algo = "ec", curve = "P-256", name = name, group = group })
+        end
+        -- 1. 1,200 new keys: two slices, two EXECs, no script; index and counter exact
+        local many = make_blobs(1200, "fp" .. RUN, "gfp")
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        assert.are.equal(1200, s:put_many(items_of(many)))
+        assert.are.equal(0, calls("evalsha") + calls("eval"))
+        assert.are.equal(2, calls("exec"))
+        assert.are.equal(1200, #members("group", "gfp"))
+        assert.are.equal(600, #members("specifier", "1"))
+        assert.are.same({ ids_of(many)[7] }, members("name", "fp" .. RUN .. "-7"))
+        assert.are.equal(1200, n())
+        -- 2. a name an id already holds, and one two keys of the slice share: '' and the
+        -- name's set, as the scripts make them; deletes (scripts) undo them exactly
+        local sh, tw = "shared" .. RUN, "twin" .. RUN
+        local a, b, d = gen(sh, "g1"), gen(sh, "g2"), gen(sh, "g3")
+        local e, f = gen(tw, "g1"), gen(tw, "g2")
+        local id = function(x) return (assert(store.id_of(x))) end
+        assert.is_true(s:put(nil, a))
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        assert.are.equal(4, s:put_many(items_of { b, d, e, f }))
+        assert.are.equal(1, calls("exec"))
+        assert.are.same(sorted { id(a), id(b), id(d) }, members("name", sh))
+        assert.are.same(sorted { id(e), id(f) }, members("name", tw))
+        assert.are.same(sorted { id(a), id(b), id(d) }, sorted(assert(s:find { name = sh })))
+        assert.are.equal(1205, n())
+        assert.is_true(s:delete(id(b)))
+        assert.is_true(s:delete(id(e)))
+        assert.are.same(sorted { id(a), id(d) }, members("name", sh))
+        assert.are.same({ id(f) }, members("name", tw))
+        -- 3. a key of the slice already there: the slice goes to the scripts, that key alone
+        -- is EEXIST (skip_existing: skipped)
+        local more = make_blobs(3, "fq" .. RUN, "gfq")
+        assert.is_true(s:put(nil, more[2]))
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        local r = H.pack(s:put_many(items_of(more)))
+        assert.is_nil(r[1])
+        assert.are.equal("EEXIST", r[3], r[2])
+        assert.are.equal(2, r[4])
+        assert.are.equal(0, calls("exec"))
+        assert.are.equal(3, #members("group", "gfq"))
+        assert.are.same({ 0, 3 }, { s:put_many(items_of(more), { skip_existing = true }) })
+        -- 4. another writer between the reads and EXEC: EXEC runs nothing, the slice is read
+        -- again and lands once
+        local node, other = s.transport, open(with_prefix(URL, P))
+        local late, intruder = make_blobs(5, "fr" .. RUN, "gfr"), gen("intruder" .. RUN, "gfr")
+        local sends = 0
+        node.before_send = function()
+            sends = sends + 1
+            if sends == 2 then assert.is_true(other:put(nil, intruder)) end
+        end
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        local ok, msg = s:put_many(items_of(late))
+        node.before_send = nil
+        assert.are.equal(5, ok, msg)
+        assert.are.equal(4, sends)
+        assert.are.equal(2, calls("exec"))
+        assert.are.equal(6, #members("group", "gfr"))
+        assert.are.equal(n(), s:count())
+        assert.are.equal(1212, n())
+        -- 5. a new connection between the reads and EXEC (its WATCH is gone): nothing is
+        -- sent on it, ECONN with 0 confirmed; a re-run writes the keys
+        local lost = make_blobs(4, "fs" .. RUN, "gfs")
+        sends = 0
+        node.before_send = function()
+            sends = sends + 1
+            if sends == 2 then
+                node:drop()
+                assert(node:connect())
+            end
+        end
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        r = H.pack(s:put_many(items_of(lost)))
+        node.before_send = nil
+        assert.is_nil(r[1])
+        assert.are.equal("ECONN", r[3], r[2])
+        assert.are.equal(0, r[4])
+        assert.are.equal(0, calls("exec") + calls("multi"))
+        assert.are.equal(0, #members("group", "gfs"))
+        assert.are.equal(4, s:put_many(items_of(lost)))
+        assert.are.equal(4, #members("group", "gfs"))
+        assert.are.equal(1216, n())
+        -- 6. an index set of another type: the scripts write the slice and report it
+        cmd(c, { "SET", P .. "idx:group:gft", "not a set" })
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        r = H.pack(s:put_many(items_of(make_blobs(2, "ft" .. RUN, "gft"))))
+        assert.is_nil(r[1])
+        assert.truthy(tostring(r[2]):find("WRONGTYPE", 1, true), r[2])
+        assert.are.equal(0, calls("exec"))
+        cmd(c, { "DEL", P .. "idx:group:gft" })
+        other:close()
         s:close()
     end)
 
@@ -1076,7 +1200,7 @@ describe("redis store", function()
     it("scan fills a page in few SCAN round trips although index keys dilute the keyspace", function()
         -- a database of its own: only this store's keys (a blob each, and 1,000 names in
         -- 65,536 name index hashes: nearly one hash each)
-        local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix()))
+        local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix(), "&name_buckets=65536"))
         cmd(c, { "SELECT", "9" })
         finally(function() cmd(c, { "FLUSHDB" }); cmd(c, { "SELECT", "0" }) end)
         local blobs = make_blobs(1000, "dil" .. RUN, "gdil")

@@ -10,15 +10,15 @@
 --   })
 --   -- r.generated, r.stored, r.skipped (already in the store), r.batches
 --
--- Memory stays flat: at most two batches (default 1000 keys each; a Redis
--- Cluster store's chunk, 16,384 with 256 buckets) are alive, the one being
--- stored and the next one being generated.  A run is resumable: ids
--- already in the store are neither generated nor written again, so
--- re-running after a failure completes the rest with no duplicates and
--- none missing.  Keys are generated on C threads
+-- Memory stays flat: at most four batches (default 1000 keys each; a Redis
+-- Cluster store's chunk, 16,384 with 256 buckets) are alive: two generated
+-- and waiting for the store, one being generated, and the next one's ids.
+-- A run is resumable: ids already in the store are neither generated nor
+-- written again, so re-running after a failure completes the rest with no
+-- duplicates and none missing.  Keys are generated on C threads
 -- (hsm:bulk_generate_start) while this thread checks the store and writes
--- the batch before with put_many (pipelined for Redis, group-committed for
--- files): generation and storage overlap.  hsm is busy while a batch is
+-- the batches before with put_many (pipelined for Redis, group-committed
+-- for files): generation and storage overlap.  hsm is busy while a batch is
 -- being generated (its other calls raise); run returns, or raises, only
 -- after the last job has been collected or cancelled.
 
@@ -27,6 +27,7 @@ local softcxi = require "softcxi"
 local type, error, tostring, pairs, pcall, select = type, error, tostring, pairs, pcall, select
 local string_format = string.format
 local math_min = math.min
+local table_remove = table.remove
 
 local _M = { _VERSION = softcxi._VERSION }
 
@@ -123,54 +124,101 @@ function _M.run(opts)
         return true
     end
 
+    -- Storage runs in pieces (a store's preferred_piece: the Redis store's 250 keys, else a
+    -- whole batch), and between pieces this thread looks whether the batch being generated
+    -- is done: it is collected and the next one started at once, so that the generator
+    -- threads do not wait for the store to finish a batch.  At most two generated batches
+    -- wait for the store (memory stays flat); the next batch's existence check runs while a
+    -- batch is generated.
+    local piece = store.preferred_piece or batch
+    need(type(piece) == "number" and piece >= 1, "the store's preferred_piece must be a positive number")
+
     local function body()
         if count == 0 then return report end
-        local cur = prepare(0)
-        if cur.err then return nil, cur.err, cur.code, report end
-        local ok, err, code = start_batch(cur)
-        if not ok then return nil, err, code, report end
-        while cur do
-            -- The next batch's existence check while this one is generated.
-            local first = cur.first + cur.n
-            local nxt = first < count and prepare(first) or nil
-            report.skipped = report.skipped + (cur.n - #cur.missing_names)
-            local blobs = {}
+        local gen                       -- the batch being generated (running is its job)
+        local nxt = prepare(0)          -- the next batch to generate, existence checked
+        local queue = {}                -- generated batches, oldest first, being stored
+        -- A batch that cannot be checked, started or generated ends the run, once the
+        -- batches generated before it are stored: deferred holds its error until then.
+        local deferred
+        local function advance()
+            -- start generating nxt, then check the one after it
+            if nxt.err then
+                deferred, nxt = { nxt.err, nxt.code }, nil
+                return
+            end
+            local ok, err, code = start_batch(nxt)
+            if not ok then
+                deferred, nxt = { err, code }, nil
+                return
+            end
+            gen = nxt
+            local first = nxt.first + nxt.n
+            nxt = first < count and prepare(first) or nil
+        end
+        local function collect()
+            -- take the generated batch into the queue
+            local b = gen
+            gen = nil
+            report.skipped = report.skipped + (b.n - #b.missing_names)
+            b.pos = 1
             if running then
                 local job = running
-                blobs, err, code = job:wait()
+                local blobs, err, code = job:wait()
                 running = nil
                 if not blobs then
-                    return nil, "provision.run: generating batch at key " .. (cur.first + 1) .. ": "
-                        .. tostring(err), code, report
+                    deferred, nxt = { "provision.run: generating batch at key " .. (b.first + 1) .. ": "
+                        .. tostring(err), code }, nil
+                    return
                 end
                 report.generated = report.generated + #blobs
+                b.blobs = blobs
             end
-            -- The next batch is generated while this one is stored.
-            local nxt_err, nxt_code
-            if nxt and nxt.err then
-                nxt_err, nxt_code = nxt.err, nxt.code
-            elseif nxt then
-                nxt_err, nxt_code = select(2, start_batch(nxt))
-            end
-            if #blobs > 0 then
-                local items = {}
-                for i = 1, #blobs do items[i] = { id = cur.missing_ids[i], blob = blobs[i] } end
-                -- skip_existing: another writer may have stored an id meanwhile
-                local stored, skipped_or_err, c, confirmed = store:put_many(items, { skip_existing = true })
-                if not stored then
-                    report.stored = report.stored + (confirmed or 0)
-                    return nil, "provision.run: storing batch at key " .. (cur.first + 1) .. ": "
-                        .. tostring(skipped_or_err) .. " (" .. report.stored .. " keys confirmed "
-                        .. "stored in all; run again to complete)", c, report
-                end
-                report.stored = report.stored + stored
-                report.skipped = report.skipped + (skipped_or_err or 0)
-            end
-            report.batches = report.batches + 1
-            if on_progress then on_progress(first, count, report) end
-            if nxt_err then return nil, nxt_err, nxt_code, report end
-            cur = nxt
+            queue[#queue + 1] = b
         end
+        -- the items of a collected batch, made once the next batch is started
+        local function items_of(b)
+            local items, blobs = {}, b.blobs
+            for i = 1, blobs and #blobs or 0 do items[i] = { id = b.missing_ids[i], blob = blobs[i] } end
+            b.items, b.blobs = items, nil
+            return items
+        end
+        advance()
+        while gen or queue[1] do
+            if gen and (not queue[1] or (#queue < 2 and (not running or running:ready()))) then
+                collect()
+                if nxt then advance() end
+            end
+            local b = queue[1]
+            if b then
+                local items = b.items or items_of(b)
+                local last = math_min(#items, b.pos + piece - 1)
+                if last >= b.pos then
+                    local part = items
+                    if b.pos ~= 1 or last ~= #items then
+                        part = {}
+                        for i = b.pos, last do part[#part + 1] = items[i] end
+                    end
+                    -- skip_existing: another writer may have stored an id meanwhile
+                    local stored, skipped_or_err, c, confirmed = store:put_many(part, { skip_existing = true })
+                    if not stored then
+                        report.stored = report.stored + (confirmed or 0)
+                        return nil, "provision.run: storing batch at key " .. (b.first + 1) .. ": "
+                            .. tostring(skipped_or_err) .. " (" .. report.stored .. " keys confirmed "
+                            .. "stored in all; run again to complete)", c, report
+                    end
+                    report.stored = report.stored + stored
+                    report.skipped = report.skipped + (skipped_or_err or 0)
+                    b.pos = last + 1
+                end
+                if b.pos > #items then
+                    table_remove(queue, 1)
+                    report.batches = report.batches + 1
+                    if on_progress then on_progress(b.first + b.n, count, report) end
+                end
+            end
+        end
+        if deferred then return nil, deferred[1], deferred[2], report end
         return report
     end
 

@@ -64,9 +64,11 @@ local FIELDS = { "name", "specifier", "group", "algo" }
 local INDEXED = { name = true, specifier = true, group = true, algo = true }
 
 -- The name index: NAME_BUCKETS hashes by default (id -> name), the bucket of a name picked
--- by name_bucket.  65,536 keeps a bucket under Redis 7.0's hash-max-listpack-entries (128:
--- the compact encoding) up to ~8M names; docs/stores.md says what to choose for more.
-local NAME_BUCKETS = 65536
+-- by name_bucket.  16 large hashes let put_many write a slice's names with a few HSETs in
+-- one transaction (fast_slice); a store made with many buckets (65,536 hashes of a few
+-- dozen names each: the compact listpack encoding, ~7% less memory) takes the scripts,
+-- about twice the server CPU per new key (docs/stores.md, docs/scaling.md).
+local NAME_BUCKETS = 16
 local MAX_NAME_BUCKETS = 16777216
 
 local MAX_RACE = 16      -- read-then-compare-and-set rounds before giving up (ECONFLICT)
@@ -1272,6 +1274,186 @@ local function check_item(id, blob, fn)
     return id, info
 end
 
+-- ---- new keys as one transaction: the fast path of put_many -------------------------
+
+-- A slice of new keys (no if_match, no overwrite: the provisioning case) on one Redis over
+-- hiredis goes as plain commands in an optimistic transaction rather than FRESH_SCRIPT
+-- calls: a script's arguments are converted twice (to Lua strings, back for redis.call),
+-- which cost more than the writes themselves (bench/store_redis.lua; docs/scaling.md).
+--   1. WATCH the counter and the slice's name index hashes; GET the counter, EXISTS of the
+--      slice's blob keys, HMGET of its names in each hash, TYPE of its index sets.
+--   2. when nothing is there: MULTI, MSET of the blobs, HSET of the names (a name another
+--      id holds becomes '' and a set of both, as NAME_OPS does), SADD to the index sets,
+--      INCRBY of the counter, EXEC.
+-- EXEC runs nothing if a watched key changed since WATCH: every write script of this store
+-- sets the counter when it creates or deletes a blob, and any change of a name index
+-- entry changes its hash, so what step 1 read still holds when step 2 runs.  The slice
+-- falls back to the scripts when step 1 finds a key present, a counter, hash or set of
+-- the wrong form, more name hashes than FAST_HASHES (a store made with many name buckets:
+-- WATCH checks its list per key, quadratic), or when EXEC is refused FAST_TRIES times.
+-- Never across a reconnection: WATCH belongs to the connection it was sent on.
+local FAST_HASHES = 64
+local FAST_TRIES = 2
+local FAST_PIECE = 250
+
+local function fast_ok(t)
+    return t.session ~= nil and t.send_ahead ~= nil
+end
+
+-- One round trip on the connection of session (nil: whichever; returns the one used):
+-- res or nil, msg, code.
+local function fast_trip(t, cmds, session)
+    local ok, err, code = t:send_ahead(cmds, session)
+    if not ok then
+        t:receive(#cmds)
+        return nil, err, code
+    end
+    local res
+    res, err, code = t:receive(#cmds)
+    if err then return nil, err, code end
+    return res, t:session()
+end
+
+-- Write batch (entries { id, blob, info }, none with expect, every one named) as one
+-- transaction.  Returns true (all written), false (take the scripts: nothing was written),
+-- { err = msg } (Redis refused a command of the transaction: EXECABORT, nothing written;
+-- or WRONGTYPE inside it, the blobs written as a script's SET would have), or nil, msg,
+-- code (the connection failed: nothing or all of the slice was written).
+local function fast_slice(self, batch)
+    local t = self.transport
+    local base = self.P .. self.tags[0]
+    local counter = base .. "n"
+    local n = #batch
+    local keys = { "EXISTS" }
+    local mset = { "MSET" }
+    local seen = {}
+    local hashes, horder = {}, {}       -- bucket -> { key, names = {}, ids = {} }
+    local sets, sorder = { specifier = {}, group = {}, algo = {} }, {} -- value -> { "SADD", key, ids... }
+    local nm = self.nm
+    for i = 1, n do
+        local e = batch[i]
+        local id, info = e.id, e.info
+        if seen[id] then return false end
+        seen[id] = true
+        local key = base .. "k:" .. id
+        keys[i + 1] = key
+        mset[2 * i], mset[2 * i + 1] = key, e.blob
+        local name = attr_str(info.name)
+        local hb = name_bucket(name, nm, info.name_h31)
+        local h = hashes[hb]
+        if not h then
+            if #horder >= FAST_HASHES then return false end
+            h = { key = base .. "nx:" .. hb, names = {}, ids = {} }
+            hashes[hb] = h
+            horder[#horder + 1] = h
+        end
+        local k = #h.names + 1
+        h.names[k], h.ids[k] = name, id
+        for f = 2, #FIELDS do
+            local field = FIELDS[f]
+            local v = info[field]
+            if v ~= nil then
+                local by = sets[field]
+                local s = by[v]
+                if not s then
+                    s = { "SADD", base .. "idx:" .. field .. ":" .. attr_str(v) }
+                    by[v] = s
+                    sorder[#sorder + 1] = s
+                end
+                s[#s + 1] = id
+            end
+        end
+    end
+    for _ = 1, FAST_TRIES do
+        local watch = { "WATCH", counter }
+        local reads = { watch, { "GET", counter }, keys }
+        for j = 1, #horder do
+            local h = horder[j]
+            watch[j + 2] = h.key
+            local hm = { "HMGET", h.key }
+            for k = 1, #h.names do hm[k + 2] = h.names[k] end
+            reads[#reads + 1] = hm
+        end
+        for j = 1, #sorder do reads[#reads + 1] = { "TYPE", sorder[j][2] } end
+        local res, session, code = fast_trip(t, reads)
+        if not res then return nil, session, code end
+        local cnt = res[2]
+        -- a counter INCRBY takes (no sign, no leading zero), or none yet
+        local fine = res[3] == 0 and not is_err(res[1])
+            and (cnt == self.null or (type(cnt) == "string" and #cnt < 16
+                                      and (cnt == "0" or cnt:match("^[1-9]%d*$") ~= nil)))
+        local tx = { { "MULTI" }, mset }
+        local names_sets = {}           -- names shared with other ids: their sets
+        for j = 1, fine and #horder or 0 do
+            local h, cur = horder[j], res[3 + j]
+            if type(cur) ~= "table" or is_err(cur) then
+                fine = false
+                break
+            end
+            -- per name: who holds it now (cur), who joins (the slice's ids with that name)
+            local hset, joins, order = { "HSET", h.key }, {}, {}
+            for k = 1, #h.names do
+                local name = h.names[k]
+                local js = joins[name]
+                if not js then
+                    local v = cur[k]
+                    js = { held = v ~= self.null and v or nil }
+                    joins[name] = js
+                    order[#order + 1] = name
+                end
+                js[#js + 1] = h.ids[k]
+            end
+            for _, name in ipairs(order) do
+                local js = joins[name]
+                local held = js.held
+                for k = 1, held and #js or 0 do
+                    if js[k] == held then fine = false end  -- an entry for a key not there
+                end
+                if held == nil and #js == 1 then
+                    hset[#hset + 1], hset[#hset + 2] = name, js[1]
+                else
+                    -- '' with the ids in the name's set (the one holding it too, if one did)
+                    local s = { "SADD", base .. "idx:name:" .. name }
+                    if held ~= nil and held ~= "" then s[3] = held end
+                    for k = 1, #js do s[#s + 1] = js[k] end
+                    names_sets[#names_sets + 1] = s
+                    if held ~= "" then hset[#hset + 1], hset[#hset + 2] = name, "" end
+                end
+            end
+            if #hset > 2 then tx[#tx + 1] = hset end
+        end
+        for j = 1, fine and #sorder or 0 do
+            local ty = res[3 + #horder + j]
+            if ty ~= "set" and ty ~= "none" then
+                fine = false
+                break
+            end
+            tx[#tx + 1] = sorder[j]
+        end
+        if not fine then
+            local done, err, c = fast_trip(t, { { "UNWATCH" } }, session)
+            if not done then return nil, err, c end
+            return false
+        end
+        for j = 1, #names_sets do tx[#tx + 1] = names_sets[j] end
+        tx[#tx + 1] = { "INCRBY", counter, n }
+        tx[#tx + 1] = { "EXEC" }
+        local err
+        res, err, code = fast_trip(t, tx, session)
+        if not res then return nil, err, code end
+        local out = res[#tx]
+        if is_err(out) then return out end
+        if type(out) == "table" then
+            for j = 1, #out do
+                if is_err(out[j]) then return out[j] end
+            end
+            return true
+        end
+        -- a watched key changed: read again
+    end
+    return false
+end
+
 local PUT_MANY_OPTS = { overwrite = true, skip_existing = true, chunk = true, on_chunk = true }
 
 --- Store many { id =, blob = [, if_match = old] } in pipelined chunks (opts.chunk, default
@@ -1306,6 +1488,7 @@ function _M:put_many(items, opts)
     local t = self.transport
     local ahead = t.send_ahead ~= nil and not overwrite and (self.wait_replicas or 0) <= 0
     local slice = ahead and math_min(chunk, AHEAD_ITEMS) or chunk
+    local fast_path = ahead and not self.cluster and fast_ok(t)
     local flight = {}   -- slices sent, replies not read yet (oldest first)
 
     -- a malformed item fails the whole call before anything is written (each slice is
@@ -1389,6 +1572,28 @@ function _M:put_many(items, opts)
         end
     end
 
+    -- A slice as one transaction (fast_slice), once the slices sent ahead have landed:
+    -- true, or false (the scripts must write it), and the error to return, if any.
+    local function fast_write(batch, last, chunk_end)
+        local r = land(0)
+        if r then return true, r end
+        local ok, err, code = fast_slice(self, batch)
+        if ok == nil then
+            return true, { nil, string_format("%s: connection lost after %d of %d keys were confirmed "
+                                              .. "stored (%d skipped as existing): %s", fn, stored, total,
+                                              skipped, err), code, stored }
+        end
+        if not ok then return false end
+        local idx, rc = {}, ok
+        if ok == true then
+            rc = {}
+            for j = 1, #batch do rc[j] = 1 end
+        end
+        for j = 1, #batch do idx[j] = j end
+        return true, settle({ batch = batch, cmds = { true }, members = { idx }, last = last,
+                              chunk_end = chunk_end }, { rc })
+    end
+
     for cfirst = 1, total, chunk do
         local clast = math_min(total, cfirst + chunk - 1)
         for first = cfirst, clast, slice do
@@ -1427,29 +1632,39 @@ function _M:put_many(items, opts)
                 for j = 1, #batch do cur[j] = res[j] end
             end
 
+            local fast = fast_path
             for j, e in ipairs(batch) do
                 local old = e.old
                 if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
                 e.expect = old
+                if old ~= nil or e.info.name == nil then fast = false end
             end
-            local cmds, members = write_cmds(self, batch, ahead)
-            local sl = { batch = batch, cmds = cmds, members = members, last = last,
-                         chunk_end = last == clast }
-            if ahead then
-                -- EVAL (write_cmds' third argument): never NOSCRIPT, so no reply needs
-                -- a resend while the next slice is in flight
-                local ok, err, code = t:send_ahead(cmds)
-                flight[#flight + 1] = sl
-                local r = land(ok and AHEAD_WINDOW or 0)
+            local handled = false
+            if fast then
+                local r
+                handled, r = fast_write(batch, last, last == clast)
                 if r then return r[1], r[2], r[3], r[4] end
-                if not ok then
-                    return nil, string_format("%s: connection lost after %d of %d keys were confirmed "
-                                              .. "stored (%d skipped as existing): %s", fn, stored, total,
-                                              skipped, err), code, stored
+            end
+            if not handled then
+                local cmds, members = write_cmds(self, batch, ahead)
+                local sl = { batch = batch, cmds = cmds, members = members, last = last,
+                             chunk_end = last == clast }
+                if ahead then
+                    -- EVAL (write_cmds' third argument): never NOSCRIPT, so no reply needs
+                    -- a resend while the next slice is in flight
+                    local ok, err, code = t:send_ahead(cmds)
+                    flight[#flight + 1] = sl
+                    local r = land(ok and AHEAD_WINDOW or 0)
+                    if r then return r[1], r[2], r[3], r[4] end
+                    if not ok then
+                        return nil, string_format("%s: connection lost after %d of %d keys were confirmed "
+                                                  .. "stored (%d skipped as existing): %s", fn, stored, total,
+                                                  skipped, err), code, stored
+                    end
+                else
+                    local r = settle(sl, run(self, cmds, WRITE))
+                    if r then return r[1], r[2], r[3], r[4] end
                 end
-            else
-                local r = settle(sl, run(self, cmds, WRITE))
-                if r then return r[1], r[2], r[3], r[4] end
             end
         end
     end
@@ -2219,6 +2434,10 @@ function _M.open(rest, opts, url, unix)
     end
     local s = _M.new(node, cfg, { name = "store.redis" })
     s.url = url and url:gsub("//[^@/]*@", "//***@")   -- for messages: never the password
+    -- provision.run stores its batches in pieces of this many keys when new keys go as
+    -- transactions (fast_slice: one at a time, two round trips each), and between
+    -- pieces starts the next batch's generation as soon as the last is done
+    if fast_ok(node) and (cfg.wait_replicas or 0) <= 0 then s.preferred_piece = FAST_PIECE end
     -- the name index record (or the refusal of an old layout) now, where the store can
     -- talk to Redis; inside nginx without cosockets, on first use
     if not cfg.T.cosockets or cfg.T.cosockets() then

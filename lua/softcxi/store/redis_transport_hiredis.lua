@@ -109,9 +109,16 @@ end
 -- its work on the next slice with the server's on this one; receive(n) reads the replies
 -- later, in order.  Never reconnects while replies are outstanding: they would be lost.
 -- A node with a before_send function calls it first (put_many_later's coroutine.yield).
-function Node:send_ahead(cmds)
+-- session: send only on that connection (a store transaction's WATCH is on it): ECONN if
+-- it is gone, nothing sent.
+function Node:send_ahead(cmds, session)
     if self.before_send then self.before_send() end
     local c = self.c
+    if session and not (c == session and c:alive()) then
+        self.inflight = (self.inflight or 0) + #cmds -- receive() reports them lost, as below
+        return nil, self.addr .. ": the connection changed between a transaction's reads and its write",
+            "ECONN"
+    end
     if self.inflight and self.inflight > 0 then
         if not (c and c:alive()) then
             return nil, self.addr .. ": the connection broke with replies outstanding", "ECONN"
@@ -158,6 +165,14 @@ function Node:receive(n)
         res[i] = v
     end
     return res
+end
+
+--- The live connection (an opaque token), or nil: the store's transactions check that
+-- their WATCH and their EXEC went over the same one.
+function Node:session()
+    local c = self.c
+    if c and c:alive() then return c end
+    return nil
 end
 
 --- A second, unconnected node of the same address and settings (its own connection).
