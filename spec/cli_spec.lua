@@ -560,7 +560,7 @@ describe("softcxi command", function()
             local r = json(e.base .. " --json store upgrade " .. H.q(url))
             assert.are.equal(n, r.name_sets_moved)
             assert.are.equal(n, r.keys)
-            assert.are.equal(65536, r.name_buckets)
+            assert.are.equal(16, r.name_buckets)
             assert.are.equal(n, json(e.base .. " --json store stats " .. H.q(url)).count)
             assert.are.equal(0, #cmd { "KEYS", P .. "idx:name:*" })
             -- once more: nothing left to move

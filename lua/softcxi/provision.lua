@@ -24,7 +24,7 @@
 
 local softcxi = require "softcxi"
 
-local type, error, tostring, pairs, pcall, select = type, error, tostring, pairs, pcall, select
+local type, error, tostring, pairs, pcall = type, error, tostring, pairs, pcall
 local string_format = string.format
 local math_min = math.min
 local table_remove = table.remove
@@ -200,7 +200,8 @@ function _M.run(opts)
                         for i = b.pos, last do part[#part + 1] = items[i] end
                     end
                     -- skip_existing: another writer may have stored an id meanwhile
-                    local stored, skipped_or_err, c, confirmed = store:put_many(part, { skip_existing = true })
+                    local stored, skipped_or_err, c, confirmed =
+                        store:put_many(part, { skip_existing = true })
                     if not stored then
                         report.stored = report.stored + (confirmed or 0)
                         return nil, "provision.run: storing batch at key " .. (b.first + 1) .. ": "

@@ -372,6 +372,6 @@ Example:
   softcxi store upgrade redis://127.0.0.1:6379/0?prefix=keys:]])
     su:argument("url", "Key store URL (redis:// or redis-cluster://).")
     su:option("--name-buckets", "Name index hashes, for a store that has none recorded yet "
-        .. "(default 65536).")
+        .. "(default 16).")
         :argname("N")
 end
