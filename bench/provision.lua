@@ -4,7 +4,7 @@
 -- own costs (put_many of ready blobs, get_many) and the rewrap of the whole store after an
 -- MBK rotation (softcxi.rewrap, compare-and-set).
 --
---   lua5.4 bench/provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--no-rewrap]
+--   lua5.4 bench/provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--piece N] [--no-rewrap]
 --
 -- The machine is shared and noisy, so generation alone and provisioning alternate: R rounds
 -- (default 5) of COUNT/R keys each, generation first, then provisioning; the ratio is the
@@ -21,12 +21,15 @@ local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
 local rewrap = require "softcxi.rewrap"
 
-local args, rounds, do_rewrap, before_file = {}, 5, true, nil
+local args, rounds, do_rewrap, before_file, piece = {}, 5, true, nil, nil
 do
     local i = 1
     while i <= #arg do
         if arg[i] == "--rounds" then
             rounds = assert(tonumber(arg[i + 1]), "--rounds N")
+            i = i + 1
+        elseif arg[i] == "--piece" then
+            piece = assert(tonumber(arg[i + 1]), "--piece N")
             i = i + 1
         elseif arg[i] == "--no-rewrap" then
             do_rewrap = false
@@ -98,7 +101,7 @@ local function provision_round(mod, track)
     local c0, s0, t0 = os.clock(), server_cpu(), T()
     local base, mark_base = done_total, new_done
     assert(mod.run {
-        hsm = hsm, store = store, template = template, count = per_round, batch = batch,
+        hsm = hsm, store = store, template = template, count = per_round, batch = batch, piece = piece,
         start = base + 1, name_format = stamp .. "%08d",
         on_progress = track and function(done)
             local before, now = mark_base + done - batch, mark_base + done

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# [LUA=luajit] bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--before PROVISION_LUA]:
+# [LUA=luajit] bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--piece N] [--no-rewrap]
+# [--before PROVISION_LUA]:
 # provisioning P-256 keys into a local Redis (started here on a free loopback port, stopped
 # by PID) and into the file store, against generation alone; prints keys/s, the ratio, the client's RSS along the
 # way, the store's own put_many/get_many rates, the rewrap rate, and Redis's memory per key.
@@ -17,6 +18,8 @@ while [ $# -gt 0 ]; do
     --no-file) file=0 ;;
     --rounds) extra+=(--rounds "$2"); shift ;;
     --before) extra+=(--before "$2"); shift ;;
+    --piece) extra+=(--piece "$2"); shift ;;
+    --no-rewrap) extra+=(--no-rewrap) ;;
     *) pos+=("$1") ;;
     esac
     shift

@@ -9,6 +9,9 @@
 --       on_progress = function(done, total, r) ... end,
 --   })
 --   -- r.generated, r.stored, r.skipped (already in the store), r.batches
+--   -- opts.batch: keys per generation job and existence check (default 1000, or the
+--   -- store's preferred_batch); opts.piece: keys per put_many call (default the store's
+--   -- preferred_piece, else the batch)
 --
 -- Memory stays flat: at most four batches (default 1000 keys each; a Redis
 -- Cluster store's chunk, 16,384 with 256 buckets) are alive: two generated
@@ -33,7 +36,7 @@ local _M = { _VERSION = softcxi._VERSION }
 
 local RUN_OPTS = {
     hsm = true, store = true, template = true, count = true, name_format = true, start = true,
-    batch = true, threads = true, flags = true, on_progress = true,
+    batch = true, piece = true, threads = true, flags = true, on_progress = true,
 }
 
 local function need(cond, msg)
@@ -130,8 +133,8 @@ function _M.run(opts)
     -- threads do not wait for the store to finish a batch.  At most two generated batches
     -- wait for the store (memory stays flat); the next batch's existence check runs while a
     -- batch is generated.
-    local piece = store.preferred_piece or batch
-    need(type(piece) == "number" and piece >= 1, "the store's preferred_piece must be a positive number")
+    local piece = opts.piece or math_min(store.preferred_piece or batch, batch)
+    need(type(piece) == "number" and piece >= 1 and piece % 1 == 0, "piece must be a positive integer")
 
     local function body()
         if count == 0 then return report end

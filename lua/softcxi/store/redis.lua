@@ -1319,15 +1319,26 @@ end
 -- { err = msg } (Redis refused a command of the transaction: EXECABORT, nothing written;
 -- or WRONGTYPE inside it, the blobs written as a script's SET would have), or nil, msg,
 -- code (the connection failed: nothing or all of the slice was written).
+-- The SADD of index set field:v, new in fast_slice's table by (and in order).
+local function new_sadd(by, order, base, field, v)
+    local st = { "SADD", base .. "idx:" .. field .. ":" .. attr_str(v) }
+    by[v] = st
+    order[#order + 1] = st
+    return st
+end
+
 local function fast_slice(self, batch)
     local t = self.transport
     local base = self.P .. self.tags[0]
-    local counter = base .. "n"
+    local kbase, counter = base .. "k:", base .. "n"
     local n = #batch
     local keys = { "EXISTS" }
     local mset = { "MSET" }
-    local seen = {}
-    local hashes, horder = {}, {}       -- bucket -> { key, names = {}, ids = {} }
+    local seen, named = {}, {}          -- the slice's ids, its names
+    local twins = false                 -- two keys of the slice share a name
+    -- per name hash: h.hm the HMGET of its names, h.hs the HSET of name, id pairs (what it
+    -- becomes when none of the names is held yet)
+    local hashes, horder = {}, {}
     local sets, sorder = { specifier = {}, group = {}, algo = {} }, {} -- value -> { "SADD", key, ids... }
     local nm = self.nm
     for i = 1, n do
@@ -1335,44 +1346,51 @@ local function fast_slice(self, batch)
         local id, info = e.id, e.info
         if seen[id] then return false end
         seen[id] = true
-        local key = base .. "k:" .. id
+        local key = kbase .. id
         keys[i + 1] = key
         mset[2 * i], mset[2 * i + 1] = key, e.blob
-        local name = attr_str(info.name)
+        local name = info.name
+        if type(name) ~= "string" then name = attr_str(name) end
+        if named[name] then twins = true end
+        named[name] = true
         local hb = name_bucket(name, nm, info.name_h31)
         local h = hashes[hb]
         if not h then
             if #horder >= FAST_HASHES then return false end
-            h = { key = base .. "nx:" .. hb, names = {}, ids = {} }
+            local hk = base .. "nx:" .. hb
+            h = { key = hk, hm = { "HMGET", hk }, hs = { "HSET", hk } }
             hashes[hb] = h
             horder[#horder + 1] = h
         end
-        local k = #h.names + 1
-        h.names[k], h.ids[k] = name, id
-        for f = 2, #FIELDS do
-            local field = FIELDS[f]
-            local v = info[field]
-            if v ~= nil then
-                local by = sets[field]
-                local s = by[v]
-                if not s then
-                    s = { "SADD", base .. "idx:" .. field .. ":" .. attr_str(v) }
-                    by[v] = s
-                    sorder[#sorder + 1] = s
-                end
-                s[#s + 1] = id
-            end
+        local hm, hs = h.hm, h.hs
+        hm[#hm + 1] = name
+        local k = #hs
+        hs[k + 1], hs[k + 2] = name, id
+        -- the index sets (FIELDS but the name), most slices having one value of each
+        local v = info.specifier
+        if v ~= nil then
+            local st = sets.specifier[v] or new_sadd(sets.specifier, sorder, base, "specifier", v)
+            st[#st + 1] = id
+        end
+        v = info.group
+        if v ~= nil then
+            local st = sets.group[v] or new_sadd(sets.group, sorder, base, "group", v)
+            st[#st + 1] = id
+        end
+        v = info.algo
+        if v ~= nil then
+            local st = sets.algo[v] or new_sadd(sets.algo, sorder, base, "algo", v)
+            st[#st + 1] = id
         end
     end
+    local null = self.null
     for _ = 1, FAST_TRIES do
         local watch = { "WATCH", counter }
         local reads = { watch, { "GET", counter }, keys }
         for j = 1, #horder do
             local h = horder[j]
             watch[j + 2] = h.key
-            local hm = { "HMGET", h.key }
-            for k = 1, #h.names do hm[k + 2] = h.names[k] end
-            reads[#reads + 1] = hm
+            reads[#reads + 1] = h.hm
         end
         for j = 1, #sorder do reads[#reads + 1] = { "TYPE", sorder[j][2] } end
         local res, session, code = fast_trip(t, reads)
@@ -1380,8 +1398,8 @@ local function fast_slice(self, batch)
         local cnt = res[2]
         -- a counter INCRBY takes (no sign, no leading zero), or none yet
         local fine = res[3] == 0 and not is_err(res[1])
-            and (cnt == self.null or (type(cnt) == "string" and #cnt < 16
-                                      and (cnt == "0" or cnt:match("^[1-9]%d*$") ~= nil)))
+            and (cnt == null or (type(cnt) == "string" and #cnt < 16
+                                 and (cnt == "0" or cnt:match("^[1-9]%d*$") ~= nil)))
         local tx = { { "MULTI" }, mset }
         local names_sets = {}           -- names shared with other ids: their sets
         for j = 1, fine and #horder or 0 do
@@ -1390,37 +1408,46 @@ local function fast_slice(self, batch)
                 fine = false
                 break
             end
-            -- per name: who holds it now (cur), who joins (the slice's ids with that name)
-            local hset, joins, order = { "HSET", h.key }, {}, {}
-            for k = 1, #h.names do
-                local name = h.names[k]
-                local js = joins[name]
-                if not js then
-                    local v = cur[k]
-                    js = { held = v ~= self.null and v or nil }
-                    joins[name] = js
-                    order[#order + 1] = name
-                end
-                js[#js + 1] = h.ids[k]
+            local free = not twins
+            for k = 1, free and #cur or 0 do
+                if cur[k] ~= null then free = false end
             end
-            for _, name in ipairs(order) do
-                local js = joins[name]
-                local held = js.held
-                for k = 1, held and #js or 0 do
-                    if js[k] == held then fine = false end  -- an entry for a key not there
+            if free then
+                tx[#tx + 1] = h.hs              -- every name new, each of one key
+            else
+                -- per name: who holds it now (cur), who joins (the slice's ids with it)
+                local hm, hs = h.hm, h.hs
+                local hset, joins, order = { "HSET", h.key }, {}, {}
+                for k = 1, #hm - 2 do
+                    local name = hm[k + 2]
+                    local js = joins[name]
+                    if not js then
+                        local v = cur[k]
+                        js = { held = v ~= null and v or nil }
+                        joins[name] = js
+                        order[#order + 1] = name
+                    end
+                    js[#js + 1] = hs[2 * k + 2]
                 end
-                if held == nil and #js == 1 then
-                    hset[#hset + 1], hset[#hset + 2] = name, js[1]
-                else
-                    -- '' with the ids in the name's set (the one holding it too, if one did)
-                    local s = { "SADD", base .. "idx:name:" .. name }
-                    if held ~= nil and held ~= "" then s[3] = held end
-                    for k = 1, #js do s[#s + 1] = js[k] end
-                    names_sets[#names_sets + 1] = s
-                    if held ~= "" then hset[#hset + 1], hset[#hset + 2] = name, "" end
+                for _, name in ipairs(order) do
+                    local js = joins[name]
+                    local held = js.held
+                    for k = 1, held and #js or 0 do
+                        if js[k] == held then fine = false end  -- an entry for a key not there
+                    end
+                    if held == nil and #js == 1 then
+                        hset[#hset + 1], hset[#hset + 2] = name, js[1]
+                    else
+                        -- '' with the ids in the name's set (the one holding it too, if one did)
+                        local st = { "SADD", base .. "idx:name:" .. name }
+                        if held ~= nil and held ~= "" then st[3] = held end
+                        for k = 1, #js do st[#st + 1] = js[k] end
+                        names_sets[#names_sets + 1] = st
+                        if held ~= "" then hset[#hset + 1], hset[#hset + 2] = name, "" end
+                    end
                 end
+                if #hset > 2 then tx[#tx + 1] = hset end
             end
-            if #hset > 2 then tx[#tx + 1] = hset end
         end
         for j = 1, fine and #sorder or 0 do
             local ty = res[3 + #horder + j]
@@ -1613,7 +1640,9 @@ function _M:put_many(items, opts)
                     if r then return r[1], r[2], r[3], r[4] end
                     return nil, string_format("%s (item %d)", info, i), code, stored
                 end
-                batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match }
+                -- expect (set below) made now: a field added later would grow the table
+                batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match,
+                                      expect = it.if_match }
             end
 
             -- overwrite: read what is there first, then compare-and-set against it
