@@ -89,7 +89,21 @@ do
         end
     end
 end
-local gen_cpu, prov_cpu, prov_srv = 0, 0, 0
+-- The CPU time of this thread alone (the client's own work: the store calls, not the
+-- generator threads), from /proc/thread-self/stat (clock ticks, usually 100 per second).
+local function thread_cpu()
+    local f = io.open("/proc/thread-self/stat", "r")
+    if not f then return 0 end
+    local st = f:read("*a")
+    f:close()
+    -- the fields after the command name (in parentheses, which may hold spaces)
+    local rest = st:match("%) (.*)$") or ""
+    local fields = {}
+    for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+    -- utime and stime are fields 14 and 15 of the line, 12 and 13 after the name
+    return ((tonumber(fields[12]) or 0) + (tonumber(fields[13]) or 0)) / 100
+end
+local gen_cpu, prov_cpu, prov_srv, prov_main = 0, 0, 0, 0
 local marks, done_total = {}, 0
 -- --before FILE: another version's provision.lua, run in every round as well (the order
 -- alternating), so that both versions see the same load.
@@ -98,7 +112,7 @@ local old_s, old_cpu, old_srv, old_lo, old_hi = 0, 0, 0, math.huge, 0
 
 local new_done = 0 -- keys provisioned by this version, for the RSS marks
 local function provision_round(mod, track)
-    local c0, s0, t0 = os.clock(), server_cpu(), T()
+    local c0, s0, t0, m0 = os.clock(), server_cpu(), T(), thread_cpu()
     local base, mark_base = done_total, new_done
     assert(mod.run {
         hsm = hsm, store = store, template = template, count = per_round, batch = batch, piece = piece,
@@ -111,7 +125,10 @@ local function provision_round(mod, track)
         end or nil,
     })
     done_total = done_total + per_round
-    if track then new_done = new_done + per_round end
+    if track then
+        new_done = new_done + per_round
+        prov_main = prov_main + thread_cpu() - m0
+    end
     return T() - t0, os.clock() - c0, server_cpu() - s0
 end
 
@@ -143,8 +160,9 @@ print(("provision generate_only %.0f keys/s"):format(count / gen_s))
 print(("provision into_store %.0f keys/s"):format(count / prov_s))
 print(("provision ratio %.2f range %.2f-%.2f (provision time / generation time, %d rounds; target <= 1.30)")
     :format(prov_s / gen_s, lo, hi, rounds))
-print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads), "
-    .. srv_fmt):format(gen_cpu / count * 1e6, prov_cpu / count * 1e6, prov_srv / count * 1e6))
+print(("provision cpu_per_key generate_only %.1f us, into_store %.1f us (this process, all threads; "
+    .. "%.1f us its main thread, the store client), " .. srv_fmt):format(gen_cpu / count * 1e6,
+    prov_cpu / count * 1e6, prov_main / count * 1e6, prov_srv / count * 1e6))
 if old then
     print(("provision before_into_store %.0f keys/s (%s)"):format(count / old_s, before_file))
     print(("provision before_ratio %.2f range %.2f-%.2f (the same rounds, the other version)")

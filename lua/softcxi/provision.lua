@@ -43,11 +43,10 @@ local function need(cond, msg)
     if not cond then error("provision.run: " .. msg, 3) end
 end
 
--- The store id of a key: group/name[/specifier], as softcxi.store.id_of.
-local function id_for(template, name)
-    local id = (template.group or "") .. "/" .. name
-    if template.specifier then id = id .. "/" .. template.specifier end
-    return id
+-- The store id of a key is group/name[/specifier], as softcxi.store.id_of: the parts
+-- around the name.
+local function id_parts(template)
+    return (template.group or "") .. "/", template.specifier and "/" .. template.specifier or ""
 end
 
 -- A generation job for names: hsm:bulk_generate_start, or (a session
@@ -81,6 +80,7 @@ function _M.run(opts)
     local flags = opts.flags or softcxi.FLAG_EXTERNAL
     local on_progress = opts.on_progress
 
+    local id_pre, id_post = id_parts(template)
     local report = { generated = 0, stored = 0, skipped = 0, batches = 0, total = count }
     local running -- the job generating a batch, until collected or cancelled
 
@@ -88,9 +88,10 @@ function _M.run(opts)
     local function prepare(first)
         local n = math_min(batch, count - first)
         local b = { first = first, n = n, names = {}, ids = {} }
+        local names, ids, at = b.names, b.ids, start + first - 1
         for i = 1, n do
-            local name = string_format(fmt, start + first + i - 1)
-            b.names[i], b.ids[i] = name, id_for(template, name)
+            local name = string_format(fmt, at + i)
+            names[i], ids[i] = name, id_pre .. name .. id_post
         end
         -- exists_many where the store has it (Redis: one EXISTS per bucket), else get_many
         local have, err, code

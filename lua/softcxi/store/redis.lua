@@ -1543,10 +1543,12 @@ function _M:put_many(items, opts)
         local batch, members = sl.batch, sl.members
         for c = 1, #sl.cmds do
             local rc = res[c]
-            for k, j in ipairs(members[c]) do
-                local e = batch[j]
+            local each = type(rc) == "table" and not is_err(rc)   -- a result per item
+            local mc = members[c]
+            for k = 1, #mc do
+                local e = batch[mc[k]]
                 local r = rc
-                if type(rc) == "table" and not is_err(rc) then r = rc[k] end
+                if each then r = rc[k] end
                 if r == 1 then
                     stored = stored + 1
                 elseif r == nil then -- luacheck: ignore 542
@@ -2077,12 +2079,12 @@ function _M:exists_many(ids)
         local b = bucket_of and bucket_of(id) or 0
         local g = open[b]
         if not g or g.n >= GET_CHUNK then
-            g = { "EXISTS", n = 0, ids = {} }
+            g = { "EXISTS", n = 0, ids = {}, kbase = P .. tags[b] .. "k:" }
             open[b] = g
             cmds[#cmds + 1] = g
         end
         local n = g.n + 1
-        local key = P .. tags[b] .. "k:" .. id
+        local key = g.kbase .. id
         g.n, g[n + 1], g.ids[n] = n, key, id
         if n == 1 then g.key = key end
     end
