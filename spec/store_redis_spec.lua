@@ -704,6 +704,34 @@ describe("redis store", function()
         H.expect_err("EINVAL", store.open(with_prefix(URL, P, "&upgrade=maybe")))
     end)
 
+    it("a lost record of the name hash count: upgrade takes only the count the hashes were "
+        .. "made with", function()
+        local P = fresh_prefix()
+        local url = with_prefix(URL, P)
+        local s = open(url .. "&name_buckets=65536")
+        local blobs = make_blobs(30, "lost" .. RUN, "glost")
+        assert.are.equal(30, s:put_many(items_of(blobs)))
+        s:close()
+        cmd(c, { "DEL", P .. "name-buckets" })
+        H.expect_err("ELAYOUT", store.open(url))
+        -- without a count, or with the new default: refused, nothing changed
+        local msg = H.expect_err("EFORMAT", store.open(url, { upgrade = true }))
+        assert.truthy(msg:find("no record of how many", 1, true), msg)
+        assert.truthy(msg:find("65536", 1, true), msg)
+        msg = H.expect_err("EFORMAT", store.open(url, { upgrade = true, name_buckets = 16 }))
+        assert.truthy(msg:find("not 16", 1, true), msg)
+        assert.are.equal(hiredis.null, cmd(c, { "GET", P .. "name-buckets" }))
+        assert.are.equal(hiredis.null, cmd(c, { "GET", P .. "name-buckets:upgrading" }))
+        -- the count they were made with: recorded, and every name is found again
+        s = assert(store.open(url, { upgrade = true, name_buckets = 65536 }))
+        assert.are.equal(65536, s.name_buckets)
+        assert.are.equal("65536", cmd(c, { "GET", P .. "name-buckets" }))
+        for i = 1, 30, 7 do
+            assert.are.same({ ids_of(blobs)[i] }, s:find({ name = "lost" .. RUN .. "-" .. i }))
+        end
+        s:close()
+    end)
+
     it("refuses a store of the old layout (a set per name), naming what to run; upgrade moves "
        .. "it in place, resumes after an interruption and loses nothing", function()
         local P = fresh_prefix()

@@ -728,9 +728,49 @@ _M.ready = ready
 -- since.  self.upgraded = { sets =, blobs =, passes =, foreign = } says what it did (sets:
 -- name sets taken in; blobs: the store's count; foreign: keys under idx:name: that are
 -- not sets, left alone).
+-- The highest name index hash number among the store's keys (a full SCAN of every
+-- master), or false when there is none; nil, msg, code on failure.
+local function highest_name_hash(self, fn)
+    local pat = glob_escape(self.P) .. (self.cluster and "{*}" or "") .. "nx:*"
+    local top = false
+    for _, node in ipairs(self.transport:nodes()) do
+        local cursor = "0"
+        repeat
+            local r, err, code = node_call(node, { "SCAN", cursor, "MATCH", pat, "COUNT", 5000 })
+            if not r then return nil, string_format("%s: upgrade: %s: %s", fn, node.addr, err), code end
+            cursor = r[1]
+            for _, key in ipairs(r[2]) do
+                local h = tonumber(key:match("nx:(%d+)$"))
+                if h and (not top or h > top) then top = h end
+            end
+        until cursor == "0"
+    end
+    return top
+end
+
 upgrade = function(self, fn)
     local rec, up = names_record(self)
     local want = self.want_names or NAME_BUCKETS
+    do
+        -- Name index hashes but no record of their count (neither done nor begun): the
+        -- record was lost, and a count other than the one they were made with would put
+        -- every name where find never looks.  Only the count given can go on.
+        local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up } })
+        if err then return nil, fn .. ": upgrade: " .. err, code end
+        if res[1] == self.null and res[2] == self.null then
+            local top
+            top, err, code = highest_name_hash(self, fn)
+            if top == nil then return nil, err, code end
+            local per = math_max(1, math_floor(want / self.nb))
+            if top and (not self.want_names or top >= per) then
+                return nil, string_format("%s: upgrade: the store under prefix '%s' has name index hashes "
+                    .. "(up to nx:%d) but no record of how many (%s): give the count it was made with "
+                    .. "(name_buckets=, softcxi store upgrade --name-buckets N; 65536 for a store made "
+                    .. "before 2026-11-27 evening)%s", fn, self.P, top, rec,
+                    self.want_names and string_format(", not %d", want) or ""), "EFORMAT"
+            end
+        end
+    end
     local res, err, code = run(self, { { "GET", rec, key = rec }, { "SET", up, want, "NX", key = up },
                                        { "GET", up, key = up } })
     if err then return nil, fn .. ": upgrade: " .. err, code end
