@@ -1358,6 +1358,23 @@ static int m_key_rewrap(lua_State *L)
  * ...; key_rewrap(blobs[i]) gives its message); rewrapped counts the new
  * blobs.  nil, msg, code when the call as a whole failed.  No key reaches
  * Lua: only blobs go in and out. */
+/* The arrays of one key_rewrap_many call, in a userdata whose __gc frees the new blobs
+ * not yet handed to Lua: a push that raises (out of memory) leaks none of them. */
+#define REWRAP_MT "softcxi.rewrap_arrays"
+typedef struct rewrap_arrays {
+    size_t cnt;
+    softcxi_buf *outs;
+} rewrap_arrays;
+
+static int rewrap_arrays_gc(lua_State *L)
+{
+    rewrap_arrays *ra = lua_touserdata(L, 1);
+    for (size_t i = 0; ra->outs && i < ra->cnt; i++)
+        softcxi_buf_free(&ra->outs[i]);
+    ra->outs = NULL;
+    return 0;
+}
+
 static int m_key_rewrap_many(lua_State *L)
 {
     lsession *ls = check_session(L);
@@ -1372,17 +1389,23 @@ static int m_key_rewrap_many(lua_State *L)
     /* What may raise on bad arguments comes before the core allocates the
      * new blobs: the arrays (one userdata, collected on a raise), the
      * argument checks and the results table.  After the call only running
-     * out of memory while pushing a result could raise, and the blobs it
-     * would leave unfreed hold no secret. */
+     * out of memory while pushing a result could raise; the userdata's
+     * __gc then frees the blobs not pushed yet (none holds a secret). */
     size_t cnt = n ? (size_t)n : 1;
-    size_t lens_off = cnt * sizeof(const uint8_t *);
+    size_t ptrs_off = (sizeof(rewrap_arrays) + sizeof(void *) - 1) / sizeof(void *) * sizeof(void *);
+    size_t lens_off = ptrs_off + cnt * sizeof(const uint8_t *);
     size_t outs_off = lens_off + cnt * sizeof(size_t);
     size_t status_off = outs_off + cnt * sizeof(softcxi_buf);
     char *mem = lua_newuserdata(L, status_off + cnt * sizeof(int));
-    const uint8_t **ptrs = (const uint8_t **)(void *)mem;
+    rewrap_arrays *ra = (rewrap_arrays *)(void *)mem;
+    const uint8_t **ptrs = (const uint8_t **)(void *)(mem + ptrs_off);
     size_t *lens = (size_t *)(void *)(mem + lens_off);
     softcxi_buf *outs = (softcxi_buf *)(void *)(mem + outs_off);
     int *status = (int *)(void *)(mem + status_off);
+    memset(outs, 0, cnt * sizeof *outs);
+    ra->cnt = cnt;
+    ra->outs = outs;
+    luaL_setmetatable(L, REWRAP_MT);
     int count = (int)n;
     for (int i = 0; i < count; i++) {
         lua_rawgeti(L, 2, i + 1);
@@ -1727,6 +1750,10 @@ EXPORT int luaopen_softcxi_core(lua_State *L)
     lua_setfield(L, -2, "__name");
     luaL_newlib(L, job_methods);
     lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    luaL_newmetatable(L, REWRAP_MT);
+    lua_pushcfunction(L, rewrap_arrays_gc);
+    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
     luaL_newmetatable(L, SESSION_MT);
     lua_pushcfunction(L, m_close);
