@@ -184,6 +184,38 @@ describe("provision", function()
         store:close()
     end)
 
+    it("a session without bulk_generate_start, stored in pieces: every key once", function()
+        local store = new_store()
+        -- the session as an older binding has it: bulk_generate only
+        local plain = setmetatable({}, { __index = function(_, k)
+            if k == "bulk_generate_start" then return nil end
+            local v = hsm[k]
+            if type(v) == "function" then return function(_, ...) return v(hsm, ...) end end
+            return v
+        end })
+        local seen = {}
+        local r = assert(provision.run { hsm = plain, store = store, template = TEMPLATE, count = 95,
+            batch = 40, piece = 15, name_format = "pc%03d",
+            on_progress = function(done, total, rep)
+                seen[#seen + 1] = done .. "/" .. total .. ":" .. rep.stored
+            end })
+        assert.are.equal(95, r.generated)
+        assert.are.equal(95, r.stored)
+        assert.are.same({ "40/95:40", "80/95:80", "95/95:95" }, seen)
+        assert.are.equal(95, store:count())
+        -- a re-run: the stored ids count as skipped once their batch is done
+        seen = {}
+        r = assert(provision.run { hsm = plain, store = store, template = TEMPLATE, count = 95,
+            batch = 40, piece = 15, name_format = "pc%03d",
+            on_progress = function(done, total, rep)
+                seen[#seen + 1] = done .. "/" .. total .. ":" .. rep.skipped
+            end })
+        assert.are.equal(0, r.generated)
+        assert.are.equal(95, r.skipped)
+        assert.are.same({ "40/95:40", "80/95:80", "95/95:95" }, seen)
+        store:close()
+    end)
+
     it("misuse raises, a bad template is EINVAL", function()
         local store = new_store()
         assert.has_error(function() provision.run { hsm = hsm, store = store, count = 1 } end)

@@ -57,7 +57,8 @@ local function start_job(hsm, flags, template, names, threads)
         return hsm:bulk_generate_start(flags, template, #names, opts)
     end
     local blobs, err, code = hsm:bulk_generate(flags, template, #names, opts)
-    return { wait = function() return blobs, err, code end, cancel = function() end }
+    return { wait = function() return blobs, err, code end, cancel = function() end,
+             ready = function() return true end }
 end
 
 --- Run a provisioning job; returns a report table, or nil, msg, code,
@@ -164,7 +165,6 @@ function _M.run(opts)
             -- take the generated batch into the queue
             local b = gen
             gen = nil
-            report.skipped = report.skipped + (b.n - #b.missing_names)
             b.pos = 1
             if running then
                 local job = running
@@ -217,6 +217,8 @@ function _M.run(opts)
                     b.pos = last + 1
                 end
                 if b.pos > #items then
+                    -- the ids found stored count once the batch is done, with its writes
+                    report.skipped = report.skipped + (b.n - #b.missing_names)
                     table_remove(queue, 1)
                     report.batches = report.batches + 1
                     if on_progress then on_progress(b.first + b.n, count, report) end

@@ -729,10 +729,11 @@ _M.ready = ready
 -- name sets taken in; blobs: the store's count; foreign: keys under idx:name: that are
 -- not sets, left alone).
 -- The highest name index hash number among the store's keys (a full SCAN of every
--- master), or false when there is none; nil, msg, code on failure.
-local function highest_name_hash(self, fn)
+-- master), or false when there is none, and up to 8 of the hashes found ({ node, key, h });
+-- nil, msg, code on failure.
+local function name_hashes(self, fn)
     local pat = glob_escape(self.P) .. (self.cluster and "{*}" or "") .. "nx:*"
-    local top = false
+    local top, some = false, {}
     for _, node in ipairs(self.transport:nodes()) do
         local cursor = "0"
         repeat
@@ -741,11 +742,30 @@ local function highest_name_hash(self, fn)
             cursor = r[1]
             for _, key in ipairs(r[2]) do
                 local h = tonumber(key:match("nx:(%d+)$"))
-                if h and (not top or h > top) then top = h end
+                if h then
+                    if not top or h > top then top = h end
+                    if #some < 8 then some[#some + 1] = { node, key, h } end
+                end
             end
         until cursor == "0"
     end
-    return top
+    return top, some
+end
+
+-- Whether the names in the hashes some (name_hashes) lie where want hashes put them:
+-- true, false, or nil, msg, code.
+local function names_fit(self, fn, want, top, some)
+    local per = math_max(1, math_floor(want / self.nb))
+    if top >= per then return false end
+    for _, s in ipairs(some) do
+        local r, err, code = node_call(s[1], { "HSCAN", s[2], "0", "COUNT", 32 })
+        if not r then return nil, string_format("%s: upgrade: %s", fn, err), code end
+        local kv = type(r[2]) == "table" and r[2] or {}
+        for i = 1, #kv, 2 do
+            if name_bucket(kv[i], per) ~= s[3] then return false end
+        end
+    end
+    return true
 end
 
 upgrade = function(self, fn)
@@ -754,20 +774,24 @@ upgrade = function(self, fn)
     do
         -- Name index hashes but no record of their count (neither done nor begun): the
         -- record was lost, and a count other than the one they were made with would put
-        -- every name where find never looks.  Only the count given can go on.
+        -- every name where find never looks.  Only a count the names fit goes on.
         local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up } })
         if err then return nil, fn .. ": upgrade: " .. err, code end
         if res[1] == self.null and res[2] == self.null then
-            local top
-            top, err, code = highest_name_hash(self, fn)
-            if top == nil then return nil, err, code end
-            local per = math_max(1, math_floor(want / self.nb))
-            if top and (not self.want_names or top >= per) then
-                return nil, string_format("%s: upgrade: the store under prefix '%s' has name index hashes "
-                    .. "(up to nx:%d) but no record of how many (%s): give the count it was made with "
-                    .. "(name_buckets=, softcxi store upgrade --name-buckets N; 65536 for a store made "
-                    .. "before 2026-11-27 evening)%s", fn, self.P, top, rec,
-                    self.want_names and string_format(", not %d", want) or ""), "EFORMAT"
+            local top, some, c2 = name_hashes(self, fn)
+            if top == nil then return nil, some, c2 end
+            if top then
+                local fits
+                fits, err, code = names_fit(self, fn, want, top, some)
+                if fits == nil then return nil, err, code end
+                if not fits then
+                    return nil, string_format("%s: upgrade: the store under prefix '%s' has name index "
+                        .. "hashes (up to nx:%d) but no record of how many (%s), and name_buckets=%d%s "
+                        .. "does not fit the names in them: give the count it was made with "
+                        .. "(name_buckets=, softcxi store upgrade --name-buckets N; 65536 for a store made "
+                        .. "before 2026-11-27 evening)", fn, self.P, top, rec, want,
+                        self.want_names and "" or " (the default)"), "EFORMAT"
+                end
             end
         end
     end
@@ -1329,7 +1353,8 @@ end
 -- sets the counter when it creates or deletes a blob, and any change of a name index
 -- entry changes its hash, so what step 1 read still holds when step 2 runs.  The slice
 -- falls back to the scripts when step 1 finds a key present, a counter, hash or set of
--- the wrong form, more name hashes than FAST_HASHES (a store made with many name buckets:
+-- the wrong form (the sets of names held by other ids too, in one more round trip), more
+-- name hashes than FAST_HASHES (a store made with many name buckets:
 -- WATCH checks its list per key, quadratic), or when EXEC is refused FAST_TRIES times.
 -- Never across a reconnection: WATCH belongs to the connection it was sent on.
 local FAST_HASHES = 64
@@ -1367,8 +1392,7 @@ local function new_sadd(by, order, base, field, v)
     return st
 end
 
-local function fast_slice(self, batch)
-    local t = self.transport
+local function fast_slice(self, t, batch)
     local base = self.P .. self.tags[0]
     local kbase, counter = base .. "k:", base .. "n"
     local n = #batch
@@ -1436,6 +1460,7 @@ local function fast_slice(self, batch)
         local res, session, code = fast_trip(t, reads)
         if not res then return nil, session, code end
         local cnt = res[2]
+        if is_err(res[1]) then self.no_transaction = true end   -- WATCH refused (NOPERM)
         -- a counter INCRBY takes (no sign, no leading zero), or none yet
         local fine = res[3] == 0 and not is_err(res[1])
             and (cnt == null or (type(cnt) == "string" and #cnt < 16
@@ -1497,6 +1522,17 @@ local function fast_slice(self, batch)
             end
             tx[#tx + 1] = sorder[j]
         end
+        if fine and #names_sets > 0 then
+            -- the sets of names held or shared: sets or none, or the scripts take the slice
+            -- (an SADD refused inside EXEC would leave the name's field at '' alone)
+            local types = {}
+            for j = 1, #names_sets do types[j] = { "TYPE", names_sets[j][2] } end
+            local tr, err, c = fast_trip(t, types, session)
+            if not tr then return nil, err, c end
+            for j = 1, #types do
+                if tr[j] ~= "set" and tr[j] ~= "none" then fine = false end
+            end
+        end
         if not fine then
             local done, err, c = fast_trip(t, { { "UNWATCH" } }, session)
             if not done then return nil, err, c end
@@ -1555,7 +1591,11 @@ function _M:put_many(items, opts)
     local t = self.transport
     local ahead = t.send_ahead ~= nil and not overwrite and (self.wait_replicas or 0) <= 0
     local slice = ahead and math_min(chunk, AHEAD_ITEMS) or chunk
-    local fast_path = ahead and not self.cluster and fast_ok(t)
+    -- (not on put_many_later's writer: its replies are read in the order its calls were
+    -- made, one send and one receive per slice, which a transaction's two round trips
+    -- would break; nor once Redis refused WATCH, e.g. to an ACL user without it)
+    local fast_path = ahead and not self.cluster and fast_ok(t) and not t.no_transaction
+        and not self.no_transaction
     local flight = {}   -- slices sent, replies not read yet (oldest first)
 
     -- a malformed item fails the whole call before anything is written (each slice is
@@ -1646,7 +1686,7 @@ function _M:put_many(items, opts)
     local function fast_write(batch, last, chunk_end)
         local r = land(0)
         if r then return true, r end
-        local ok, err, code = fast_slice(self, batch)
+        local ok, err, code = fast_slice(self, t, batch)
         if ok == nil then
             return true, { nil, string_format("%s: connection lost after %d of %d keys were confirmed "
                                               .. "stored (%d skipped as existing): %s", fn, stored, total,
@@ -1776,6 +1816,7 @@ function _M:put_many_later(items)
         w = t:twin()
         -- put_many yields just before it sends and before it reads replies
         w.before_send, w.before_receive = coroutine_yield, coroutine_yield
+        w.no_transaction = true
         self.writer, self.later = w, {}
     end
     local open = self.later
