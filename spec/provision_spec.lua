@@ -193,23 +193,23 @@ describe("provision", function()
             if type(v) == "function" then return function(_, ...) return v(hsm, ...) end end
             return v
         end })
-        local seen = {}
-        local r = assert(provision.run { hsm = plain, store = store, template = TEMPLATE, count = 95,
-            batch = 40, piece = 15, name_format = "pc%03d",
-            on_progress = function(done, total, rep)
-                seen[#seen + 1] = done .. "/" .. total .. ":" .. rep.stored
-            end })
+        -- a run; seen: per batch "done/total:<report[field]>"
+        local function run(field)
+            local seen = {}
+            local r = assert(provision.run { hsm = plain, store = store, template = TEMPLATE,
+                count = 95, batch = 40, piece = 15, name_format = "pc%03d",
+                on_progress = function(done, total, rep)
+                    seen[#seen + 1] = done .. "/" .. total .. ":" .. rep[field]
+                end })
+            return r, seen
+        end
+        local r, seen = run("stored")
         assert.are.equal(95, r.generated)
         assert.are.equal(95, r.stored)
         assert.are.same({ "40/95:40", "80/95:80", "95/95:95" }, seen)
         assert.are.equal(95, store:count())
         -- a re-run: the stored ids count as skipped once their batch is done
-        seen = {}
-        r = assert(provision.run { hsm = plain, store = store, template = TEMPLATE, count = 95,
-            batch = 40, piece = 15, name_format = "pc%03d",
-            on_progress = function(done, total, rep)
-                seen[#seen + 1] = done .. "/" .. total .. ":" .. rep.skipped
-            end })
+        r, seen = run("skipped")
         assert.are.equal(0, r.generated)
         assert.are.equal(95, r.skipped)
         assert.are.same({ "40/95:40", "80/95:80", "95/95:95" }, seen)
