@@ -1124,6 +1124,28 @@ describe("redis store", function()
         s:close()
     end)
 
+    it("an ACL user without WATCH: the first slice finds out, every slice goes to the scripts",
+       function()
+        local P = fresh_prefix()
+        local user, pw = "nowatch-" .. RUN, "pw-" .. RUN
+        -- the commands of the scripts alone (an older softcxi's list)
+        cmd(c, { "ACL", "SETUSER", user, "reset", "on", ">" .. pw, "~" .. P .. "*",
+                 "+get", "+mget", "+exists", "+set", "+del", "+eval", "+evalsha", "+scan", "+sscan",
+                 "+sismember", "+sadd", "+srem", "+scard", "+spop", "+hget", "+hset", "+hsetnx",
+                 "+hdel", "+incr", "+decr", "+wait", "+select", "+ping" })
+        finally(function() c:command { "ACL", "DELUSER", user } end)
+        local s = open(with_prefix(string.format("redis://%s:%s@127.0.0.1:%d/0", user, pw, MAIN.port), P))
+        local many = make_blobs(1200, "nw" .. RUN, "gnw")
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        assert.are.equal(1200, s:put_many(items_of(many)))
+        local stats = cmd(c, { "INFO", "commandstats" })
+        assert.are.equal("1", stats:match("cmdstat_watch:[^\r\n]*rejected_calls=(%d+)"))
+        assert.is_nil(stats:match("cmdstat_exec:"))
+        assert.are.equal(1200, s:count())
+        assert.are.equal(1200, #index_members(c, s, P, "group", "gnw"))
+        s:close()
+    end)
+
     it("a name set of another type, for a name another id holds: the scripts write the slice "
         .. "and the name stays found", function()
         local P = fresh_prefix()

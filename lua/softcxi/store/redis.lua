@@ -1743,7 +1743,7 @@ function _M:put_many(items, opts)
                 for j = 1, #batch do cur[j] = res[j] end
             end
 
-            local fast = fast_path
+            local fast = fast_path and not self.no_transaction
             for j, e in ipairs(batch) do
                 local old = e.old
                 if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
