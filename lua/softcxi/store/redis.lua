@@ -891,6 +891,11 @@ function _M:blob_key(id)
     return self.P .. self.tags[self:bucket(id)] .. "k:" .. id
 end
 
+-- The key of the index set of field:v in the bucket whose keys start with base.
+local function set_key(base, field, v)
+    return base .. "idx:" .. field .. ":" .. attr_str(v)
+end
+
 -- Append info's index set keys (not the name's) to argv from position n + 1; returns the
 -- new n.
 local function index_keys(argv, n, base, info)
@@ -899,7 +904,7 @@ local function index_keys(argv, n, base, info)
         local v = info[f]
         if v ~= nil then
             n = n + 1
-            argv[n] = base .. "idx:" .. f .. ":" .. attr_str(v)
+            argv[n] = set_key(base, f, v)
         end
     end
     return n
@@ -964,9 +969,9 @@ end
 -- The shared index sets (specifier, group, algo: those present) of a fresh item.
 local function shared_sets(base, spec, grp, algo)
     local sets = {}
-    if spec ~= nil then sets[#sets + 1] = base .. "idx:specifier:" .. attr_str(spec) end
-    if grp ~= nil then sets[#sets + 1] = base .. "idx:group:" .. attr_str(grp) end
-    if algo ~= nil then sets[#sets + 1] = base .. "idx:algo:" .. attr_str(algo) end
+    if spec ~= nil then sets[#sets + 1] = set_key(base, "specifier", spec) end
+    if grp ~= nil then sets[#sets + 1] = set_key(base, "group", grp) end
+    if algo ~= nil then sets[#sets + 1] = set_key(base, "algo", algo) end
     return sets
 end
 
@@ -1386,7 +1391,7 @@ end
 -- code (the connection failed: nothing or all of the slice was written).
 -- The SADD of index set field:v, new in fast_slice's table by (and in order).
 local function new_sadd(by, order, base, field, v)
-    local st = { "SADD", base .. "idx:" .. field .. ":" .. attr_str(v) }
+    local st = { "SADD", set_key(base, field, v) }
     by[v] = st
     order[#order + 1] = st
     return st
