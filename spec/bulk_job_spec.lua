@@ -120,7 +120,6 @@ describe("bulk_generate_start", function()
             function() return hsm:sign(blob, "ecdsa-sha256", "m") end,
             function() return hsm:key_generate(softcxi.FLAG_EXTERNAL, { algo = "ec" }) end,
             function() return hsm:bulk_generate(softcxi.FLAG_EXTERNAL, EC, 2) end,
-            function() return hsm:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 2) end,
             function() return hsm:key_info(blob) end,
             function() return hsm:device_info() end,
             function() return hsm:logoff() end,
@@ -137,6 +136,49 @@ describe("bulk_generate_start", function()
         assert.are.equal(200, #blobs)
         assert(hsm:sign(blob, "ecdsa-sha256", "m"))
         assert(hsm:sign(blobs[200], "ecdsa-sha256", "m"))
+    end)
+
+    it("up to four jobs run at once on a session, each delivering its own keys", function()
+        local blob = H.gen(hsm, { algo = "ec", name = "jobs-test" })
+        local jobs = {}
+        for k = 1, 4 do
+            jobs[k] = assert(hsm:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 50,
+                { name_format = "job" .. k .. "-%d" }))
+        end
+        -- a fifth raises, naming the limit; nothing else runs meanwhile
+        assert.has_error(function() hsm:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 2) end,
+            "softcxi: the session is busy: 4 bulk_generate_start jobs run on it "
+            .. "(job:wait() or job:cancel() one first)")
+        -- collected in any order; one cancelled; the session is busy until the last is over
+        jobs[2]:cancel()
+        local b3 = assert(jobs[3]:wait())
+        local b1 = assert(jobs[1]:wait())
+        local ok, err = pcall(hsm.sign, hsm, blob, "ecdsa-sha256", "m")
+        assert.is_false(ok)
+        assert.matches("session is busy", tostring(err), 1, true)
+        -- a slot is free again: a new job starts beside the one still running
+        local j5 = assert(hsm:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 10, { name_format = "job5-%d" }))
+        local b4 = assert(jobs[4]:wait())
+        local b5 = assert(j5:wait())
+        assert.are.equal(50, #b1)
+        assert.are.equal(50, #b3)
+        assert.are.equal(50, #b4)
+        assert.are.equal(10, #b5)
+        assert.are.equal("job1-50", softcxi.key_info(b1[50]).name)
+        assert.are.equal("job3-1", softcxi.key_info(b3[1]).name)
+        assert.are.equal("job4-50", softcxi.key_info(b4[50]).name)
+        assert.are.equal("job5-10", softcxi.key_info(b5[10]).name)
+        assert.are_not.equal(softcxi.key_info(b1[1]).public_key, softcxi.key_info(b3[1]).public_key)
+        assert(hsm:sign(blob, "ecdsa-sha256", "m"))
+        assert(hsm:sign(b3[50], "ecdsa-sha256", "m"))
+
+        -- a session closed with two jobs running: both still deliver
+        local h = H.open(dev)
+        local ja = assert(h:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 200, { name_format = "a-%d" }))
+        local jb = assert(h:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 200, { name_format = "b-%d" }))
+        h:close()
+        assert.are.equal("b-200", softcxi.key_info(assert(jb:wait())[200]).name)
+        assert.are.equal("a-200", softcxi.key_info(assert(ja:wait())[200]).name)
     end)
 
     it("a running job that Lua drops is stopped and joined by the collector", function()

@@ -146,6 +146,9 @@ describe("provision", function()
 
     it("a store that fails to read the next batch: the batch before is still stored", function()
         local real = new_store()
+        -- keys 1-30 there already: the store is asked about batches 1, 2 and 3
+        assert(provision.run { hsm = hsm, store = real, template = TEMPLATE, count = 30,
+            name_format = "rd%03d" })
         local reads = 0
         local st = wrap(real, { get_many = function(_, ids)
             reads = reads + 1
@@ -157,9 +160,45 @@ describe("provision", function()
         assert.is_nil(r)
         assert.are.equal("ETIMEOUT", code)
         assert.matches("reading batch at key 41", msg, 1, true)
-        assert.are.equal(40, partial.stored)
+        assert.are.equal(10, partial.stored)
+        assert.are.equal(30, partial.skipped)
         assert.are.equal(40, real:count())
         assert(hsm:device_info())
+        real:close()
+    end)
+
+    it("asks the store which ids it has until a batch finds none, and again after a skip", function()
+        local real = new_store()
+        -- keys 1-25 and 61-70 there already (another writer, or an earlier run with holes)
+        assert(provision.run { hsm = hsm, store = real, template = TEMPLATE, count = 25,
+            name_format = "ask%03d" })
+        assert(provision.run { hsm = hsm, store = real, template = TEMPLATE, count = 10, start = 61,
+            name_format = "ask%03d" })
+        local asked, skips = {}, {}
+        local st = wrap(real, {
+            get_many = function(_, ids)
+                asked[#asked + 1] = ids[1]
+                return real:get_many(ids)
+            end,
+            put_many = function(_, items, o)
+                local n, skipped, c, d = real:put_many(items, o)
+                if n and skipped > 0 then skips[#skips + 1] = items[1].id .. ":" .. skipped end
+                return n, skipped, c, d
+            end,
+        })
+        local r = assert(provision.run { hsm = hsm, store = st, template = TEMPLATE, count = 160,
+            batch = 20, name_format = "ask%03d" })
+        -- batches 1 and 2 have stored ids; batch 3 none: batches 4, 5 and 6 are not asked
+        -- about; the write of batch 4 finds 61-70 (batch 6 was started with it, two jobs
+        -- running at once): batch 7 is asked about again, finds none, and batch 8 is not
+        assert.are.same({ "fleet/ask001", "fleet/ask021", "fleet/ask041", "fleet/ask121" }, asked)
+        assert.are.same({ "fleet/ask061:10" }, skips)
+        assert.are.equal(160, real:count())
+        assert.are.equal(125, r.stored)
+        assert.are.equal(35, r.skipped)
+        assert.are.equal(135, r.generated)   -- 61-70 made again, and dropped
+        for i = 1, 160 do assert.is_truthy(real:get(("fleet/ask%03d"):format(i)), i) end
+        assert.are.equal("ask061", softcxi.key_info(real:get("fleet/ask061")).name)
         real:close()
     end)
 

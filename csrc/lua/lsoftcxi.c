@@ -31,18 +31,26 @@
 
 struct ljob;
 
-/* busy: the bulk_generate_start job that runs on this session, until it is
- * waited for, cancelled or collected.  Every call but close raises
- * meanwhile.  The job and the session point at each other, and each clears
- * the other's pointer when it goes first (close, wait, cancel, __gc). */
+/* jobs: the bulk_generate_start jobs that run on this session (a list,
+ * oldest first), each until it is waited for, cancelled or collected.  Every
+ * call but close and another bulk_generate_start (up to SESSION_JOBS) raises
+ * meanwhile.  A job and its session point at each other, and each clears
+ * the other's pointers when it goes first (close, wait, cancel, __gc). */
 typedef struct lsession {
     softcxi_session *s;
-    struct ljob *busy;
+    struct ljob *jobs;
+    int njobs;
 } lsession;
+
+/* Jobs one session may run at once: two let a caller start the next batch
+ * before the one being made is done, so the worker threads never wait for
+ * the caller to collect (softcxi.provision); a few more cost nothing. */
+#define SESSION_JOBS 4
 
 typedef struct ljob {
     softcxi_bulk_job *job; /* NULL once waited for, cancelled or collected */
     lsession *owner;       /* the session it keeps busy, or NULL */
+    struct ljob *next;     /* the owner's next job */
     size_t count;
     int state;             /* JOB_RUNNING, JOB_WAITED, JOB_CANCELLED */
 } ljob;
@@ -83,10 +91,39 @@ static lsession *check_session(lua_State *L)
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
     if (!ls->s)
         luaL_error(L, "softcxi: the session is closed");
-    if (ls->busy)
+    if (ls->jobs)
         luaL_error(L, "softcxi: the session is busy: a bulk_generate_start job runs on it "
                       "(job:wait() or job:cancel() first)");
     return ls;
+}
+
+/* The session for another bulk_generate_start: it may run jobs, up to
+ * SESSION_JOBS. */
+static lsession *check_start_session(lua_State *L)
+{
+    lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
+    if (!ls->s)
+        luaL_error(L, "softcxi: the session is closed");
+    if (ls->njobs >= SESSION_JOBS)
+        luaL_error(L, "softcxi: the session is busy: %d bulk_generate_start jobs run on it "
+                      "(job:wait() or job:cancel() one first)", ls->njobs);
+    return ls;
+}
+
+/* The job off its session's list; the session is free once its list is empty. */
+static void job_release(struct ljob *j)
+{
+    lsession *ls = j->owner;
+    if (!ls)
+        return;
+    for (struct ljob **p = &ls->jobs; *p; p = &(*p)->next)
+        if (*p == j) {
+            *p = j->next;
+            ls->njobs--;
+            break;
+        }
+    j->owner = NULL;
+    j->next = NULL;
 }
 
 static const uint8_t *check_bytes(lua_State *L, int idx, size_t *len)
@@ -409,7 +446,8 @@ static int l_open(lua_State *L)
     /* The userdata first, so a raised error cannot strand the device. */
     lsession *ls = lua_newuserdata(L, sizeof *ls);
     ls->s = NULL;
-    ls->busy = NULL;
+    ls->jobs = NULL;
+    ls->njobs = 0;
     luaL_setmetatable(L, SESSION_MT);
     if (softcxi_device_open(&dev, &req, &err) != 0)
         return push_error(L, &err);
@@ -562,15 +600,13 @@ static int l_hash_compute(lua_State *L)
 
 /* ---- session methods --------------------------------------------------- */
 
-/* Closing a busy session is allowed: the job needs nothing of it (the core
+/* Closing a busy session is allowed: a job needs nothing of it (the core
  * job holds copies of all it uses) and still delivers its keys. */
 static int m_close(lua_State *L)
 {
     lsession *ls = luaL_checkudata(L, 1, SESSION_MT);
-    if (ls->busy) {
-        ls->busy->owner = NULL;
-        ls->busy = NULL;
-    }
+    while (ls->jobs)
+        job_release(ls->jobs);
     softcxi_session_free(ls->s);
     ls->s = NULL;
     return 0;
@@ -687,15 +723,12 @@ static int m_bulk_generate(lua_State *L)
 
 /* ---- bulk generation jobs ------------------------------------------------ */
 
-/* Stop (if running), join, free; the session is no longer busy. */
+/* Stop (if running), join, free; the job no longer keeps its session busy. */
 static void job_end(ljob *j, int state)
 {
     softcxi_bulk_job_free(j->job); /* joins the workers: they never call Lua */
     j->job = NULL;
-    if (j->owner) {
-        j->owner->busy = NULL;
-        j->owner = NULL;
-    }
+    job_release(j);
     if (j->state == JOB_RUNNING)
         j->state = state;
 }
@@ -705,7 +738,7 @@ static void job_end(ljob *j, int state)
  * C threads while Lua goes on, and job:wait() collects them. */
 static int m_bulk_generate_start(lua_State *L)
 {
-    lsession *ls = check_session(L);
+    lsession *ls = check_start_session(L);
     bulk_args a;
     if (check_bulk_args(L, "bulk_generate_start", &a) != 0)
         return 3;
@@ -713,6 +746,7 @@ static int m_bulk_generate_start(lua_State *L)
     ljob *j = lua_newuserdata(L, sizeof *j);
     j->job = NULL;
     j->owner = NULL;
+    j->next = NULL;
     j->count = a.count;
     j->state = JOB_RUNNING;
     luaL_setmetatable(L, JOB_MT);
@@ -723,8 +757,12 @@ static int m_bulk_generate_start(lua_State *L)
         return session_error(L, ls);
     }
     j->job = job;
-    j->owner = ls;
-    ls->busy = j;
+    j->owner = ls; /* last on the session's list */
+    ljob **p = &ls->jobs;
+    while (*p)
+        p = &(*p)->next;
+    *p = j;
+    ls->njobs++;
     return 1;
 }
 
@@ -745,10 +783,7 @@ static int j_wait(lua_State *L)
     softcxi_error err = {0, ""};
     int rc = softcxi_bulk_job_wait(j->job, &blobs, &err);
     j->state = JOB_WAITED;
-    if (j->owner) { /* the session is free again, whatever comes next */
-        j->owner->busy = NULL;
-        j->owner = NULL;
-    }
+    job_release(j); /* off the session's list, whatever comes next */
     if (rc != 0) {
         job_end(j, JOB_WAITED);
         return push_error(L, &err);
@@ -1071,10 +1106,15 @@ static int m_hash_compute(lua_State *L)
     return l_hash_compute(L);
 }
 
-/* Raises if the session is closed; the facade calls it on its own paths. */
+/* Raises if the session is closed or busy; the facade calls it on its own
+ * paths.  _check(s, "bulk_generate_start") raises as that call would: only
+ * when the session runs SESSION_JOBS jobs already. */
 static int m_check(lua_State *L)
 {
-    check_session(L);
+    if (lua_isstring(L, 2) && strcmp(lua_tostring(L, 2), "bulk_generate_start") == 0)
+        check_start_session(L);
+    else
+        check_session(L);
     return 0;
 }
 

@@ -578,7 +578,7 @@ function _M._attach(softcxi, methods)
             if not pol or not pol.has.on_generate or type(template) ~= "table" then
                 return orig(self, flags, template, a, b, ...)
             end
-            c_check(self)
+            c_check(self, op) -- bulk_generate_start: beside the session's running jobs
             local ctx = { op = op, flags = flags, count = 1 }
             if op == "bulk_generate" or op == "bulk_generate_start" then
                 ctx.count, ctx.names = a, names_of(a, b)

@@ -8,22 +8,24 @@
 --       name_format = "dev-%07d",                 -- key i is named name_format:format(start + i - 1)
 --       on_progress = function(done, total, r) ... end,
 --   })
---   -- r.generated, r.stored, r.skipped (already in the store), r.batches
+--   -- r.generated, r.stored, r.skipped (already in the store), r.batches; r.generated
+--   -- may exceed r.stored + failures when ids were stored meanwhile by another writer
 --   -- opts.batch: keys per generation job and existence check (default 1000, or the
 --   -- store's preferred_batch); opts.piece: keys per put_many call (default the store's
 --   -- preferred_piece, else the batch)
 --
 -- Memory stays flat: at most four batches (default 1000 keys each; a Redis
--- Cluster store's chunk, 16,384 with 256 buckets) are alive: two generated
--- and waiting for the store, one being generated, and the next one's ids.
--- A run is resumable: ids already in the store are neither generated nor
--- written again, so re-running after a failure completes the rest with no
--- duplicates and none missing.  Keys are generated on C threads
--- (hsm:bulk_generate_start) while this thread checks the store and writes
--- the batches before with put_many (pipelined for Redis, group-committed
--- for files): generation and storage overlap.  hsm is busy while a batch is
--- being generated (its other calls raise); run returns, or raises, only
--- after the last job has been collected or cancelled.
+-- Cluster store's chunk, 16,384 with 256 buckets) are alive: two being
+-- generated and two waiting for the store.  A run is resumable: an id
+-- already in the store is never written again, and a re-run after a failure
+-- generates only the keys missing (the store is asked which ids it has, per
+-- batch, until a batch finds none).  Keys are generated on C threads
+-- (hsm:bulk_generate_start, two batches at a time) while this thread checks
+-- the store and writes the batches before with put_many (pipelined for
+-- Redis, group-committed for files): generation and storage overlap.  hsm
+-- is busy while a batch is being generated (its other calls raise); run
+-- returns, or raises, only after the last job has been collected or
+-- cancelled.
 
 local softcxi = require "softcxi"
 
@@ -33,6 +35,9 @@ local math_min = math.min
 local table_remove = table.remove
 
 local _M = { _VERSION = softcxi._VERSION }
+
+-- Batches generated at once: two jobs on the session (docs/api.md, bulk_generate_start).
+local GEN_AHEAD = 2
 
 local RUN_OPTS = {
     hsm = true, store = true, template = true, count = true, name_format = true, start = true,
@@ -83,37 +88,48 @@ function _M.run(opts)
 
     local id_pre, id_post = id_parts(template)
     local report = { generated = 0, stored = 0, skipped = 0, batches = 0, total = count }
-    local running -- the job generating a batch, until collected or cancelled
+    local gens = {} -- batches being generated, oldest first (b.job: the job, until collected)
 
-    -- Batch at key first+1: its names and ids, and which ids the store lacks.
+    -- Which ids are already stored is asked per batch while the answers find some, and
+    -- no longer after a batch of which none was stored (the new part of the store:
+    -- asking costs a read per key that finds nothing).  A write that finds an id stored
+    -- meanwhile (put_many's skip_existing) turns the asking back on.  So a re-run after a
+    -- failure generates only what is missing, and an id is never written twice.
+    local checking = true
+
+    -- Batch at key first+1: its names and ids, and (when checking) which ids the store lacks.
     local function prepare(first)
         local n = math_min(batch, count - first)
-        local b = { first = first, n = n, names = {}, ids = {} }
-        local names, ids, at = b.names, b.ids, start + first - 1
+        local b = { first = first, n = n }
+        local names, ids, at = {}, {}, start + first - 1
         for i = 1, n do
             local name = string_format(fmt, at + i)
             names[i], ids[i] = name, id_pre .. name .. id_post
         end
+        if not checking then
+            b.missing_names, b.missing_ids = names, ids
+            return b
+        end
         -- exists_many where the store has it (Redis: one EXISTS per bucket), else get_many
         local have, err, code
         if store.exists_many then
-            have, err, code = store:exists_many(b.ids)
+            have, err, code = store:exists_many(ids)
         else
-            have, err, code = store:get_many(b.ids)
+            have, err, code = store:get_many(ids)
         end
         if not have then
             b.err = "provision.run: reading batch at key " .. (first + 1) .. ": " .. tostring(err)
             b.code = code
             return b
         end
-        b.missing_names, b.missing_ids = {}, {}
+        local mn, mi = {}, {}
         for i = 1, n do
-            if have[b.ids[i]] == nil then
-                b.missing_names[#b.missing_names + 1] = b.names[i]
-                b.missing_ids[#b.missing_ids + 1] = b.ids[i]
+            if have[ids[i]] == nil then
+                mn[#mn + 1], mi[#mi + 1] = names[i], ids[i]
             end
         end
-        b.names, b.ids = nil, nil
+        if #mn == n then checking = false end
+        b.missing_names, b.missing_ids = mn, mi
         return b
     end
 
@@ -125,54 +141,59 @@ function _M.run(opts)
             return false, "provision.run: generating batch at key " .. (b.first + 1) .. ": "
                 .. tostring(err), code
         end
-        running = job
+        b.job = job
         return true
     end
 
     -- Storage runs in pieces (a store's preferred_piece: the Redis store's 250 keys, else a
-    -- whole batch), and between pieces this thread looks whether the batch being generated
-    -- is done: it is collected and the next one started at once, so that the generator
-    -- threads do not wait for the store to finish a batch.  At most two generated batches
-    -- wait for the store (memory stays flat); the next batch's existence check runs while a
-    -- batch is generated.
+    -- whole batch).  GEN_AHEAD batches are generated at once (the session runs a job for
+    -- each): when the older one is done, the workers of the next are already at work, so
+    -- they never wait for this thread to collect.  Between pieces this thread looks
+    -- whether the oldest job is done, collects it and starts the next batch.  At most two
+    -- generated batches wait for the store (memory stays flat).
     local piece = opts.piece or math_min(store.preferred_piece or batch, batch)
     need(type(piece) == "number" and piece >= 1 and piece % 1 == 0, "piece must be a positive integer")
 
     local function body()
         if count == 0 then return report end
-        local gen                       -- the batch being generated (running is its job)
-        local nxt = prepare(0)          -- the next batch to generate, existence checked
         local queue = {}                -- generated batches, oldest first, being stored
+        local first = 0                 -- the first key of the next batch to start
         -- A batch that cannot be checked, started or generated ends the run, once the
         -- batches generated before it are stored: deferred holds its error until then.
         local deferred
-        local function advance()
-            -- start generating nxt, then check the one after it
-            if nxt.err then
-                deferred, nxt = { nxt.err, nxt.code }, nil
-                return
+        local function fill()
+            -- check and start batches until GEN_AHEAD are being generated
+            while not deferred and #gens < GEN_AHEAD and first < count do
+                local b = prepare(first)
+                first = first + b.n
+                if b.err then
+                    deferred = { b.err, b.code }
+                    return
+                end
+                local ok, err, code = start_batch(b)
+                if not ok then
+                    deferred = { err, code }
+                    return
+                end
+                gens[#gens + 1] = b
             end
-            local ok, err, code = start_batch(nxt)
-            if not ok then
-                deferred, nxt = { err, code }, nil
-                return
-            end
-            gen = nxt
-            local first = nxt.first + nxt.n
-            nxt = first < count and prepare(first) or nil
         end
         local function collect()
-            -- take the generated batch into the queue
-            local b = gen
-            gen = nil
+            -- take the oldest generated batch into the queue
+            local b = table_remove(gens, 1)
             b.pos = 1
-            if running then
-                local job = running
+            local job = b.job
+            if job then
+                b.job = nil
                 local blobs, err, code = job:wait()
-                running = nil
                 if not blobs then
-                    deferred, nxt = { "provision.run: generating batch at key " .. (b.first + 1) .. ": "
-                        .. tostring(err), code }, nil
+                    -- the batches after it are not stored: no hole is left behind
+                    for i = #gens, 1, -1 do
+                        if gens[i].job then gens[i].job:cancel() end
+                        gens[i] = nil
+                    end
+                    deferred = { "provision.run: generating batch at key " .. (b.first + 1) .. ": "
+                        .. tostring(err), code }
                     return
                 end
                 report.generated = report.generated + #blobs
@@ -187,11 +208,12 @@ function _M.run(opts)
             b.items, b.blobs = items, nil
             return items
         end
-        advance()
-        while gen or queue[1] do
-            if gen and (not queue[1] or (#queue < 2 and (not running or running:ready()))) then
+        fill()
+        while gens[1] or queue[1] do
+            local g = gens[1]
+            if g and (not queue[1] or (#queue < 2 and (not g.job or g.job:ready()))) then
                 collect()
-                if nxt then advance() end
+                fill()
             end
             local b = queue[1]
             if b then
@@ -203,7 +225,7 @@ function _M.run(opts)
                         part = {}
                         for i = b.pos, last do part[#part + 1] = items[i] end
                     end
-                    -- skip_existing: another writer may have stored an id meanwhile
+                    -- skip_existing: an id stored meanwhile, or not asked about, is left alone
                     local stored, skipped_or_err, c, confirmed =
                         store:put_many(part, { skip_existing = true })
                     if not stored then
@@ -213,7 +235,10 @@ function _M.run(opts)
                             .. "stored in all; run again to complete)", c, report
                     end
                     report.stored = report.stored + stored
-                    report.skipped = report.skipped + (skipped_or_err or 0)
+                    if (skipped_or_err or 0) > 0 then
+                        report.skipped = report.skipped + skipped_or_err
+                        checking = true
+                    end
                     b.pos = last + 1
                 end
                 if b.pos > #items then
@@ -232,9 +257,9 @@ function _M.run(opts)
     -- Whatever way body ends (a return, an error, a raise from the store or
     -- on_progress), no job is left running on hsm.
     local r = { pcall(body) }
-    if running then
-        running:cancel()
-        running = nil
+    for i = #gens, 1, -1 do
+        if gens[i].job then gens[i].job:cancel() end
+        gens[i] = nil
     end
     if not r[1] then error(r[2], 0) end
     return r[2], r[3], r[4], r[5]
