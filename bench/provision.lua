@@ -5,6 +5,7 @@
 -- MBK rotation (softcxi.rewrap, compare-and-set).
 --
 --   lua5.4 bench/provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--piece N] [--no-rewrap]
+--                                        [--floor] [--before PROVISION_LUA]
 --
 -- The machine is shared and noisy, so generation alone and provisioning alternate: R rounds
 -- (default 5) of COUNT/R keys each, generation first, then provisioning; the ratio is the
@@ -12,6 +13,11 @@
 -- round.  The issue's target is provision time <= 1.3 x generation time.  Wall clock
 -- (softcxi.sys.monotonic): the generators run on several threads.  The client's resident
 -- memory is printed every 10% of the provisioning to show it stays flat.
+--
+-- --floor (redis:// only) adds, in every round, a run of the same provisioning into a
+-- writer that keeps blobs only: one MSET per piece on the store's own connection, no
+-- check, no existence test, no index.  Its ratio is what any Redis store costs on this
+-- machine before it indexes anything (docs/scaling.md).
 --
 -- Output: "provision <case> <value> ..." lines.
 
@@ -21,7 +27,7 @@ local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
 local rewrap = require "softcxi.rewrap"
 
-local args, rounds, do_rewrap, before_file, piece = {}, 5, true, nil, nil
+local args, rounds, do_rewrap, before_file, piece, floor = {}, 5, true, nil, nil, false
 do
     local i = 1
     while i <= #arg do
@@ -33,6 +39,8 @@ do
             i = i + 1
         elseif arg[i] == "--no-rewrap" then
             do_rewrap = false
+        elseif arg[i] == "--floor" then
+            floor = true
         elseif arg[i] == "--before" then
             before_file = assert(arg[i + 1], "--before FILE")
             i = i + 1
@@ -110,12 +118,34 @@ local marks, done_total = {}, 0
 local old = before_file and assert(loadfile(before_file))()
 local old_s, old_cpu, old_srv, old_lo, old_hi = 0, 0, 0, math.huge, 0
 
+-- --floor: blobs only, as MSET on the store's connection (its own keys: "<prefix>floor:")
+local floor_store
+if floor then
+    local t = store.transport
+    assert(t and t.send_ahead and store.P, "--floor needs a redis:// store")
+    local kbase = store.P .. "floor:"
+    floor_store = { preferred_piece = store.preferred_piece }
+    function floor_store.exists_many() return {} end
+    function floor_store.put_many(_, items)
+        local mset = { "MSET" }
+        for i = 1, #items do
+            local it = items[i]
+            mset[2 * i], mset[2 * i + 1] = kbase .. it.id, it.blob
+        end
+        local ok, err = t:send_ahead({ mset })
+        local res = t:receive(1)
+        if not ok or res[1] ~= "OK" then return nil, tostring(err or res[1]), "EIO", 0 end
+        return #items, 0
+    end
+end
+local floor_s, floor_cpu, floor_srv = 0, 0, 0
+
 local new_done = 0 -- keys provisioned by this version, for the RSS marks
-local function provision_round(mod, track)
+local function provision_round(mod, track, into)
     local c0, s0, t0, m0 = os.clock(), server_cpu(), T(), thread_cpu()
     local base, mark_base = done_total, new_done
     assert(mod.run {
-        hsm = hsm, store = store, template = template, count = per_round, batch = batch, piece = piece,
+        hsm = hsm, store = into or store, template = template, count = per_round, batch = batch, piece = piece,
         start = base + 1, name_format = stamp .. "%08d",
         on_progress = track and function(done)
             local before, now = mark_base + done - batch, mark_base + done
@@ -148,6 +178,10 @@ for r = 1, rounds do
     if old and r % 2 == 0 then o, oc, os_ = provision_round(old, false) end
     p, pc, ps = provision_round(provision, true)
     if old and r % 2 == 1 then o, oc, os_ = provision_round(old, false) end
+    if floor then
+        local f, fc, fs = provision_round(provision, false, floor_store)
+        floor_s, floor_cpu, floor_srv = floor_s + f, floor_cpu + fc, floor_srv + fs
+    end
     prov_cpu, prov_srv = prov_cpu + pc, prov_srv + ps
     gen_s, prov_s = gen_s + g, prov_s + p
     lo, hi = math.min(lo, p / g), math.max(hi, p / g)
@@ -170,6 +204,26 @@ if old then
     print(("provision before_cpu_per_key into_store %.1f us (this process), " .. srv_fmt)
         :format(old_cpu / count * 1e6, old_srv / count * 1e6))
     print(("provision after/before time %.2f"):format(prov_s / old_s))
+end
+if floor then
+    print(("provision floor_ratio %.2f (blobs only: one MSET per piece, no check, no index; "
+        .. "the same rounds)"):format(floor_s / gen_s))
+    print(("provision floor_cpu_per_key %.1f us (this process), " .. srv_fmt)
+        :format(floor_cpu / count * 1e6, floor_srv / count * 1e6))
+end
+if floor then
+    -- the floor's keys go, so that the memory per key printed after this is the store's
+    local t, cursor = store.transport, "0"
+    repeat
+        local res = t:pipeline({ { "SCAN", cursor, "MATCH", store.P .. "floor:*", "COUNT", 1000 } })
+        local page = assert(type(res[1]) == "table" and res[1], "SCAN of the floor's keys failed")
+        cursor = page[1]
+        if #page[2] > 0 then
+            local del = { "UNLINK" }
+            for i = 1, #page[2] do del[i + 1] = page[2][i] end
+            t:pipeline({ del })
+        end
+    until cursor == "0"
 end
 print("provision rss " .. table.concat(marks, " "))
 local n_stored = store:count()

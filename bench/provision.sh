@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # [LUA=luajit] bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--piece N] [--no-rewrap]
-# [--before PROVISION_LUA]:
+# [--floor] [--before PROVISION_LUA]:
 # provisioning P-256 keys into a local Redis (started here on a free loopback port, stopped
 # by PID) and into the file store, against generation alone; prints keys/s, the ratio, the client's RSS along the
 # way, the store's own put_many/get_many rates, the rewrap rate, and Redis's memory per key.
@@ -20,6 +20,7 @@ while [ $# -gt 0 ]; do
     --before) extra+=(--before "$2"); shift ;;
     --piece) extra+=(--piece "$2"); shift ;;
     --no-rewrap) extra+=(--no-rewrap) ;;
+    --floor) extra+=(--floor) ;;
     *) pos+=("$1") ;;
     esac
     shift
@@ -50,5 +51,7 @@ echo "redis used_memory $((mem1 - mem0)) bytes for $keys blobs: $(( (mem1 - mem0
      "(blob, its index entries, the keyspace; $(redis-cli -p "$port" dbsize) Redis keys)"
 if [ "$file" = 1 ]; then
     echo "== file store ($tmp/store), $((count / 10)) keys"
-    "$lua" "$repo/bench/provision.lua" "file:$tmp/store" "$((count / 10))" "$batch" --no-rewrap "${extra[@]}"
+    fx=()
+    for x in "${extra[@]}"; do [ "$x" = --floor ] || fx+=("$x"); done
+    "$lua" "$repo/bench/provision.lua" "file:$tmp/store" "$((count / 10))" "$batch" --no-rewrap ${fx[@]+"${fx[@]}"}
 fi

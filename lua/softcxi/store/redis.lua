@@ -1622,11 +1622,13 @@ function _M:put_many(items, opts)
         if not fail_msg then fail_msg, fail_code = string_format("'%s' %s", id, msg), code end
     end
 
-    -- Count the replies of one slice (sent as cmds, carrying members[c] of batch); then,
-    -- at the end of a chunk, WAIT and on_chunk.  nil, or the error to return.
+    -- Count the replies of one slice (sent as cmds, carrying members[c] of batch; or
+    -- sl.all: every item of it written); then, at the end of a chunk, WAIT and on_chunk.
+    -- nil, or the error to return.
     local function settle(sl, res, err, code)
         local batch, members = sl.batch, sl.members
-        for c = 1, #sl.cmds do
+        if sl.all then stored = stored + sl.all end
+        for c = 1, sl.all and 0 or #sl.cmds do
             local rc = res[c]
             local each = type(rc) == "table" and not is_err(rc)   -- a result per item
             local mc = members[c]
@@ -1698,14 +1700,13 @@ function _M:put_many(items, opts)
                                               skipped, err), code, stored }
         end
         if not ok then return false end
-        local idx, rc = {}, ok
         if ok == true then
-            rc = {}
-            for j = 1, #batch do rc[j] = 1 end
+            return true, settle({ all = #batch, last = last, chunk_end = chunk_end })
         end
+        local idx = {}   -- a command refused: the error for every item
         for j = 1, #batch do idx[j] = j end
         return true, settle({ batch = batch, cmds = { true }, members = { idx }, last = last,
-                              chunk_end = chunk_end }, { rc })
+                              chunk_end = chunk_end }, { ok })
     end
 
     for cfirst = 1, total, chunk do
