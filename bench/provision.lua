@@ -5,7 +5,7 @@
 -- MBK rotation (softcxi.rewrap, compare-and-set).
 --
 --   lua5.4 bench/provision.lua STORE_URL [COUNT [BATCH]] [--rounds R] [--piece N] [--no-rewrap]
---                                        [--floor] [--before PROVISION_LUA]
+--                                        [--floor] [--log-index] [--before PROVISION_LUA]
 --
 -- The machine is shared and noisy, so generation alone and provisioning alternate: R rounds
 -- (default 5) of COUNT/R keys each, generation first, then provisioning; the ratio is the
@@ -19,6 +19,14 @@
 -- check, no existence test, no index.  Its ratio is what any Redis store costs on this
 -- machine before it indexes anything (docs/scaling.md).
 --
+-- --log-index (redis:// only) adds, likewise, a prototype of an index the Redis store does
+-- not have: every index entry appended to a string (docs/scaling.md, "An index as
+-- append-only strings").  Per piece, in one round trip: each blob checked (key_attrs, as
+-- the store checks), one APPEND of the piece's name\0id entries per name bucket touched
+-- (4,096 buckets; LOG_INDEX_BUCKETS), one APPEND of its ids to the group's and to the algo's log, MSETNX of
+-- the blobs, INCRBY of a counter.  Not a store: nothing reads these logs, and a refused
+-- MSETNX only fails the bench.
+--
 -- Output: "provision <case> <value> ..." lines.
 
 local softcxi = require "softcxi"
@@ -27,7 +35,7 @@ local provision = require "softcxi.provision"
 local keystore = require "softcxi.store"
 local rewrap = require "softcxi.rewrap"
 
-local args, rounds, do_rewrap, before_file, piece, floor = {}, 5, true, nil, nil, false
+local args, rounds, do_rewrap, before_file, piece, floor, log_index = {}, 5, true, nil, nil, false, false
 do
     local i = 1
     while i <= #arg do
@@ -41,6 +49,8 @@ do
             do_rewrap = false
         elseif arg[i] == "--floor" then
             floor = true
+        elseif arg[i] == "--log-index" then
+            log_index = true
         elseif arg[i] == "--before" then
             before_file = assert(arg[i + 1], "--before FILE")
             i = i + 1
@@ -140,6 +150,68 @@ if floor then
 end
 local floor_s, floor_cpu, floor_srv = 0, 0, 0
 
+-- --log-index: the prototype (keys under "<prefix>logix:")
+local log_store
+local log_written = 0 -- keys the prototype wrote: its log segment is log_written / 65536
+if log_index then
+    local t = store.transport
+    assert(t and t.send_ahead and store.P, "--log-index needs a redis:// store")
+    local key_attrs = require("softcxi.core").key_attrs
+    local base = store.P .. "logix:"
+    local kbase, NAME_BUCKETS = base .. "k:", tonumber(os.getenv("LOG_INDEX_BUCKETS") or "") or 4096
+    log_store = { preferred_piece = store.preferred_piece }
+    function log_store.exists_many() return {} end
+    function log_store.put_many(_, items)
+        local mset, names, order, groups, algos = { "MSETNX" }, {}, {}, {}, {}
+        for i = 1, #items do
+            local it = items[i]
+            local info = assert(key_attrs(it.blob))
+            mset[2 * i], mset[2 * i + 1] = kbase .. it.id, it.blob
+            local b = info.name_h31 % NAME_BUCKETS
+            local nb = names[b]
+            if not nb then
+                nb = {}
+                names[b] = nb
+                order[#order + 1] = b
+            end
+            nb[#nb + 1] = info.name .. "\0" .. it.id .. "\0"
+            local g, a = info.group or "", info.algo
+            local gl, al = groups[g], algos[a]
+            if not gl then
+                gl = {}
+                groups[g] = gl
+            end
+            if not al then
+                al = {}
+                algos[a] = al
+            end
+            gl[#gl + 1], al[#al + 1] = it.id, it.id
+        end
+        local seg = math.floor(log_written / 65536)
+        local cmds = {}
+        for j = 1, #order do
+            local b = order[j]
+            cmds[j] = { "APPEND", base .. "ix:name:" .. b .. ":" .. seg, table.concat(names[b]) }
+        end
+        for g, list in pairs(groups) do
+            cmds[#cmds + 1] = { "APPEND", base .. "ix:group:" .. g .. ":" .. seg, table.concat(list, "\0") .. "\0" }
+        end
+        for a, list in pairs(algos) do
+            cmds[#cmds + 1] = { "APPEND", base .. "ix:algo:" .. a .. ":" .. seg, table.concat(list, "\0") .. "\0" }
+        end
+        cmds[#cmds + 1] = mset
+        cmds[#cmds + 1] = { "INCRBY", base .. "n", #items }
+        log_written = log_written + #items
+        local ok, err = t:send_ahead(cmds)
+        local res = t:receive(#cmds)
+        if not ok or res[#cmds - 1] ~= 1 then
+            return nil, tostring(err or res[#cmds - 1]), "EIO", 0
+        end
+        return #items, 0
+    end
+end
+local log_s, log_cpu, log_srv = 0, 0, 0
+
 local new_done = 0 -- keys provisioned by this version, for the RSS marks
 local function provision_round(mod, track, into)
     local c0, s0, t0, m0 = os.clock(), server_cpu(), T(), thread_cpu()
@@ -182,6 +254,10 @@ for r = 1, rounds do
         local f, fc, fs = provision_round(provision, false, floor_store)
         floor_s, floor_cpu, floor_srv = floor_s + f, floor_cpu + fc, floor_srv + fs
     end
+    if log_index then
+        local f, fc, fs = provision_round(provision, false, log_store)
+        log_s, log_cpu, log_srv = log_s + f, log_cpu + fc, log_srv + fs
+    end
     prov_cpu, prov_srv = prov_cpu + pc, prov_srv + ps
     gen_s, prov_s = gen_s + g, prov_s + p
     lo, hi = math.min(lo, p / g), math.max(hi, p / g)
@@ -211,12 +287,22 @@ if floor then
     print(("provision floor_cpu_per_key %.1f us (this process), " .. srv_fmt)
         :format(floor_cpu / count * 1e6, floor_srv / count * 1e6))
 end
-if floor then
-    -- the floor's keys go, so that the memory per key printed after this is the store's
+if log_index then
+    print(("provision log_index_ratio %.2f (the prototype: every index entry appended to a string; "
+        .. "the same rounds)"):format(log_s / gen_s))
+    print(("provision log_index_cpu_per_key %.1f us (this process), " .. srv_fmt)
+        :format(log_cpu / count * 1e6, log_srv / count * 1e6))
+end
+-- the floor's and the prototype's keys go, so that the memory per key printed after this
+-- is the store's
+local extra_keys = {}
+if floor then extra_keys[#extra_keys + 1] = "floor:*" end
+if log_index then extra_keys[#extra_keys + 1] = "logix:*" end
+for _, pattern in ipairs(extra_keys) do
     local t, cursor = store.transport, "0"
     repeat
-        local res = t:pipeline({ { "SCAN", cursor, "MATCH", store.P .. "floor:*", "COUNT", 1000 } })
-        local page = assert(type(res[1]) == "table" and res[1], "SCAN of the floor's keys failed")
+        local res = t:pipeline({ { "SCAN", cursor, "MATCH", store.P .. pattern, "COUNT", 1000 } })
+        local page = assert(type(res[1]) == "table" and res[1], "SCAN of the bench's extra keys failed")
         cursor = page[1]
         if #page[2] > 0 then
             local del = { "UNLINK" }

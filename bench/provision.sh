@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # [LUA=luajit] bench/provision.sh [COUNT [BATCH]] [--no-file] [--rounds R] [--piece N] [--no-rewrap]
-# [--floor] [--before PROVISION_LUA]:
+# [--floor] [--log-index] [--before PROVISION_LUA]:
 # provisioning P-256 keys into a local Redis (started here on a free loopback port, stopped
 # by PID) and into the file store, against generation alone; prints keys/s, the ratio, the client's RSS along the
 # way, the store's own put_many/get_many rates, the rewrap rate, and Redis's memory per key.
@@ -21,6 +21,7 @@ while [ $# -gt 0 ]; do
     --piece) extra+=(--piece "$2"); shift ;;
     --no-rewrap) extra+=(--no-rewrap) ;;
     --floor) extra+=(--floor) ;;
+    --log-index) extra+=(--log-index) ;;
     *) pos+=("$1") ;;
     esac
     shift
@@ -52,6 +53,6 @@ echo "redis used_memory $((mem1 - mem0)) bytes for $keys blobs: $(( (mem1 - mem0
 if [ "$file" = 1 ]; then
     echo "== file store ($tmp/store), $((count / 10)) keys"
     fx=()
-    for x in "${extra[@]}"; do [ "$x" = --floor ] || fx+=("$x"); done
+    for x in "${extra[@]}"; do [ "$x" = --floor ] || [ "$x" = --log-index ] || fx+=("$x"); done
     "$lua" "$repo/bench/provision.lua" "file:$tmp/store" "$((count / 10))" "$batch" --no-rewrap ${fx[@]+"${fx[@]}"}
 fi
