@@ -23,9 +23,9 @@
 -- not have: every index entry appended to a string (docs/scaling.md, "An index as
 -- append-only strings").  Per piece, in one round trip: each blob checked (key_attrs, as
 -- the store checks), one APPEND of the piece's name\0id entries per name bucket touched
--- (4,096 buckets; LOG_INDEX_BUCKETS), one APPEND of its ids to the group's and to the algo's log, MSETNX of
--- the blobs, INCRBY of a counter.  Not a store: nothing reads these logs, and a refused
--- MSETNX only fails the bench.
+-- (4,096 buckets; LOG_INDEX_BUCKETS, 0 for no name entries), one APPEND of its ids to
+-- the group's and to the algo's log, MSETNX of the blobs, INCRBY of a counter.  Not a
+-- store: nothing reads these logs, and a refused MSETNX only fails the bench.
 --
 -- Output: "provision <case> <value> ..." lines.
 
@@ -167,14 +167,16 @@ if log_index then
             local it = items[i]
             local info = assert(key_attrs(it.blob))
             mset[2 * i], mset[2 * i + 1] = kbase .. it.id, it.blob
-            local b = info.name_h31 % NAME_BUCKETS
-            local nb = names[b]
-            if not nb then
-                nb = {}
-                names[b] = nb
-                order[#order + 1] = b
+            if NAME_BUCKETS > 0 then
+                local b = info.name_h31 % NAME_BUCKETS
+                local nb = names[b]
+                if not nb then
+                    nb = {}
+                    names[b] = nb
+                    order[#order + 1] = b
+                end
+                nb[#nb + 1] = info.name .. "\0" .. it.id .. "\0"
             end
-            nb[#nb + 1] = info.name .. "\0" .. it.id .. "\0"
             local g, a = info.group or "", info.algo
             local gl, al = groups[g], algos[a]
             if not gl then
