@@ -213,6 +213,16 @@ describe("bulk_generate_start", function()
         collectgarbage()
         assert.are.equal(300, #assert(job:wait()))
 
+        -- a session with two jobs running, collected first: both still deliver
+        h = H.open(dev)
+        local j1 = assert(h:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 200, { name_format = "c1-%d" }))
+        local j2 = assert(h:bulk_generate_start(softcxi.FLAG_EXTERNAL, EC, 200, { name_format = "c2-%d" }))
+        h = nil -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        assert.are.equal("c2-200", softcxi.key_info(assert(j2:wait())[200]).name)
+        assert.are.equal("c1-1", softcxi.key_info(assert(j1:wait())[1]).name)
+
         -- both dropped together, the job running
         do
             local h2 = H.open(dev)

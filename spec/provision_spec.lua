@@ -223,6 +223,64 @@ describe("provision", function()
         store:close()
     end)
 
+    it("a job that fails at wait: later jobs are cancelled, earlier batches stored", function()
+        local store = new_store()
+        -- key 100's name has 256 bytes, one too many for a blob: the batch at key 81 fails
+        -- when it is collected, while the batch at key 101 is being generated
+        local fmt = string.rep("a", 253) .. "%d"
+        local r, msg, code, partial = provision.run { hsm = hsm, store = store, template = TEMPLATE,
+            count = 160, batch = 20, name_format = fmt }
+        assert.is_nil(r)
+        assert.are.equal("EINVAL", code)
+        assert.matches("generating batch at key 81", msg, 1, true)
+        assert.are.equal(80, partial.stored)
+        assert.are.equal(80, partial.generated)
+        assert.are.equal(80, store:count())
+        assert.is_truthy(store:get("fleet/" .. fmt:format(80)))
+        assert.is_nil(store:get("fleet/" .. fmt:format(81)))
+        assert(hsm:device_info()) -- no job is left running on hsm
+        store:close()
+    end)
+
+    it("a job whose wait raises is still cancelled when run ends", function()
+        local store = new_store()
+        local started, cancelled = 0, 0
+        -- a session whose jobs are wrapped: the second one's wait raises
+        local wrapped = setmetatable({}, { __index = function(_, k)
+            if k == "bulk_generate_start" then
+                return function(_, ...)
+                    local job, err, c = hsm:bulk_generate_start(...)
+                    if not job then return nil, err, c end
+                    started = started + 1
+                    local n = started
+                    return {
+                        ready = function() return job:ready() end,
+                        wait = function()
+                            if n == 2 then error("wait broke", 0) end
+                            return job:wait()
+                        end,
+                        cancel = function()
+                            cancelled = cancelled + 1
+                            return job:cancel()
+                        end,
+                    }
+                end
+            end
+            local v = hsm[k]
+            if type(v) == "function" then return function(_, ...) return v(hsm, ...) end end
+            return v
+        end })
+        assert.has_error(function()
+            provision.run { hsm = wrapped, store = store, template = TEMPLATE, count = 100,
+                batch = 20, name_format = "wr%03d" }
+        end, "wait broke")
+        -- jobs 2 (its wait raised) and 3 (running beside it) were cancelled by run itself
+        assert.are.equal(2, cancelled)
+        assert(hsm:device_info())
+        assert.are.equal(20, store:count())
+        store:close()
+    end)
+
     it("a session without bulk_generate_start, stored in pieces: every key once", function()
         local store = new_store()
         -- the session as an older binding has it: bulk_generate only

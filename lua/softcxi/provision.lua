@@ -179,13 +179,16 @@ function _M.run(opts)
             end
         end
         local function collect()
-            -- take the oldest generated batch into the queue
-            local b = table_remove(gens, 1)
+            -- take the oldest generated batch into the queue (its job stays in gens until
+            -- wait returns: a raise in wait leaves it to run's cleanup to cancel)
+            local b = gens[1]
             b.pos = 1
             local job = b.job
+            local blobs, err, code
+            if job then blobs, err, code = job:wait() end
+            table_remove(gens, 1)
+            b.job = nil
             if job then
-                b.job = nil
-                local blobs, err, code = job:wait()
                 if not blobs then
                     -- the batches after it are not stored: no hole is left behind
                     for i = #gens, 1, -1 do
