@@ -145,7 +145,7 @@ function _M.run(opts)
         return true
     end
 
-    -- Storage runs in pieces (a store's preferred_piece: the Redis store's 250 keys, else a
+    -- Storage runs in pieces (a store's preferred_piece: the Redis store's 1000 keys, else a
     -- whole batch).  GEN_AHEAD batches are generated at once (the session runs a job for
     -- each): when the older one is done, the workers of the next are already at work, so
     -- they never wait for this thread to collect.  Between pieces this thread looks
