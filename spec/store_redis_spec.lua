@@ -139,6 +139,11 @@ local function scan_keys(c, pattern)
 end
 
 --- All ids of find(filter), paging by limit.
+local function sorted_ids(t)
+    table.sort(t)
+    return t
+end
+
 local function find_all(s, filter, limit)
     local out, cursor, pages = {}, nil, 0
     repeat
@@ -828,9 +833,12 @@ describe("redis store", function()
         s:close()
     end)
 
-    it("keeps the index sets and the counter in step with every write", function()
+    for _, ai in ipairs { 0, 1 } do
+    -- algo_index=0 (the default): no algo sets, find{ algo = } reads the blobs
+    local function algo_ids(ids) return ai == 1 and ids or {} end
+    it("keeps the index sets and the counter in step with every write (algo_index=" .. ai .. ")", function()
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))
+        local s = open(with_prefix(URL, P, ai == 1 and "&algo_index=1" or nil))
         local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "na", group = "ga", specifier = 1 })
         local b = H.gen(device(), { algo = "aes", size = 256, name = "nb", group = "gb" })
         local function members(field, value)
@@ -844,7 +852,8 @@ describe("redis store", function()
         assert.are.same({ "x" }, members("group", "ga"))
         assert.are.same({ "x" }, members("name", "na"))
         assert.are.same({ "x" }, members("specifier", "1"))
-        assert.are.same({ "x" }, members("algo", "ec"))
+        assert.are.same(algo_ids({ "x" }), members("algo", "ec"))
+        assert.are.same({ "x" }, find_all(s, { algo = "ec" }))
         assert.are.equal(1, n())
         assert.are.equal(a, cmd(c, { "GET", P .. "k:x" }))   -- the blob, byte for byte
 
@@ -852,7 +861,12 @@ describe("redis store", function()
         assert.are.same({}, members("group", "ga"))
         assert.are.same({}, members("specifier", "1"))
         assert.are.same({ "x" }, members("group", "gb"))
-        assert.are.same({ "x" }, members("algo", "aes"))
+        assert.are.same(algo_ids({ "x" }), members("algo", "aes"))
+        assert.are.same({}, members("algo", "ec"))
+        assert.are.same({ "x" }, find_all(s, { algo = "aes" }))
+        assert.are.same({ "x" }, find_all(s, { algo = "aes", group = "gb" }))
+        assert.are.same({}, find_all(s, { algo = "ec" }))
+        assert.are.same({}, find_all(s, { algo = "aes", group = "ga" }))
         assert.are.equal(1, n())
 
         assert.is_true(s:put("y", a))
@@ -866,6 +880,38 @@ describe("redis store", function()
         assert.are.equal(0, n())
         for _, pat in ipairs { "idx:*", "nx:*" } do assert.are.same({}, scan_keys(c, P .. pat)) end
         s:close()
+    end)
+    end
+
+    it("records whether it keeps an algo index; an older store (no record) keeps one", function()
+        local P = fresh_prefix()
+        local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "ra", group = "ra" })
+        local s = open(with_prefix(URL, P))
+        assert.are.equal("0", cmd(c, { "GET", P .. "algo-index" }))
+        s:close()
+        -- asked otherwise than the store was made: EINVAL, naming both
+        local r = H.pack(store.open(with_prefix(URL, P, "&algo_index=1")))
+        assert.is_nil(r[1])
+        assert.are.equal("EINVAL", r[3])
+        assert.matches("created with algo_index=0, not 1", r[2], 1, true)
+        H.expect_err("EINVAL", store.open(with_prefix(URL, P, "&algo_index=2")))
+        -- a store made before the record (name record, no algo record) keeps its algo sets
+        cmd(c, { "DEL", P .. "algo-index" })
+        s = open(with_prefix(URL, P))
+        assert.is_true(s:put("old", a))
+        assert.are.same({ "old" }, index_members(c, s, P, "algo", "ec"))
+        assert.are.same({ "old" }, find_all(s, { algo = "ec" }))
+        assert.are.equal(hiredis.null, cmd(c, { "GET", P .. "algo-index" }))   -- nothing recorded
+        assert.is_true(s:delete("old"))
+        assert.are.same({}, index_members(c, s, P, "algo", "ec"))
+        s:close()
+        -- a record that is neither 0 nor 1: EFORMAT, naming the key
+        cmd(c, { "SET", P .. "algo-index", "maybe" })
+        r = H.pack(store.open(with_prefix(URL, P)))
+        assert.is_nil(r[1])
+        assert.are.equal("EFORMAT", r[3])
+        assert.matches(P .. "algo-index holds 'maybe'", r[2], 1, true)
+        cmd(c, { "DEL", P .. "algo-index" })
     end)
 
     it("put_many batches keys into one script call and keeps index and counter exact", function()
@@ -1092,10 +1138,10 @@ describe("redis store", function()
             table.sort(m)
             return m
         end
-        for _, fv in ipairs { { "name", "sw" }, { "group", "gsw" }, { "specifier", "3" },
-                              { "algo", "ec" } } do
+        for _, fv in ipairs { { "name", "sw" }, { "group", "gsw" }, { "specifier", "3" } } do
             assert.are.same({ "s1", "s2", "s3" }, members(fv[1], fv[2]))
         end
+        assert.are.same({ "s1", "s2", "s3" }, sorted_ids(find_all(s, { algo = "ec", group = "gsw" })))
         assert.are.equal(3, s:count())
         cmd(c, { "DEL", P .. "k:s4" })
         s:close()
@@ -1328,11 +1374,13 @@ describe("redis store", function()
         s:close()
     end)
 
-    it("put_many of new keys with mixed attributes puts each in its own index sets", function()
+    for _, ai in ipairs { 0, 1 } do
+    it("put_many of new keys with mixed attributes puts each in its own index sets (algo_index="
+       .. ai .. ")", function()
         -- new keys go through the lean script, one call per bucket and combination of
         -- specifier, group and algo; a blob without a name through the general one
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))
+        local s = open(with_prefix(URL, P, ai == 1 and "&algo_index=1" or nil))
         local d = device()
         local ec, aes = { algo = "ec", curve = "P-256" }, { algo = "aes", size = 256 }
         local function t(base, extra)
@@ -1365,8 +1413,10 @@ describe("redis store", function()
         assert.are.same({ "m1", "m2", "m4" }, members("group", "mg1"))
         assert.are.same({ "m3", "m5" }, members("group", "mg2"))
         assert.are.same({ "m1", "m4" }, members("specifier", "2"))
-        assert.are.same({ "m1", "m2", "m5" }, members("algo", "ec"))
-        assert.are.same({ "m3", "m4" }, members("algo", "aes"))
+        assert.are.same(ai == 1 and { "m1", "m2", "m5" } or {}, members("algo", "ec"))
+        assert.are.same(ai == 1 and { "m3", "m4" } or {}, members("algo", "aes"))
+        assert.are.same({ "m1", "m2", "m5" }, sorted_ids(find_all(s, { algo = "ec" })))
+        assert.are.same({ "m4" }, sorted_ids(find_all(s, { algo = "aes", group = "mg1" })))
         assert.are.equal(5, s:count())
         assert.are.equal("taken", cmd(c, { "GET", P .. "k:m6" }))
         for _, it in ipairs(items) do
@@ -1375,6 +1425,7 @@ describe("redis store", function()
         cmd(c, { "DEL", P .. "k:m6" })
         s:close()
     end)
+    end
 
     it("an on_chunk that raises leaves no reply unread: the store answers right afterwards", function()
         local P = fresh_prefix()

@@ -9,15 +9,20 @@
 --   wait_replicas=0      after each write, WAIT until this many replicas have it
 --   wait_timeout_ms=1000 how long WAIT may block; fewer acks -> EREPL
 --   chunk=1000           items per pipeline in put_many
+--   algo_index=0         1: a set of ids per algo (find{ algo = } reads it); 0: none, and
+--                        find{ algo = } reads the blobs (fixed when the store is made)
 --   transport=auto       hiredis (plain Lua) or resty (cosockets, inside nginx); auto picks
 --
 -- Layout under the prefix P (docs/stores.md):
 --   P k:<id>                   the blob, a Redis string
 --   P nx:<h>                   the name index: a hash of id -> name for the names whose
 --                              hash falls in bucket h (of name_buckets, default 65536)
---   P idx:<field>:<value>      a set of ids per attribute value (specifier, group, algo)
+--   P idx:<field>:<value>      a set of ids per attribute value (specifier, group; algo
+--                              when the store keeps an algo index, algo_index=1)
 --   P n                        how many blobs the store holds (kept by the write scripts)
 --   P name-buckets             name_buckets, recorded when the store is first opened
+--   P algo-index               1 or 0 (algo_index), recorded with name-buckets; absent in
+--                              a store made before it: that one has algo sets
 -- Every write is a Lua script run by Redis (EVALSHA): it checks the current value (absent
 -- for a plain put, equal to what the caller expects for if_match, overwrite and delete),
 -- writes or deletes the blob, updates the index sets and the counter; one call writes up
@@ -61,6 +66,9 @@ local mt = { __index = _M }
 
 -- Indexed attributes, in the order find prefers to scan them (most selective first).
 local FIELDS = { "name", "specifier", "group", "algo" }
+-- the fields with index entries in a store made without an algo index (algo_index=0, the
+-- default since 2026-11-27 night): find{ algo = } reads the blobs instead
+local FIELDS_NO_ALGO = { "name", "specifier", "group" }
 local INDEXED = { name = true, specifier = true, group = true, algo = true }
 
 -- The name index: NAME_BUCKETS hashes by default (id -> name), the bucket of a name picked
@@ -348,6 +356,17 @@ end
 return out
 ]]
 
+-- A new store's records: KEYS[1] the name bucket count (ARGV[1]), KEYS[2] whether it keeps
+-- an algo index (ARGV[2]); both or neither, so that a store whose name record another
+-- process made first (or an older softcxi, without the algo record) is left as it is.
+local RECORDS_SCRIPT = [[
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+return 1
+]]
+
 local function sha1_hex(s)
     return (softcxi.hash_compute("sha1", s):gsub(".", function(c)
         return string_format("%02x", c:byte())
@@ -357,7 +376,7 @@ end
 local SCRIPTS = {}
 for name, text in pairs { write = WRITE_SCRIPT, fresh = FRESH_SCRIPT, swap = SWAP_SCRIPT,
                           delete = DELETE_SCRIPT, find = FIND_SCRIPT, find_name = FIND_NAME_SCRIPT,
-                          upgrade = UPGRADE_SCRIPT } do
+                          upgrade = UPGRADE_SCRIPT, records = RECORDS_SCRIPT } do
     SCRIPTS[name] = { text = text, sha = sha1_hex(text) }
 end
 
@@ -426,7 +445,8 @@ end
 -- ---- URL ----------------------------------------------------------------------
 
 local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeout_ms = true,
-                buckets = true, chunk = true, transport = true, name_buckets = true, upgrade = true }
+                buckets = true, chunk = true, transport = true, name_buckets = true, upgrade = true,
+                algo_index = true }
 -- store.open's opts only
 local OPTS_ONLY = { on_upgrade = true }
 
@@ -550,6 +570,16 @@ function _M.config(fn, u, opts)
         return nil, fn .. ": upgrade must be true or false (1 or 0), not '" .. tostring(up) .. "'"
     end
     cfg.upgrade = up == true or up == "1" or up == "true"
+    local ai = merged.algo_index
+    if ai ~= nil then
+        if ai == true or ai == "1" or ai == 1 then
+            cfg.algo_index = true
+        elseif ai == false or ai == "0" or ai == 0 then
+            cfg.algo_index = false
+        else
+            return nil, fn .. ": algo_index must be 1 or 0, not '" .. tostring(ai) .. "'"
+        end
+    end
     if merged.on_upgrade ~= nil and type(merged.on_upgrade) ~= "function" then
         error(fn .. ": on_upgrade must be a function", 3)
     end
@@ -585,6 +615,9 @@ function _M.new(t, cfg, layout)
         -- the hashes per bucket
         want_names = cfg.name_buckets, upgrade = cfg.upgrade, on_upgrade = cfg.on_upgrade,
         name_buckets = nil, nm = nil,
+        -- the algo index: asked for (nil: the default), and what the store recorded (a
+        -- store without the record has one: made before it was optional)
+        want_algo = cfg.algo_index, by_algo = true, fields = FIELDS,
     }
     return setmetatable(s, mt)
 end
@@ -658,6 +691,30 @@ local function names_record(self)
     return k, k .. ":upgrading"
 end
 
+-- Where a store records whether it keeps an algo index ("1") or not ("0").
+local function algo_record(self)
+    return self.P .. (self.cluster and "{meta}" or "") .. "algo-index"
+end
+
+-- Take the algo index record's value v (null: none, an older store, which has the index).
+local function take_algo(self, fn, v)
+    local by
+    if v == self.null or v == "1" then
+        by = true
+    elseif v == "0" then
+        by = false
+    else
+        return nil, string_format("%s: %s holds '%s', not 0 or 1", fn, algo_record(self), tostring(v)),
+            "EFORMAT"
+    end
+    if self.want_algo ~= nil and self.want_algo ~= by then
+        return nil, string_format("%s: the store under prefix '%s' was created with algo_index=%d, not %d",
+                                  fn, self.P, by and 1 or 0, by and 0 or 1), "EINVAL"
+    end
+    self.by_algo, self.fields = by, by and FIELDS or FIELDS_NO_ALGO
+    return true
+end
+
 local function take_names(self, fn, v)
     local m = tonumber(v)
     if not m or m < 1 or m > MAX_NAME_BUCKETS or m ~= math_floor(m) then
@@ -672,6 +729,13 @@ local function take_names(self, fn, v)
     return true
 end
 
+-- take_algo, then take_names: true or nil, msg, code.
+local function take_records(self, fn, names, algo)
+    local ok, err, code = take_algo(self, fn, algo)
+    if not ok then return nil, err, code end
+    return take_names(self, fn, names)
+end
+
 local upgrade
 
 --- Read the store's name index record (once): true, or nil, msg, code.  A store with none
@@ -680,13 +744,15 @@ local upgrade
 local function ready(self, fn)
     if self.nm then return true end
     local rec, up = names_record(self)
-    local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up } }, RETRY)
+    local arec = algo_record(self)
+    local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up },
+                                       { "GET", arec, key = arec } }, RETRY)
     if err then return nil, fn .. ": " .. err, code end
-    for i = 1, 2 do
+    for i = 1, 3 do
         if is_err(res[i]) then return nil, fn .. ": " .. res[i].err, rcode(res[i].err) end
     end
     local null = self.null
-    if res[1] ~= null and not self.upgrade then return take_names(self, fn, res[1]) end
+    if res[1] ~= null and not self.upgrade then return take_records(self, fn, res[1], res[3]) end
     local old = res[2] ~= null
     if not old and res[1] == null then
         local n
@@ -697,10 +763,15 @@ local function ready(self, fn)
             -- have made the store meanwhile.  It recorded the count before it wrote any
             -- blob, so asking again after the count settles it.
             local again
-            again, err, code = call(self, { "GET", rec, key = rec }, RETRY)
-            if again == nil then return nil, fn .. ": " .. err, code end
-            if again ~= null and not self.upgrade then return take_names(self, fn, again) end
-            old = again == null
+            again, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec } }, RETRY)
+            if err then return nil, fn .. ": " .. err, code end
+            for i = 1, 2 do
+                if is_err(again[i]) then return nil, fn .. ": " .. again[i].err, rcode(again[i].err) end
+            end
+            if again[1] ~= null and not self.upgrade then
+                return take_records(self, fn, again[1], again[2])
+            end
+            old = again[1] == null
         end
     end
     if old and not self.upgrade then
@@ -712,11 +783,21 @@ local function ready(self, fn)
             self.url or "URL"), "ELAYOUT"
     end
     if old or self.upgrade then return upgrade(self, fn) end
+    -- a new store: both records at once (RECORDS_SCRIPT: another process making the store
+    -- now either wrote both first or writes neither), then whichever are there
     local want = self.want_names or NAME_BUCKETS
-    res, err, code = run(self, { { "SET", rec, want, "NX", key = rec }, { "GET", rec, key = rec } })
+    -- (the script alone first: a NOSCRIPT answer is sent again as EVAL after the replies
+    -- of the rest of its pipeline were read)
+    local made = script_cmd(SCRIPTS.records, { rec, arec }, { want, self.want_algo and "1" or "0" })
+    local r1
+    r1, err, code = call(self, made)
+    if r1 == nil then return nil, fn .. ": " .. err, code end
+    res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec } })
     if err then return nil, fn .. ": " .. err, code end
-    if is_err(res[2]) then return nil, fn .. ": " .. res[2].err, rcode(res[2].err) end
-    return take_names(self, fn, res[2])
+    for i = 1, 2 do
+        if is_err(res[i]) then return nil, fn .. ": " .. res[i].err, rcode(res[i].err) end
+    end
+    return take_records(self, fn, res[1], res[2])
 end
 _M.ready = ready
 
@@ -795,14 +876,15 @@ upgrade = function(self, fn)
             end
         end
     end
+    local arec = algo_record(self)
     local res, err, code = run(self, { { "GET", rec, key = rec }, { "SET", up, want, "NX", key = up },
-                                       { "GET", up, key = up } })
+                                       { "GET", up, key = up }, { "GET", arec, key = arec } })
     if err then return nil, fn .. ": upgrade: " .. err, code end
-    for i = 1, 3 do
+    for i = 1, 4 do
         if is_err(res[i]) then return nil, fn .. ": upgrade: " .. res[i].err, rcode(res[i].err) end
     end
     local ok, msg
-    ok, msg, code = take_names(self, fn, res[1] ~= self.null and res[1] or res[3])
+    ok, msg, code = take_records(self, fn, res[1] ~= self.null and res[1] or res[3], res[4])
     if not ok then return nil, msg, code end
     local P, cluster = self.P, self.cluster
     local pat = glob_escape(P) .. (cluster and "{*}" or "") .. "idx:name:*"
@@ -896,11 +978,11 @@ local function set_key(base, field, v)
     return base .. "idx:" .. field .. ":" .. attr_str(v)
 end
 
--- Append info's index set keys (not the name's) to argv from position n + 1; returns the
--- new n.
-local function index_keys(argv, n, base, info)
-    for i = 2, #FIELDS do
-        local f = FIELDS[i]
+-- Append info's index set keys (not the name's: fields[1]) to argv from position n + 1;
+-- returns the new n.
+local function index_keys(argv, n, base, info, fields)
+    for i = 2, #fields do
+        local f = fields[i]
         local v = info[f]
         if v ~= nil then
             n = n + 1
@@ -1011,7 +1093,7 @@ local function add_fresh(self, fresh, calls, b, e, ei)
     local g = t3[k3]
     if not g or g.n >= SCRIPT_ITEMS or g.nargs > SCRIPT_ARGS or g.ids[id] then
         local base = self.P .. self.tags[b]
-        g = new_fresh(base, g and g.shared or shared_sets(base, spec, grp, algo))
+        g = new_fresh(base, g and g.shared or shared_sets(base, spec, grp, self.by_algo and algo or nil))
         t3[k3] = g
         calls[#calls + 1] = g
     end
@@ -1042,7 +1124,8 @@ end
 -- not a key blob) to the open WRITE_SCRIPT call for bucket b, or a new one.
 local function add_write(self, open, calls, b, e, ei, old_info)
     local id, info, old = e.id, e.info, e.expect
-    local nfields = #FIELDS
+    local fields = self.fields
+    local nfields = #fields
     local g = open[b]
     if not g or g.n >= SCRIPT_ITEMS or g.nargs > SCRIPT_ARGS or g.ids[id] then
         g = new_call(self.P .. self.tags[b])
@@ -1060,7 +1143,7 @@ local function add_write(self, open, calls, b, e, ei, old_info)
     -- an attribute value that does not change touches no set
     if old_info then
         for i = 1, nfields do
-            local f = FIELDS[i]
+            local f = fields[i]
             local v = old_info[f]
             if v ~= nil and v ~= info[f] then
                 local set = set_of(self, g, f, v)
@@ -1070,7 +1153,7 @@ local function add_write(self, open, calls, b, e, ei, old_info)
         end
     end
     for i = 1, nfields do
-        local f = FIELDS[i]
+        local f = fields[i]
         local v = info[f]
         if v ~= nil and (not old_info or old_info[f] ~= v) then
             local set = set_of(self, g, f, v)
@@ -1215,7 +1298,7 @@ local function delete_cmd(self, id, old)
             local name = attr_str(old_info.name)
             keys[3], keys[4], args[4] = name_key(self, base, name), base .. "idx:name:" .. name, name
         end
-        index_keys(keys, #keys, base, old_info)
+        index_keys(keys, #keys, base, old_info, self.fields)
     end
     return script_cmd(SCRIPTS.delete, keys, args)
 end
@@ -1409,7 +1492,7 @@ local function fast_slice(self, t, batch)
     -- becomes when none of the names is held yet)
     local hashes, horder = {}, {}
     local sets, sorder = { specifier = {}, group = {}, algo = {} }, {} -- value -> { "SADD", key, ids... }
-    local nm = self.nm
+    local nm, by_algo = self.nm, self.by_algo
     for i = 1, n do
         local e = batch[i]
         local id, info = e.id, e.info
@@ -1446,8 +1529,8 @@ local function fast_slice(self, t, batch)
             local st = sets.group[v] or new_sadd(sets.group, sorder, base, "group", v)
             st[#st + 1] = id
         end
-        v = info.algo
-        if v ~= nil then
+        v = by_algo and info.algo
+        if v then
             local st = sets.algo[v] or new_sadd(sets.algo, sorder, base, "algo", v)
             st[#st + 1] = id
         end
@@ -2455,7 +2538,11 @@ function _M:find(filter, cursor, limit)
         end
     end
     local name
-    for _, f in ipairs(FIELDS) do
+    local ok, msg, c0 = ready(self, fn)    -- the records: which fields have index entries
+    if not ok then return nil, msg, c0 end
+    -- algo without an index (algo_index=0): the candidates' blobs are read and checked
+    local algo = filter.algo ~= nil and not self.by_algo and attr_str(filter.algo) or nil
+    for _, f in ipairs(self.fields) do
         local v = filter[f]
         if v ~= nil then
             if f == "specifier" then
@@ -2470,13 +2557,19 @@ function _M:find(filter, cursor, limit)
         end
     end
     local ids, nxt, code
-    if #fields == 0 and not name then
+    if algo and #fields == 0 and not name then
+        -- every blob, as scan_blobs reads them, kept when its algo matches
+        local got, vals, after, bad = self:scan_blobs(cursor, limit)
+        if not got then return nil, vals, after end
+        ids = {}
+        for i = 1, #got do
+            local info = key_attrs(vals[i])
+            if info and attr_str(info.algo) == algo then ids[#ids + 1] = got[i] end
+        end
+        return ids, after, bad
+    elseif #fields == 0 and not name then
         return scan(self, fn, cursor, limit)
     else
-        if name then
-            local ok, msg, c = ready(self, fn)
-            if not ok then return nil, msg, c end
-        end
         local P, tags = self.P, self.tags
         local fetch = function(reqs)
             local cmds = {}
@@ -2512,6 +2605,16 @@ function _M:find(filter, cursor, limit)
         ids, nxt, code = page(self.nb, cursor, limit, fetch, MAX_WINDOW, 10)
     end
     if not ids then return nil, fn .. ": " .. nxt, code end
+    if algo and #ids > 0 then
+        -- the other fields' candidates whose blob has the algo (a page may come out short)
+        local got, vals, c = fetch_values(self, ids)
+        if not got then return nil, fn .. ": " .. vals, c end
+        ids = {}
+        for i = 1, #got do
+            local info = key_attrs(vals[i])
+            if info and attr_str(info.algo) == algo then ids[#ids + 1] = got[i] end
+        end
+    end
     return ids, nxt
 end
 
