@@ -753,6 +753,7 @@ local function ready(self, fn)
     end
     local null = self.null
     if res[1] ~= null and not self.upgrade then return take_records(self, fn, res[1], res[3]) end
+    local made = res[1] ~= null    -- the records are there (upgrade: run again over a store)
     local old = res[2] ~= null
     if not old and res[1] == null then
         local n
@@ -771,7 +772,8 @@ local function ready(self, fn)
             if again[1] ~= null and not self.upgrade then
                 return take_records(self, fn, again[1], again[2])
             end
-            old = again[1] == null
+            made, old = again[1] ~= null, again[1] == null
+            res[3] = again[2]
         end
     end
     if old and not self.upgrade then
@@ -782,15 +784,22 @@ local function ready(self, fn)
                 or "the name index of an older softcxi (a Redis set per name)",
             self.url or "URL"), "ELAYOUT"
     end
-    if old or self.upgrade then return upgrade(self, fn) end
+    -- upgrade: an older layout, or a store of this one run again; a new store (nothing
+    -- there) is made below, records and all, as without upgrade
+    if old or (self.upgrade and made) then
+        -- algo_index asked otherwise than the store has: refused before anything is written
+        local ok, e, c = take_algo(self, fn, res[3])
+        if not ok then return nil, e, c end
+        return upgrade(self, fn)
+    end
     -- a new store: both records at once (RECORDS_SCRIPT: another process making the store
     -- now either wrote both first or writes neither), then whichever are there
     local want = self.want_names or NAME_BUCKETS
     -- (the script alone first: a NOSCRIPT answer is sent again as EVAL after the replies
     -- of the rest of its pipeline were read)
-    local made = script_cmd(SCRIPTS.records, { rec, arec }, { want, self.want_algo and "1" or "0" })
+    local mk = script_cmd(SCRIPTS.records, { rec, arec }, { want, self.want_algo and "1" or "0" })
     local r1
-    r1, err, code = call(self, made)
+    r1, err, code = call(self, mk)
     if r1 == nil then return nil, fn .. ": " .. err, code end
     res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec } })
     if err then return nil, fn .. ": " .. err, code end
@@ -2559,8 +2568,11 @@ function _M:find(filter, cursor, limit)
     local ids, nxt, code
     if algo and #fields == 0 and not name then
         -- every blob, as scan_blobs reads them, kept when its algo matches
-        local got, vals, after, bad = self:scan_blobs(cursor, limit)
-        if not got then return nil, vals, after end
+        local page_ids, after, c = scan_ids(self, cursor, limit)
+        if not page_ids then return nil, fn .. ": " .. after, c end
+        local got, vals, bad = fetch_values(self, page_ids)
+        if not got then return nil, fn .. ": " .. vals, bad end
+        self.skipped = self.skipped + bad
         ids = {}
         for i = 1, #got do
             local info = key_attrs(vals[i])
