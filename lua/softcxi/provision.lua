@@ -89,6 +89,13 @@ function _M.run(opts)
     local id_pre, id_post = id_parts(template)
     local report = { generated = 0, stored = 0, skipped = 0, batches = 0, total = count }
     local gens = {} -- batches being generated, oldest first (b.job: the job, until collected)
+    -- Cancel the jobs of gens and drop their batches.
+    local function cancel_gens()
+        for i = #gens, 1, -1 do
+            if gens[i].job then gens[i].job:cancel() end
+            gens[i] = nil
+        end
+    end
 
     -- Which ids are already stored is asked per batch while the answers find some, and
     -- no longer after a batch of which none was stored (the new part of the store:
@@ -191,10 +198,7 @@ function _M.run(opts)
             if job then
                 if not blobs then
                     -- the batches after it are not stored: no hole is left behind
-                    for i = #gens, 1, -1 do
-                        if gens[i].job then gens[i].job:cancel() end
-                        gens[i] = nil
-                    end
+                    cancel_gens()
                     deferred = { "provision.run: generating batch at key " .. (b.first + 1) .. ": "
                         .. tostring(err), code }
                     return
@@ -260,10 +264,7 @@ function _M.run(opts)
     -- Whatever way body ends (a return, an error, a raise from the store or
     -- on_progress), no job is left running on hsm.
     local r = { pcall(body) }
-    for i = #gens, 1, -1 do
-        if gens[i].job then gens[i].job:cancel() end
-        gens[i] = nil
-    end
+    cancel_gens()
     if not r[1] then error(r[2], 0) end
     return r[2], r[3], r[4], r[5]
 end
