@@ -531,7 +531,8 @@ describe("softcxi command", function()
                 return
             end
             local P = "cli-upgrade-" .. os.time() .. "-" .. math.random(1, 1e6) .. ":"
-            url = url:gsub("prefix=[^&]*", "prefix=" .. P)
+            -- (name_index=all: the old layout gave every key a name entry)
+            url = url:gsub("prefix=[^&]*", "prefix=" .. P) .. "&name_index=all"
             json(e.base .. " --json store migrate --from " .. H.q(store) .. " --to " .. H.q(url))
             local n = stats().count
             -- what an older softcxi wrote: the name index as a set per name, no record

@@ -713,7 +713,8 @@ describe("redis store", function()
         .. "made with", function()
         local P = fresh_prefix()
         local url = with_prefix(URL, P)
-        local s = open(url .. "&name_buckets=65536")
+        -- (name_index=all: default ids with name entries, in the hashes)
+        local s = open(url .. "&name_buckets=65536&name_index=all")
         local blobs = make_blobs(30, "lost" .. RUN, "glost")
         assert.are.equal(30, s:put_many(items_of(blobs)))
         s:close()
@@ -741,7 +742,7 @@ describe("redis store", function()
         -- count does not (its names would be looked for in hashes that do not hold them)
         P = fresh_prefix()
         url = with_prefix(URL, P)
-        s = open(url)
+        s = open(url .. "&name_index=all")
         assert.are.equal(30, s:put_many(items_of(blobs)))
         s:close()
         cmd(c, { "DEL", P .. "name-buckets" })
@@ -939,11 +940,146 @@ describe("redis store", function()
         cmd(c, { "DEL", P .. "algo-index" })
     end)
 
+    -- name_index=other (the default): a key under its default id, group/name[/specifier],
+    -- has no name entry; find{ name = } tests the default ids of the groups and specifiers
+    -- recorded in P default-ids.  Both write paths: the transaction (16 name hashes) and
+    -- the scripts (65,536).
+    for _, nb in ipairs { 16, 65536 } do
+    it("keys under their default id get no name entry; find by name still finds each once "
+       .. "(name_buckets=" .. nb .. ")", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P, "&name_buckets=" .. nb))
+        assert.are.equal("other", cmd(c, { "GET", P .. "name-index" }))
+        assert.is_true(s.probe)
+        local nm = "pr" .. RUN
+        local function gen(t)
+            t.algo, t.curve = t.algo or "ec", t.algo ~= "aes" and "P-256" or nil
+            if t.algo == "aes" then t.size = 256 end
+            return H.gen(device(), t)
+        end
+        local a = gen { name = nm, group = "g1" }                     -- g1/pr
+        local b = gen { name = nm, group = "g2", specifier = 7 }      -- g2/pr/7
+        local e = gen { name = nm, algo = "aes" }                     -- no group: /pr
+        local x = gen { name = "other" .. RUN, group = "g1" }
+        local many = make_blobs(30, nm .. "m", "g3")                  -- g3/prm-i/(i % 2)
+        assert.are.equal(33, s:put_many({ { blob = a }, { blob = b }, { blob = e },
+                                          table.unpack(items_of(many)) }))
+        -- the same name under other ids: name entries, found there
+        assert.is_true(s:put("mine/" .. nm, a))                       -- id is not a's default
+        assert.is_true(s:put("g1/" .. nm .. "/3", b))                 -- looks like a default id
+        assert.is_true(s:put("g2/" .. nm, x))                         -- holds another name
+        assert.are.same({ "g1/" .. nm .. "/3", "mine/" .. nm },
+                        sorted_ids(index_members(c, s, P, "name", nm)))
+        assert.are.same({ "g2/" .. nm }, index_members(c, s, P, "name", "other" .. RUN))
+        assert.are.same({}, index_members(c, s, P, "name", nm .. "m-3"))
+        assert.are.same({ "\0", "g1\0", "g2\0" .. "7", "g3\0" .. "0", "g3\0" .. "1" },
+                        sorted_ids(cmd(c, { "SMEMBERS", P .. "default-ids" })))
+        -- each once, whatever the page size
+        local want = { "/" .. nm, "g1/" .. nm, "g1/" .. nm .. "/3", "g2/" .. nm .. "/7", "mine/" .. nm }
+        for _, limit in ipairs { 1, 2, 100 } do
+            assert.are.same(want, find_all(s, { name = nm }, limit))
+        end
+        assert.are.same({ "g3/" .. nm .. "m-3/1" }, find_all(s, { name = nm .. "m-3" }))
+        -- a name entry for a key under its default id (an older softcxi wrote it): still once
+        cmd(c, { "HSET", s:name_key("x", nm .. "m-3"), nm .. "m-3", "g3/" .. nm .. "m-3/1" })
+        assert.are.same({ "g3/" .. nm .. "m-3/1" }, find_all(s, { name = nm .. "m-3" }))
+        cmd(c, { "HDEL", s:name_key("x", nm .. "m-3"), nm .. "m-3" })
+        -- mine/pr holds a (group g1); g1/pr/3 holds b (group g2, specifier 7)
+        assert.are.same({ "g1/" .. nm, "mine/" .. nm }, find_all(s, { name = nm, group = "g1" }))
+        assert.are.same({ "g1/" .. nm .. "/3", "g2/" .. nm .. "/7" },
+                        find_all(s, { name = nm, group = "g2" }))
+        assert.are.same({ "g1/" .. nm .. "/3", "g2/" .. nm .. "/7" },
+                        find_all(s, { name = nm, specifier = 7 }))
+        assert.are.same({}, find_all(s, { name = nm, specifier = 3 }))
+        assert.are.same({ "/" .. nm }, find_all(s, { name = nm, algo = "aes" }))
+        assert.are.same({}, find_all(s, { name = nm, group = "g9" }))
+        assert.are.same({ "g2/" .. nm }, find_all(s, { name = "other" .. RUN }))
+        -- a default id that changes hands: renamed by overwrite (its entry comes), back
+        -- by if_match (it goes), deleted (nothing left behind)
+        local a2 = gen { name = "renamed" .. RUN, group = "g1" }
+        assert.is_true(s:put("g1/" .. nm, a2, { overwrite = true }))
+        assert.are.same({ "g1/" .. nm }, index_members(c, s, P, "name", "renamed" .. RUN))
+        assert.are.same({ "/" .. nm, "g1/" .. nm .. "/3", "g2/" .. nm .. "/7", "mine/" .. nm },
+                        find_all(s, { name = nm }))
+        assert.is_true(s:put("g1/" .. nm, a, { if_match = a2 }))
+        assert.are.same({}, index_members(c, s, P, "name", "renamed" .. RUN))
+        assert.are.same(want, find_all(s, { name = nm }))
+        for _, id in ipairs(want) do assert.is_true(s:delete(id)) end
+        assert.is_true(s:delete("g2/" .. nm))
+        assert.are.same({}, find_all(s, { name = nm }))
+        assert.are.same({}, scan_keys(c, P .. "idx:name:*"))
+        assert.are.same({}, scan_keys(c, P .. "nx:*"))
+        assert.are.equal(30, s:count())
+        s:close()
+    end)
+    end
+
+    it("records which keys have name entries; an older store (no record) gives every name one",
+       function()
+        local P = fresh_prefix()
+        local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "ni" .. RUN, group = "gni" })
+        local s = open(with_prefix(URL, P, "&name_index=all"))
+        assert.are.equal("all", cmd(c, { "GET", P .. "name-index" }))
+        assert.is_true(s:put(nil, a))
+        assert.are.same({ "gni/ni" .. RUN }, index_members(c, s, P, "name", "ni" .. RUN))
+        assert.are.equal(0, cmd(c, { "EXISTS", P .. "default-ids" }))
+        s:close()
+        -- asked otherwise than the store was made: EINVAL, naming both
+        local r = H.pack(store.open(with_prefix(URL, P, "&name_index=other")))
+        assert.are.equal("EINVAL", r[3])
+        assert.matches("created with name_index=all, not other", r[2], 1, true)
+        H.expect_err("EINVAL", store.open(with_prefix(URL, P, "&name_index=some")))
+        -- made before the record (name and algo records only): every name has its entry
+        local P2 = fresh_prefix()
+        cmd(c, { "SET", P2 .. "name-buckets", "16" })
+        cmd(c, { "SET", P2 .. "algo-index", "0" })
+        s = open(with_prefix(URL, P2))
+        assert.is_false(s.probe)
+        assert.is_true(s:put(nil, a))
+        assert.are.same({ "gni/ni" .. RUN }, index_members(c, s, P2, "name", "ni" .. RUN))
+        assert.are.same({ "gni/ni" .. RUN }, find_all(s, { name = "ni" .. RUN }))
+        assert.are.equal(hiredis.null, cmd(c, { "GET", P2 .. "name-index" }))   -- nothing recorded
+        s:close()
+        H.expect_err("EINVAL", store.open(with_prefix(URL, P2, "&name_index=other")))
+        -- a record that is neither: EFORMAT, naming the key
+        cmd(c, { "SET", P .. "name-index", "some" })
+        r = H.pack(store.open(with_prefix(URL, P)))
+        assert.are.equal("EFORMAT", r[3])
+        assert.matches(P .. "name-index holds 'some'", r[2], 1, true)
+    end)
+
+    it("a damaged P default-ids: the write fails naming it, before any blob is written; find "
+       .. "by name fails naming it", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local blobs = make_blobs(3, "dmg" .. RUN, "gdmg")
+        cmd(c, { "SET", P .. "default-ids", "not a set" })
+        for _, try in ipairs {
+            function() return s:put_many(items_of(blobs)) end,
+            function() return s:put(nil, blobs[1]) end,
+        } do
+            local r = H.pack(try())
+            assert.is_nil(r[1])
+            assert.matches(P .. "default-ids", r[2], 1, true)
+            assert.matches("WRONGTYPE", r[2], 1, true)
+            assert.are.same({}, scan_keys(c, P .. "k:*"))
+            assert.are.equal(0, s:count())
+        end
+        local r = H.pack(s:find({ name = "dmg" .. RUN .. "-1" }))
+        assert.is_nil(r[1])
+        assert.matches("WRONGTYPE", r[2], 1, true)
+        -- mended: the writes land and are found
+        cmd(c, { "DEL", P .. "default-ids" })
+        assert.are.equal(3, s:put_many(items_of(blobs)))
+        assert.are.same({ ids_of(blobs)[2] }, find_all(s, { name = "dmg" .. RUN .. "-2" }))
+        s:close()
+    end)
+
     it("put_many batches keys into one script call and keeps index and counter exact", function()
         -- 65,536 name hashes: a slice's names fall in too many for one transaction, so
         -- new keys go through the scripts too (the transaction is tested below)
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P, "&name_buckets=65536"))
+        local s = open(with_prefix(URL, P, "&name_buckets=65536&name_index=all"))
         local a = H.gen(device(), { algo = "ec", curve = "P-256", name = "ba", group = "ga", specifier = 1 })
         local b = H.gen(device(), { algo = "aes", size = 256, name = "bb", group = "gb" })
         local a2 = H.gen(device(), { algo = "ec", curve = "P-256", name = "ba", group = "ga", specifier = 1 })
@@ -1003,7 +1139,9 @@ describe("redis store", function()
     it("put_many writes new keys as one transaction per slice; a name another id holds, a key "
         .. "already there, a write between its reads and EXEC, a new connection", function()
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))   -- the default 16 name hashes: the transaction
+        -- the default 16 name hashes: the transaction; name_index=all: default ids have name
+        -- entries (name_index=other is tested below)
+        local s = open(with_prefix(URL, P, "&name_index=all"))
         local function members(field, value)
             local m = index_members(c, s, P, field, value)
             table.sort(m)
@@ -1220,7 +1358,7 @@ describe("redis store", function()
     it("a name set of another type, for a name another id holds: the scripts write the slice "
         .. "and the name stays found", function()
         local P = fresh_prefix()
-        local s = open(with_prefix(URL, P))
+        local s = open(with_prefix(URL, P, "&name_index=all"))
         local nm = "typed" .. RUN
         local a = H.gen(device(), { algo = "ec", curve = "P-256", name = nm, group = "g1" })
         local b = H.gen(device(), { algo = "ec", curve = "P-256", name = nm, group = "g2" })
@@ -1382,7 +1520,8 @@ describe("redis store", function()
     it("scan fills a page in few SCAN round trips although index keys dilute the keyspace", function()
         -- a database of its own: only this store's keys (a blob each, and 1,000 names in
         -- 65,536 name index hashes: nearly one hash each)
-        local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix(), "&name_buckets=65536"))
+        local s = open(with_prefix(URL:gsub("/0%?", "/9?"), fresh_prefix(),
+                                   "&name_buckets=65536&name_index=all"))
         cmd(c, { "SELECT", "9" })
         finally(function() cmd(c, { "FLUSHDB" }); cmd(c, { "SELECT", "0" }) end)
         local blobs = make_blobs(1000, "dil" .. RUN, "gdil")
@@ -1888,6 +2027,21 @@ describe("redis cluster store", function()
         end
         s:close()
         t:close()
+    end)
+
+    it("keeps a name entry for every key (name_index=all); name_index=other is refused", function()
+        local P = fresh_prefix()
+        local msg = H.expect_err("EINVAL", store.open(with_prefix(CURL, P, "&buckets=16&name_index=other")))
+        assert.truthy(msg:find("name_index=other is for one Redis", 1, true), msg)
+        local s = open(with_prefix(CURL, P, "&buckets=16"))
+        assert.is_false(s.probe)
+        local nrec = P .. "{meta}name-index"
+        assert.are.equal("all", s.transport:pipeline({ { "GET", nrec, key = nrec } })[1])
+        local blobs = make_blobs(4, "cni" .. RUN, "gcni")
+        assert.are.equal(4, s:put_many(items_of(blobs)))
+        assert.are.same({ ids_of(blobs)[3] }, find_all(s, { name = "cni" .. RUN .. "-3" }))
+        for _, id in ipairs(ids_of(blobs)) do assert.is_true(s:delete(id)) end
+        s:close()
     end)
 
     it("refuses another bucket count for an existing store, and braces in the prefix", function()

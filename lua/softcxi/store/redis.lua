@@ -11,6 +11,10 @@
 --   chunk=1000           items per pipeline in put_many
 --   algo_index=0         1: a set of ids per algo (find{ algo = } reads it); 0: none, and
 --                        find{ algo = } reads the blobs (fixed when the store is made)
+--   name_index=other     which keys get a name index entry: all (every key with a name),
+--                        or other (those stored under an id other than their default id
+--                        group/name[/specifier]; find{ name = } looks the default ids up
+--                        instead; fixed when the store is made; one Redis only)
 --   transport=auto       hiredis (plain Lua) or resty (cosockets, inside nginx); auto picks
 --
 -- Layout under the prefix P (docs/stores.md):
@@ -23,6 +27,11 @@
 --   P name-buckets             name_buckets, recorded when the store is first opened
 --   P algo-index               1 or 0 (algo_index), recorded with name-buckets; absent in
 --                              a store made before it: that one has algo sets
+--   P name-index               all or other (name_index), recorded with name-buckets;
+--                              absent in a store made before it: all
+--   P default-ids              name_index=other: the groups and specifiers of the keys
+--                              stored under their default id, a set of group\0specifier
+--                              (find{ name = X } tests <group>/X[/<specifier>] for each)
 -- Every write is a Lua script run by Redis (EVALSHA): it checks the current value (absent
 -- for a plain put, equal to what the caller expects for if_match, overwrite and delete),
 -- writes or deletes the blob, updates the index sets and the counter; one call writes up
@@ -246,6 +255,32 @@ return out
 -- index set and no counter changes.  KEYS: the items' blob keys (one bucket).  ARGV: per
 -- item: expected, new.  Returns per item 1 (written), -1 (absent), -2 (differs), -3
 -- (holds another type), as WRITE_SCRIPT.
+-- FRESH_SCRIPT for items without a name entry: keys without a name, or (name_index=other)
+-- stored under their default id.  KEYS: the counter, m shared index sets, then per item its
+-- blob key.  ARGV: m, then per item: id, blob.  Returns per item 1 or 0, as FRESH_SCRIPT.
+local FRESH_PLAIN_SCRIPT = [[
+local m = tonumber(ARGV[1])
+local out, t = {}, {}
+local a = 2
+for k = m + 2, #KEYS do
+  if redis.call('SET', KEYS[k], ARGV[a + 1], 'NX') then
+    t[#t + 1] = ARGV[a]
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  a = a + 2
+end
+if #t > 0 then
+  for s = 2, m + 1 do
+    for f = 1, #t, 1000 do redis.call('SADD', KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
+  end
+  local cnt = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  redis.call('SET', KEYS[1], string.format('%d', cnt + #t))
+end
+return out
+]]
+
 local SWAP_SCRIPT = [[
 local out = {}
 for i = 1, #KEYS do
@@ -357,12 +392,14 @@ return out
 ]]
 
 -- A new store's records: KEYS[1] the name bucket count (ARGV[1]), KEYS[2] whether it keeps
--- an algo index (ARGV[2]); both or neither, so that a store whose name record another
--- process made first (or an older softcxi, without the algo record) is left as it is.
+-- an algo index (ARGV[2]), KEYS[3] which keys have name entries (ARGV[3]); all or none, so
+-- that a store whose name record another process made first (or an older softcxi, without
+-- the later records) is left as it is.
 local RECORDS_SCRIPT = [[
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], ARGV[1])
   redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('SET', KEYS[3], ARGV[3])
 end
 return 1
 ]]
@@ -375,6 +412,7 @@ end
 
 local SCRIPTS = {}
 for name, text in pairs { write = WRITE_SCRIPT, fresh = FRESH_SCRIPT, swap = SWAP_SCRIPT,
+                          fresh_plain = FRESH_PLAIN_SCRIPT,
                           delete = DELETE_SCRIPT, find = FIND_SCRIPT, find_name = FIND_NAME_SCRIPT,
                           upgrade = UPGRADE_SCRIPT, records = RECORDS_SCRIPT } do
     SCRIPTS[name] = { text = text, sha = sha1_hex(text) }
@@ -446,7 +484,7 @@ end
 
 local QUERY = { prefix = true, timeout = true, wait_replicas = true, wait_timeout_ms = true,
                 buckets = true, chunk = true, transport = true, name_buckets = true, upgrade = true,
-                algo_index = true }
+                algo_index = true, name_index = true }
 -- store.open's opts only
 local OPTS_ONLY = { on_upgrade = true }
 
@@ -474,7 +512,7 @@ function _M.parse_url(rest, unix)
                 local what = body:find("@", 1, true) and "" or " '" .. (k or pair) .. "'"
                 return nil, "unknown URL parameter" .. what .. " (" .. (unix and "db, " or "")
                     .. "prefix, timeout, wait_replicas, wait_timeout_ms, buckets, name_buckets, chunk, "
-                    .. "transport, upgrade; percent-encode ? & @ % in a password)"
+                    .. "transport, upgrade, algo_index, name_index; percent-encode ? & @ % in a password)"
             else
                 u.query[k] = pct_decode(v)     -- a later repetition wins
             end
@@ -580,6 +618,13 @@ function _M.config(fn, u, opts)
             return nil, fn .. ": algo_index must be 1 or 0, not '" .. tostring(ai) .. "'"
         end
     end
+    local ni = merged.name_index
+    if ni ~= nil then
+        if ni ~= "all" and ni ~= "other" then
+            return nil, fn .. ": name_index must be all or other, not '" .. tostring(ni) .. "'"
+        end
+        cfg.name_index = ni
+    end
     if merged.on_upgrade ~= nil and type(merged.on_upgrade) ~= "function" then
         error(fn .. ": on_upgrade must be a function", 3)
     end
@@ -618,6 +663,9 @@ function _M.new(t, cfg, layout)
         -- the algo index: asked for (nil: the default), and what the store recorded (a
         -- store without the record has one: made before it was optional)
         want_algo = cfg.algo_index, by_algo = true, fields = FIELDS,
+        -- the name index: asked for (nil: the default), and what the store recorded:
+        -- probe true when keys under their default id have no name entry (name_index=other)
+        want_nidx = cfg.name_index, probe = false, defaults_known = {}, ndefaults_known = 0,
     }
     return setmetatable(s, mt)
 end
@@ -696,6 +744,36 @@ local function algo_record(self)
     return self.P .. (self.cluster and "{meta}" or "") .. "algo-index"
 end
 
+-- Where a store records which keys have name index entries ("all" or "other").
+local function nidx_record(self)
+    return self.P .. (self.cluster and "{meta}" or "") .. "name-index"
+end
+
+-- The set of the groups and specifiers of keys under their default id (name_index=other).
+local function defaults_key(self)
+    return self.P .. "default-ids"
+end
+
+-- Take the name index record's value v (null: none, an older store: every name has an
+-- entry).
+local function take_nidx(self, fn, v)
+    local which
+    if v == self.null or v == "all" then
+        which = "all"
+    elseif v == "other" and not self.cluster then
+        which = "other"
+    else
+        return nil, string_format("%s: %s holds '%s', not all or other", fn, nidx_record(self), tostring(v)),
+            "EFORMAT"
+    end
+    if self.want_nidx ~= nil and self.want_nidx ~= which then
+        return nil, string_format("%s: the store under prefix '%s' was created with name_index=%s, not %s",
+                                  fn, self.P, which, self.want_nidx), "EINVAL"
+    end
+    self.probe = which == "other"
+    return true
+end
+
 -- Take the algo index record's value v (null: none, an older store, which has the index).
 local function take_algo(self, fn, v)
     local by
@@ -729,9 +807,11 @@ local function take_names(self, fn, v)
     return true
 end
 
--- take_algo, then take_names: true or nil, msg, code.
-local function take_records(self, fn, names, algo)
+-- take_algo, take_nidx, then take_names: true or nil, msg, code.
+local function take_records(self, fn, names, algo, nidx)
     local ok, err, code = take_algo(self, fn, algo)
+    if not ok then return nil, err, code end
+    ok, err, code = take_nidx(self, fn, nidx)
     if not ok then return nil, err, code end
     return take_names(self, fn, names)
 end
@@ -744,15 +824,15 @@ local upgrade
 local function ready(self, fn)
     if self.nm then return true end
     local rec, up = names_record(self)
-    local arec = algo_record(self)
+    local arec, nrec = algo_record(self), nidx_record(self)
     local res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", up, key = up },
-                                       { "GET", arec, key = arec } }, RETRY)
+                                       { "GET", arec, key = arec }, { "GET", nrec, key = nrec } }, RETRY)
     if err then return nil, fn .. ": " .. err, code end
-    for i = 1, 3 do
+    for i = 1, 4 do
         if is_err(res[i]) then return nil, fn .. ": " .. res[i].err, rcode(res[i].err) end
     end
     local null = self.null
-    if res[1] ~= null and not self.upgrade then return take_records(self, fn, res[1], res[3]) end
+    if res[1] ~= null and not self.upgrade then return take_records(self, fn, res[1], res[3], res[4]) end
     local made = res[1] ~= null    -- the records are there (upgrade: run again over a store)
     local old = res[2] ~= null
     if not old and res[1] == null then
@@ -764,16 +844,17 @@ local function ready(self, fn)
             -- have made the store meanwhile.  It recorded the count before it wrote any
             -- blob, so asking again after the count settles it.
             local again
-            again, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec } }, RETRY)
+            again, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec },
+                                           { "GET", nrec, key = nrec } }, RETRY)
             if err then return nil, fn .. ": " .. err, code end
-            for i = 1, 2 do
+            for i = 1, 3 do
                 if is_err(again[i]) then return nil, fn .. ": " .. again[i].err, rcode(again[i].err) end
             end
             if again[1] ~= null and not self.upgrade then
-                return take_records(self, fn, again[1], again[2])
+                return take_records(self, fn, again[1], again[2], again[3])
             end
             made, old = again[1] ~= null, again[1] == null
-            res[3] = again[2]
+            res[3], res[4] = again[2], again[3]
         end
     end
     if old and not self.upgrade then
@@ -787,8 +868,10 @@ local function ready(self, fn)
     -- upgrade: an older layout, or a store of this one run again; a new store (nothing
     -- there) is made below, records and all, as without upgrade
     if old or (self.upgrade and made) then
-        -- algo_index asked otherwise than the store has: refused before anything is written
+        -- algo_index or name_index asked otherwise than the store has: refused before
+        -- anything is written
         local ok, e, c = take_algo(self, fn, res[3])
+        if ok then ok, e, c = take_nidx(self, fn, res[4]) end
         if not ok then return nil, e, c end
         return upgrade(self, fn)
     end
@@ -797,16 +880,23 @@ local function ready(self, fn)
     local want = self.want_names or NAME_BUCKETS
     -- (the script alone first: a NOSCRIPT answer is sent again as EVAL after the replies
     -- of the rest of its pipeline were read)
-    local mk = script_cmd(SCRIPTS.records, { rec, arec }, { want, self.want_algo and "1" or "0" })
+    -- (name_index=other by default on one Redis; a cluster keeps every name's entry)
+    local nidx = self.want_nidx or (self.cluster and "all" or "other")
+    if self.cluster and nidx == "other" then
+        return nil, fn .. ": name_index=other is for one Redis; a cluster store keeps name_index=all",
+            "EINVAL"
+    end
+    local mk = script_cmd(SCRIPTS.records, { rec, arec, nrec }, { want, self.want_algo and "1" or "0", nidx })
     local r1
     r1, err, code = call(self, mk)
     if r1 == nil then return nil, fn .. ": " .. err, code end
-    res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec } })
+    res, err, code = run(self, { { "GET", rec, key = rec }, { "GET", arec, key = arec },
+                                 { "GET", nrec, key = nrec } })
     if err then return nil, fn .. ": " .. err, code end
-    for i = 1, 2 do
+    for i = 1, 3 do
         if is_err(res[i]) then return nil, fn .. ": " .. res[i].err, rcode(res[i].err) end
     end
-    return take_records(self, fn, res[1], res[2])
+    return take_records(self, fn, res[1], res[2], res[3])
 end
 _M.ready = ready
 
@@ -885,15 +975,16 @@ upgrade = function(self, fn)
             end
         end
     end
-    local arec = algo_record(self)
+    local arec, nrec = algo_record(self), nidx_record(self)
     local res, err, code = run(self, { { "GET", rec, key = rec }, { "SET", up, want, "NX", key = up },
-                                       { "GET", up, key = up }, { "GET", arec, key = arec } })
+                                       { "GET", up, key = up }, { "GET", arec, key = arec },
+                                       { "GET", nrec, key = nrec } })
     if err then return nil, fn .. ": upgrade: " .. err, code end
-    for i = 1, 4 do
+    for i = 1, 5 do
         if is_err(res[i]) then return nil, fn .. ": upgrade: " .. res[i].err, rcode(res[i].err) end
     end
     local ok, msg
-    ok, msg, code = take_records(self, fn, res[1] ~= self.null and res[1] or res[3], res[4])
+    ok, msg, code = take_records(self, fn, res[1] ~= self.null and res[1] or res[3], res[4], res[5])
     if not ok then return nil, msg, code end
     local P, cluster = self.P, self.cluster
     local pat = glob_escape(P) .. (cluster and "{*}" or "") .. "idx:name:*"
@@ -982,6 +1073,94 @@ function _M:blob_key(id)
     return self.P .. self.tags[self:bucket(id)] .. "k:" .. id
 end
 
+-- ---- default ids: keys without a name entry (name_index=other) --------------------
+
+-- Whether id is info's default id, group/name[/specifier] (store.id_of's).
+local function is_default(id, info)
+    local name = info.name
+    if name == nil or name == "" then return false end
+    local spec = info.specifier
+    local d = (info.group or "") .. "/" .. attr_str(name)
+    if spec ~= nil then d = d .. "/" .. attr_str(spec) end
+    return d == id
+end
+_M.is_default = is_default
+
+-- The name id's entry in the name index holds for info: its name, or nil when it has none
+-- or (name_index=other) id is its default id.
+local function entry_name(self, id, info)
+    local name = info.name
+    if name == nil or (self.probe and is_default(id, info)) then return nil end
+    return attr_str(name)
+end
+
+-- A key's group and specifier as P default-ids holds them: group\0specifier (no group: '';
+-- no specifier: nothing after the NUL; a specifier is digits, never empty).
+local function default_member(info)
+    local spec = info.specifier
+    return (info.group or "") .. "\0" .. (spec ~= nil and attr_str(spec) or "")
+end
+
+local MAX_DEFAULTS_KNOWN = 65536
+
+-- Record in P default-ids the groups and specifiers of the entries of batch marked dflt
+-- (keys to be written under their default id) that this store object has not recorded
+-- yet: before the keys are written, so that find{ name = } finds them as soon as they are
+-- there.  A member stays when its keys go (find tests and skips it).  An entry with
+-- expect whose old value has the same group, name and specifier (rewrap's
+-- compare-and-set) needs none: its key was recorded when first written.
+-- true, or nil, msg, code.  before() runs first when a write is needed (put_many: land
+-- the slices in flight on the connection).
+local function record_defaults(self, batch, before)
+    local known, add, seen = self.defaults_known, nil, nil
+    for i = 1, #batch do
+        local e = batch[i]
+        if e.dflt then
+            local info = e.info
+            local g, spec = info.group or "", info.specifier
+            local kg = known[g]
+            local sk = spec == nil and "" or spec
+            if not (kg and kg[sk]) then
+                local old = e.expect
+                local oi = old ~= nil and (self.info_memo and self.info_memo[old] or key_attrs(old))
+                if not (oi and oi.group == info.group and oi.specifier == spec and oi.name == info.name) then
+                    local m = default_member(info)
+                    seen = seen or {}
+                    if not seen[m] then
+                        seen[m] = true
+                        add = add or { "SADD", defaults_key(self) }
+                        add[#add + 1] = m
+                    end
+                end
+                if self.ndefaults_known >= MAX_DEFAULTS_KNOWN then
+                    known, self.ndefaults_known = {}, 0
+                    self.defaults_known = known
+                end
+                kg = known[g]
+                if not kg then
+                    kg = {}
+                    known[g] = kg
+                end
+                kg[sk] = true
+                self.ndefaults_known = self.ndefaults_known + 1
+            end
+        end
+    end
+    if not add then return true end
+    if before then
+        local ok, msg, code = before()
+        if not ok then return nil, msg, code end
+    end
+    add.key = add[2]
+    local r, err, code = call(self, add, WRITE)
+    if r == nil then
+        -- not recorded: forget them all, so the next write tries again
+        self.defaults_known, self.ndefaults_known = {}, 0
+        return nil, string_format("recording the key's group and specifier in %s: %s", add[2], err), code
+    end
+    return true
+end
+
 -- The key of the index set of field:v in the bucket whose keys start with base.
 local function set_key(base, field, v)
     return base .. "idx:" .. field .. ":" .. attr_str(v)
@@ -1003,6 +1182,7 @@ end
 
 local WRITE_SHA, WRITE_TEXT = SCRIPTS.write.sha, SCRIPTS.write.text
 local FRESH_SHA, FRESH_TEXT = SCRIPTS.fresh.sha, SCRIPTS.fresh.text
+local FRESH_PLAIN_SHA, FRESH_PLAIN_TEXT = SCRIPTS.fresh_plain.sha, SCRIPTS.fresh_plain.text
 local SWAP_SHA, SWAP_TEXT = SCRIPTS.swap.sha, SCRIPTS.swap.text
 
 -- Items per write script call: Redis runs a script alone, so a call must stay short
@@ -1051,10 +1231,11 @@ local function set_of(self, g, f, v)
     return set
 end
 
--- A FRESH_SCRIPT call being built: bucket base, the shared sets' keys.
-local function new_fresh(base, shared)
-    return { base = base, fresh = true, shared = shared, n = 0, nargs = 8 + #shared, ids = {},
-             keys = {}, args = {}, idx = {} }
+-- A FRESH_SCRIPT call being built (plain: FRESH_PLAIN_SCRIPT's): bucket base, the shared
+-- sets' keys.
+local function new_fresh(base, shared, plain)
+    return { base = base, fresh = true, plain = plain, shared = shared, n = 0, nargs = 8 + #shared,
+             ids = {}, keys = {}, args = {}, idx = {} }
 end
 
 -- The shared index sets (specifier, group, algo: those present) of a fresh item.
@@ -1073,9 +1254,10 @@ end
 -- bucket and combination of the other indexed attributes.  Returns cmds and, per cmd,
 -- the entry positions it carries (in order).  eval: send the script's text (EVAL) rather
 -- than its SHA1.
--- Add entry e (position ei, no expected value, a name) to the open fresh call for its
--- bucket b and other indexed attributes, or to a new one.
-local function add_fresh(self, fresh, calls, b, e, ei)
+-- Add entry e (position ei, no expected value; nm: its name index entry, or nil for none)
+-- to the open fresh call (plain when nm is nil) for its bucket b and other indexed
+-- attributes, or to a new one.
+local function add_fresh(self, fresh, calls, b, e, ei, nm)
     local id, info = e.id, e.info
     local spec, grp, algo = info.specifier, info.group, info.algo
     local t1 = fresh[b]
@@ -1102,15 +1284,24 @@ local function add_fresh(self, fresh, calls, b, e, ei)
     local g = t3[k3]
     if not g or g.n >= SCRIPT_ITEMS or g.nargs > SCRIPT_ARGS or g.ids[id] then
         local base = self.P .. self.tags[b]
-        g = new_fresh(base, g and g.shared or shared_sets(base, spec, grp, self.by_algo and algo or nil))
+        g = new_fresh(base, g and g.shared or shared_sets(base, spec, grp, self.by_algo and algo or nil),
+                      nm == nil)
         t3[k3] = g
         calls[#calls + 1] = g
     end
     local k = g.n + 1
-    g.n, g.ids[id], g.idx[k], g.nargs = k, true, ei, g.nargs + 5
-    local keys, args, j, name = g.keys, g.args, 3 * k, attr_str(info.name)
-    keys[2 * k - 1], keys[2 * k] = g.base .. "k:" .. id, name_key(self, g.base, name, info.name_h31)
-    args[j - 2], args[j - 1], args[j] = id, e.blob, name
+    local keys, args = g.keys, g.args
+    g.n, g.ids[id], g.idx[k] = k, true, ei
+    if nm then
+        g.nargs = g.nargs + 5
+        local j = 3 * k
+        keys[2 * k - 1], keys[2 * k] = g.base .. "k:" .. id, name_key(self, g.base, nm, info.name_h31)
+        args[j - 2], args[j - 1], args[j] = id, e.blob, nm
+    else
+        g.nargs = g.nargs + 3
+        keys[k] = g.base .. "k:" .. id
+        args[2 * k - 1], args[2 * k] = id, e.blob
+    end
 end
 
 -- Add entry e (position ei) to the open SWAP_SCRIPT call for bucket b, or a new one.
@@ -1149,12 +1340,17 @@ local function add_write(self, open, calls, b, e, ei, old_info)
     local n = #args
     args[n + 1], args[n + 2], args[n + 3] = id, e.blob, old or ""
     args[n + 4] = not old and "a" or old_info and "b" or "f"
+    -- the name entries (fields[1] is the name): none for a key under its default id
+    -- (name_index=other)
+    local new_name = not e.dflt and info.name ~= nil and attr_str(info.name) or nil
+    local old_name = old_info and entry_name(self, id, old_info)
     -- an attribute value that does not change touches no set
     if old_info then
         for i = 1, nfields do
             local f = fields[i]
-            local v = old_info[f]
-            if v ~= nil and v ~= info[f] then
+            local v, nv = old_info[f], info[f]
+            if i == 1 then v, nv = old_name, new_name end
+            if v ~= nil and v ~= nv then
                 local set = set_of(self, g, f, v)
                 if set.leave == EMPTY then set.leave = {} end
                 set.leave[#set.leave + 1] = id
@@ -1163,8 +1359,9 @@ local function add_write(self, open, calls, b, e, ei, old_info)
     end
     for i = 1, nfields do
         local f = fields[i]
-        local v = info[f]
-        if v ~= nil and (not old_info or old_info[f] ~= v) then
+        local v, ov = info[f], old_info and old_info[f]
+        if i == 1 then v, ov = new_name, old_name end
+        if v ~= nil and (not old_info or ov ~= v) then
             local set = set_of(self, g, f, v)
             if set.join == EMPTY then set.join = {} end
             set.join[#set.join + 1] = id
@@ -1176,9 +1373,10 @@ end
 local function fresh_argv(g, eval)
     local sets, keys, args = g.shared, g.keys, g.args
     local counter = g.base .. "n"
-    local argv = { "EVALSHA", FRESH_SHA, 1 + #sets + #keys, counter,
-                   key = counter, script = FRESH_TEXT }
-    if eval then argv[1], argv[2], argv.script = "EVAL", FRESH_TEXT, nil end
+    local sha, text = FRESH_SHA, FRESH_TEXT
+    if g.plain then sha, text = FRESH_PLAIN_SHA, FRESH_PLAIN_TEXT end
+    local argv = { "EVALSHA", sha, 1 + #sets + #keys, counter, key = counter, script = text }
+    if eval then argv[1], argv[2], argv.script = "EVAL", text, nil end
     local n = 4
     for i = 1, #sets do argv[n + i] = sets[i] end
     n = n + #sets
@@ -1250,18 +1448,16 @@ end
 -- call.  Returns cmds and, per cmd, the entry positions it carries (in order).  eval:
 -- send the script's text (EVAL) rather than its SHA1.
 local function write_cmds(self, entries, eval)
-    local open, fresh, swaps, calls = {}, {}, {}, {}
-    local bucket_of, memo = self.bucket_of, self.info_memo
+    local open, fresh, plain, swaps, calls = {}, {}, {}, {}, {}
+    local bucket_of, memo, probe = self.bucket_of, self.info_memo, self.probe
     for ei = 1, #entries do
         local e = entries[ei]
         local b = bucket_of and bucket_of(e.id) or 0
         local old, info = e.expect, e.info
+        if e.dflt == nil then e.dflt = probe and is_default(e.id, info) end
         if old == nil then
-            if info.name ~= nil then
-                add_fresh(self, fresh, calls, b, e, ei)
-            else
-                add_write(self, open, calls, b, e, ei, nil)
-            end
+            local nm = not e.dflt and info.name ~= nil and attr_str(info.name) or nil
+            add_fresh(self, nm and fresh or plain, calls, b, e, ei, nm)
         else
             local oi = memo and memo[old] or key_attrs(old)
             if oi and oi.name == info.name and oi.specifier == info.specifier
@@ -1290,7 +1486,13 @@ end
 
 -- One item's write: its result (1, 0, -1, -2, -3) or nil, msg, code.
 local function write_one(self, id, blob, info, expect)
-    local cmds = write_cmds(self, { { id = id, blob = blob, info = info, expect = expect } })
+    local e = { id = id, blob = blob, info = info, expect = expect }
+    e.dflt = self.probe and is_default(id, info)
+    if e.dflt then
+        local ok, err, code = record_defaults(self, { e })
+        if not ok then return nil, err, code end
+    end
+    local cmds = write_cmds(self, { e })
     local r, err, code = call(self, cmds[1], WRITE)
     if r == nil then return nil, err, code end
     return r[1]
@@ -1303,8 +1505,8 @@ local function delete_cmd(self, id, old)
     local old_info = key_info(old)
     if old_info then
         args[3] = "1"
-        if old_info.name ~= nil then
-            local name = attr_str(old_info.name)
+        local name = entry_name(self, id, old_info)
+        if name then
             keys[3], keys[4], args[4] = name_key(self, base, name), base .. "idx:name:" .. name, name
         end
         index_keys(keys, #keys, base, old_info, self.fields)
@@ -1510,23 +1712,26 @@ local function fast_slice(self, t, batch)
         local key = kbase .. id
         keys[i + 1] = key
         mset[2 * i], mset[2 * i + 1] = key, e.blob
-        local name = info.name
-        if type(name) ~= "string" then name = attr_str(name) end
-        if named[name] then twins = true end
-        named[name] = true
-        local hb = name_bucket(name, nm, info.name_h31)
-        local h = hashes[hb]
-        if not h then
-            if #horder >= FAST_HASHES then return false end
-            local hk = base .. "nx:" .. hb
-            h = { key = hk, hm = { "HMGET", hk }, hs = { "HSET", hk } }
-            hashes[hb] = h
-            horder[#horder + 1] = h
+        -- a name entry, unless the key is under its default id (name_index=other)
+        if not e.dflt then
+            local name = info.name
+            if type(name) ~= "string" then name = attr_str(name) end
+            if named[name] then twins = true end
+            named[name] = true
+            local hb = name_bucket(name, nm, info.name_h31)
+            local h = hashes[hb]
+            if not h then
+                if #horder >= FAST_HASHES then return false end
+                local hk = base .. "nx:" .. hb
+                h = { key = hk, hm = { "HMGET", hk }, hs = { "HSET", hk } }
+                hashes[hb] = h
+                horder[#horder + 1] = h
+            end
+            local hm, hs = h.hm, h.hs
+            hm[#hm + 1] = name
+            local k = #hs
+            hs[k + 1], hs[k + 2] = name, id
         end
-        local hm, hs = h.hm, h.hs
-        hm[#hm + 1] = name
-        local k = #hs
-        hs[k + 1], hs[k + 2] = name, id
         -- the index sets (FIELDS but the name), most slices having one value of each
         local v = info.specifier
         if v ~= nil then
@@ -1678,6 +1883,7 @@ function _M:put_many(items, opts)
         local ok, msg, c = ready(self, fn)
         if not ok then return nil, msg, c, 0 end
     end
+    local probe = self.probe
     local stored, skipped, nfail = 0, 0, 0
     local fail_msg, fail_code
 
@@ -1822,7 +2028,7 @@ function _M:put_many(items, opts)
                 end
                 -- expect (set below) made now: a field added later would grow the table
                 batch[#batch + 1] = { id = id, info = info, blob = it.blob, old = it.if_match,
-                                      expect = it.if_match }
+                                      expect = it.if_match, dflt = probe and is_default(id, info) }
             end
 
             -- overwrite: read what is there first, then compare-and-set against it
@@ -1847,6 +2053,20 @@ function _M:put_many(items, opts)
                 if old == nil and overwrite and type(cur[j]) == "string" then old = cur[j] end
                 e.expect = old
                 if old ~= nil or e.info.name == nil then fast = false end
+            end
+            if probe then
+                -- the groups and specifiers of keys under their default id, recorded first
+                -- (once per store object; the slices in flight landed before)
+                local landed
+                local ok, msg, c = record_defaults(self, batch, function()
+                    landed = land(0)
+                    return landed == nil
+                end)
+                if landed then return landed[1], landed[2], landed[3], landed[4] end
+                if not ok then
+                    return nil, string_format("%s: %s (%d of %d keys stored)", fn, msg, stored, total), c,
+                        stored
+                end
             end
             local handled = false
             if fast then
@@ -2531,6 +2751,70 @@ function _M:scan_blobs(cursor, count)
     return out, vals, nxt, bad
 end
 
+-- find{ name = } in a store with name_index=other, the keys under their default id: a
+-- page of P default-ids (SSCAN from cursor), and for each group g and specifier s there
+-- (those the filter allows) the key <g>/<name>[/<s>], kept when it holds a blob whose
+-- group, name and specifier are those (and algo, if asked): a key under another id has a
+-- name entry instead, and is found there.  A key found here that has a name entry all the
+-- same (written by a softcxi before name_index, or a damaged index) is left to the name
+-- index's part: each id once.  Returns ids, the next SSCAN cursor; or nil, msg, code.
+local PROBE_COUNT = 256
+
+local function probe_defaults(self, name, filter, cursor, count)
+    local fg = filter.group ~= nil and attr_str(filter.group) or nil
+    local fs = filter.specifier ~= nil and attr_str(tonumber(filter.specifier)) or nil
+    local fa = filter.algo ~= nil and attr_str(filter.algo) or nil
+    local key, hkey = defaults_key(self), name_key(self, self.P, name)
+    local res, err, code = run(self, {
+        { "SSCAN", key, cursor, "COUNT", math_max(count, PROBE_COUNT), key = key },
+        { "HGET", hkey, name, key = hkey } }, RETRY)
+    if err then return nil, err, code end
+    for i = 1, 2 do
+        if is_err(res[i]) then return nil, res[i].err, rcode(res[i].err) end
+    end
+    local r, held = res[1], res[2]   -- held: the name's entry (an id, or '': its set)
+    local ids, want = {}, {}
+    for _, m in ipairs(r[2]) do
+        local g, spec = m:match("^(.*)%z(%-?%d*)$")
+        if g and (fg == nil or g == fg) and (fs == nil or spec == fs) then
+            local id = g .. "/" .. name
+            if spec ~= "" then id = id .. "/" .. spec end
+            if not want[id] then
+                want[id] = { g, spec }
+                ids[#ids + 1] = id
+            end
+        end
+    end
+    local out = {}
+    if #ids > 0 then
+        local got, vals, c = fetch_values(self, ids)
+        if not got then return nil, vals, c end
+        for i = 1, #got do
+            local info = key_attrs(vals[i])
+            local w = want[got[i]]
+            if info and info.name ~= nil and attr_str(info.name) == name and (info.group or "") == w[1]
+               and (info.specifier ~= nil and attr_str(info.specifier) or "") == w[2]
+               and (fa == nil or attr_str(info.algo) == fa) and got[i] ~= held then
+                out[#out + 1] = got[i]
+            end
+        end
+    end
+    if held == "" and #out > 0 then
+        local set = self.P .. "idx:name:" .. name
+        local q = {}
+        for i = 1, #out do q[i] = { "SISMEMBER", set, out[i], key = set } end
+        res, err, code = run(self, q, RETRY)
+        if err then return nil, err, code end
+        local kept = {}
+        for i = 1, #out do
+            if is_err(res[i]) then return nil, res[i].err, rcode(res[i].err) end
+            if res[i] ~= 1 then kept[#kept + 1] = out[i] end
+        end
+        out = kept
+    end
+    return out, r[1]
+end
+
 --- Ids whose blob's attributes match filter (fields name, specifier, group, algo; an
 -- empty filter matches every blob), at most limit (default 100) per call, paged by
 -- cursor: ids, next_cursor (nil when done).
@@ -2582,10 +2866,15 @@ function _M:find(filter, cursor, limit)
     elseif #fields == 0 and not name then
         return scan(self, fn, cursor, limit)
     else
-        local P, tags = self.P, self.tags
+        local P, tags, nb = self.P, self.tags, self.nb
+        -- name_index=other: the default ids are a part after the buckets'
+        local probe = name ~= nil and self.probe
         local fetch = function(reqs)
             local cmds = {}
-            for j, req in ipairs(reqs) do
+            local last = reqs[#reqs]
+            local probe_req = probe and last[1] == nb and last or nil
+            for j = 1, #reqs - (probe_req and 1 or 0) do
+                local req = reqs[j]
                 local base = P .. tags[req[1]]
                 local keys = {}
                 if name then keys[1], keys[2] = name_key(self, base, name), base .. "idx:name:" .. name end
@@ -2598,23 +2887,30 @@ function _M:find(filter, cursor, limit)
                     cmds[j] = script_cmd(SCRIPTS.find, keys, { req[2], req[3] })
                 end
             end
-            local res, err, c = run(self, cmds, RETRY)
-            if err then return nil, err, c end
             local got = {}
-            for j = 1, #cmds do
-                local r = res[j]
-                if is_err(r) then return nil, r.err, rcode(r.err) end
-                -- an empty member (a damaged set: no id is empty) is left out, never
-                -- handed to a caller whose get() would raise
-                local members = r[2]
-                for k = #members, 1, -1 do
-                    if members[k] == "" then table.remove(members, k) end
+            if #cmds > 0 then
+                local res, err, c = run(self, cmds, RETRY)
+                if err then return nil, err, c end
+                for j = 1, #cmds do
+                    local r = res[j]
+                    if is_err(r) then return nil, r.err, rcode(r.err) end
+                    -- an empty member (a damaged set: no id is empty) is left out, never
+                    -- handed to a caller whose get() would raise
+                    local members = r[2]
+                    for k = #members, 1, -1 do
+                        if members[k] == "" then table.remove(members, k) end
+                    end
+                    got[j] = { members, r[1] }
                 end
-                got[j] = { members, r[1] }
+            end
+            if probe_req then
+                local found, after, c = probe_defaults(self, name, filter, probe_req[2], probe_req[3])
+                if not found then return nil, after, c end
+                got[#got + 1] = { found, after }
             end
             return got
         end
-        ids, nxt, code = page(self.nb, cursor, limit, fetch, MAX_WINDOW, 10)
+        ids, nxt, code = page(nb + (probe and 1 or 0), cursor, limit, fetch, MAX_WINDOW, 10)
     end
     if not ids then return nil, fn .. ": " .. nxt, code end
     if algo and #ids > 0 then
