@@ -1505,7 +1505,10 @@ local function delete_cmd(self, id, old)
     local old_info = key_info(old)
     if old_info then
         args[3] = "1"
-        local name = entry_name(self, id, old_info)
+        -- the name's entry, if it has one: a key under its default id has none with
+        -- name_index=other, unless an older softcxi wrote it (name_leave removes only an
+        -- entry for this id)
+        local name = old_info.name ~= nil and attr_str(old_info.name) or nil
         if name then
             keys[3], keys[4], args[4] = name_key(self, base, name), base .. "idx:name:" .. name, name
         end
