@@ -251,10 +251,6 @@ end
 return out
 ]]
 
--- Compare-and-set of blobs whose indexed attributes stay the same (rewrap's case): no
--- index set and no counter changes.  KEYS: the items' blob keys (one bucket).  ARGV: per
--- item: expected, new.  Returns per item 1 (written), -1 (absent), -2 (differs), -3
--- (holds another type), as WRITE_SCRIPT.
 -- FRESH_SCRIPT for items without a name entry: keys without a name, or (name_index=other)
 -- stored under their default id.  KEYS: the counter, m shared index sets, then per item its
 -- blob key.  ARGV: m, then per item: id, blob.  Returns per item 1 or 0, as FRESH_SCRIPT.
@@ -281,6 +277,10 @@ end
 return out
 ]]
 
+-- Compare-and-set of blobs whose indexed attributes stay the same (rewrap's case): no
+-- index set and no counter changes.  KEYS: the items' blob keys (one bucket).  ARGV: per
+-- item: expected, new.  Returns per item 1 (written), -1 (absent), -2 (differs), -3
+-- (holds another type), as WRITE_SCRIPT.
 local SWAP_SCRIPT = [[
 local out = {}
 for i = 1, #KEYS do
