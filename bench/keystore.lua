@@ -25,7 +25,11 @@
 --                        a second store, for S seconds
 --   find_name_<N>        find({ name = <a random stored key name> }) until
 --                        the cursor is nil, in the store of N keys
---   get_<N>              get(<a random stored id>) in the store of N keys
+--   get_<N>              get(<a random stored id>) in the store of N keys,
+--                        after one get of every id (the kernel's dentry, inode
+--                        and page caches then hold the store, as in service;
+--                        that pass is printed as info keystore_first_get
+--                        <N> <us_per_get>: the first touch after the fill)
 -- One op is one key (persist) or one call (find, get).  Wall clock
 -- (softcxi.sys.monotonic): a durable write waits for the disk.  The stores
 -- live in a fresh directory under --dir (default $TMPDIR or /tmp; it must
@@ -170,6 +174,16 @@ local function run()
             until not cursor
             if found ~= 1 then error("find found " .. found .. " ids for " .. filter.name) end
         end)
+        -- one get of every id first, timed on its own: right after a large fill the
+        -- first touch of a key misses the kernel's caches (docs/scaling.md)
+        do
+            local w1 = monotonic()
+            for i = 1, n do
+                local b, err = s:get(GROUP .. "/" .. NAME:format(i))
+                if not b then error("get: " .. tostring(err)) end
+            end
+            print(string.format("info keystore_first_get %d %.1f", n, (monotonic() - w1) / n * 1e6))
+        end
         run_case("get_" .. n, function()
             local b, err = s:get(GROUP .. "/" .. NAME:format(random(n)))
             if not b then error("get: " .. tostring(err)) end
