@@ -1017,6 +1017,70 @@ describe("redis store", function()
     end)
     end
 
+    it("default ids: pairs are recorded only once Redis has them, ids two pairs make are "
+       .. "found, stray entries go with a rename, a probe is one MGET", function()
+        local P = fresh_prefix()
+        local s = open(with_prefix(URL, P))
+        local function gen(t)
+            t.algo, t.curve = "ec", "P-256"
+            return H.gen(device(), t)
+        end
+        local function members() return #cmd(c, { "SMEMBERS", P .. "default-ids" }) end
+        -- an if_match refused (nothing there): the pair is not taken as recorded
+        local a1, a2 = gen { name = "A", group = "gr" }, gen { name = "A", group = "gr" }
+        H.expect_err("ENOTFOUND", s:put("gr/A", a2, { if_match = a1 }))
+        assert.is_true(s:put(nil, gen { name = "B", group = "gr" }))
+        assert.are.same({ "gr/B" }, find_all(s, { name = "B" }))
+        -- a put_many stopped by its on_chunk while slices are in flight (the scripts, sent
+        -- ahead): the next write of the pair still records it
+        s.no_transaction = true
+        local b1, b2 = gen { name = "one", group = "g1" }, gen { name = "two", group = "g2" }
+        local ok = pcall(s.put_many, s, { { blob = b1 }, { blob = b2 } },
+                         { chunk = 1, on_chunk = function(done) error("stop after " .. done) end })
+        assert.is_false(ok)
+        s.no_transaction = nil
+        assert.is_true(s:put(nil, b2))
+        assert.are.same({ "g2/two" }, find_all(s, { name = "two" }))
+        -- two pairs that make the same id (group a and specifier 5, group a/5 and none, for
+        -- the name 5): found whichever pair the probe meets first
+        local k, x, want = {}, {}, {}
+        for i = 1, 8 do
+            k[i] = { blob = gen { name = "5", group = "a" .. i .. "/5" } }
+            x[i] = { blob = gen { name = "x" .. RUN, group = "a" .. i, specifier = 5 } }
+            want[i] = "a" .. i .. "/5/5"
+        end
+        assert.are.equal(8, s:put_many(k))
+        assert.are.equal(8, s:put_many(x))
+        table.sort(want)
+        assert.are.same(want, find_all(s, { name = "5" }))
+        assert.are.same({ "a3/5/5" }, find_all(s, { name = "5", group = "a3/5" }))
+        assert.are.same({}, find_all(s, { name = "5", group = "a3" }))
+        -- no group and an empty group are two things, as in the sets
+        assert.is_true(s:put(nil, gen { name = "E" .. RUN }))
+        assert.are.same({ "/E" .. RUN }, find_all(s, { name = "E" .. RUN }))
+        assert.are.same({}, find_all(s, { name = "E" .. RUN, group = "" }))
+        -- a stray name entry of a default id (an older softcxi's) goes when the key is
+        -- renamed by overwrite
+        local nm = "st" .. RUN
+        assert.is_true(s:put(nil, gen { name = nm, group = "gs" }))
+        cmd(c, { "HSET", s:name_key("x", nm), nm, "gs/" .. nm })
+        assert.is_true(s:put("gs/" .. nm, gen { name = "R" .. RUN, group = "gs" }, { overwrite = true }))
+        assert.are.same({}, index_members(c, s, P, "name", nm))
+        assert.are.same({}, find_all(s, { name = nm }))
+        assert.are.same({ "gs/" .. nm }, index_members(c, s, P, "name", "R" .. RUN))
+        -- a probe over many pairs: one SSCAN page, one MGET, no GET per absent candidate
+        local many = {}
+        for i = 1, 40 do many[i] = { blob = gen { name = "m" .. i, group = "gm" .. i } } end
+        assert.are.equal(40, s:put_many(many))
+        assert.is_true(members() >= 40)
+        cmd(c, { "CONFIG", "RESETSTAT" })
+        assert.are.same({ "gm7/m7" }, find_all(s, { name = "m7" }, 100))
+        local stats = cmd(c, { "INFO", "commandstats" })
+        assert.are.equal("1", stats:match("cmdstat_mget:calls=(%d+)"))
+        assert.is_nil(stats:match("cmdstat_get:calls=(%d+)"))
+        s:close()
+    end)
+
     it("records which keys have name entries; an older store (no record) gives every name one",
        function()
         local P = fresh_prefix()

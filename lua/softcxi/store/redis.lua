@@ -20,7 +20,7 @@
 -- Layout under the prefix P (docs/stores.md):
 --   P k:<id>                   the blob, a Redis string
 --   P nx:<h>                   the name index: a hash of id -> name for the names whose
---                              hash falls in bucket h (of name_buckets, default 65536)
+--                              hash falls in bucket h (of name_buckets, default 16)
 --   P idx:<field>:<value>      a set of ids per attribute value (specifier, group; algo
 --                              when the store keeps an algo index, algo_index=1)
 --   P n                        how many blobs the store holds (kept by the write scripts)
@@ -1106,13 +1106,13 @@ local MAX_DEFAULTS_KNOWN = 65536
 -- Record in P default-ids the groups and specifiers of the entries of batch marked dflt
 -- (keys to be written under their default id) that this store object has not recorded
 -- yet: before the keys are written, so that find{ name = } finds them as soon as they are
--- there.  A member stays when its keys go (find tests and skips it).  An entry with
--- expect whose old value has the same group, name and specifier (rewrap's
--- compare-and-set) needs none: its key was recorded when first written.
+-- there.  A member stays when its keys go (find tests and skips it).  A pair counts as
+-- recorded only once Redis confirmed its SADD: a write that fails before (or a request
+-- of another nginx worker coroutine sharing the store object) sends it again.
 -- true, or nil, msg, code.  before() runs first when a write is needed (put_many: land
 -- the slices in flight on the connection).
 local function record_defaults(self, batch, before)
-    local known, add, seen = self.defaults_known, nil, nil
+    local known, add, pairs_new = self.defaults_known, nil, nil
     for i = 1, #batch do
         local e = batch[i]
         if e.dflt then
@@ -1121,28 +1121,13 @@ local function record_defaults(self, batch, before)
             local kg = known[g]
             local sk = spec == nil and "" or spec
             if not (kg and kg[sk]) then
-                local old = e.expect
-                local oi = old ~= nil and (self.info_memo and self.info_memo[old] or key_attrs(old))
-                if not (oi and oi.group == info.group and oi.specifier == spec and oi.name == info.name) then
-                    local m = default_member(info)
-                    seen = seen or {}
-                    if not seen[m] then
-                        seen[m] = true
-                        add = add or { "SADD", defaults_key(self) }
-                        add[#add + 1] = m
-                    end
+                local m = default_member(info)
+                pairs_new = pairs_new or {}
+                if not pairs_new[m] then
+                    pairs_new[m] = { g, sk }
+                    add = add or { "SADD", defaults_key(self) }
+                    add[#add + 1] = m
                 end
-                if self.ndefaults_known >= MAX_DEFAULTS_KNOWN then
-                    known, self.ndefaults_known = {}, 0
-                    self.defaults_known = known
-                end
-                kg = known[g]
-                if not kg then
-                    kg = {}
-                    known[g] = kg
-                end
-                kg[sk] = true
-                self.ndefaults_known = self.ndefaults_known + 1
             end
         end
     end
@@ -1154,9 +1139,23 @@ local function record_defaults(self, batch, before)
     add.key = add[2]
     local r, err, code = call(self, add, WRITE)
     if r == nil then
-        -- not recorded: forget them all, so the next write tries again
-        self.defaults_known, self.ndefaults_known = {}, 0
         return nil, string_format("recording the key's group and specifier in %s: %s", add[2], err), code
+    end
+    known = self.defaults_known
+    for _, p in pairs(pairs_new) do
+        if self.ndefaults_known >= MAX_DEFAULTS_KNOWN then
+            known, self.ndefaults_known = {}, 0
+            self.defaults_known = known
+        end
+        local kg = known[p[1]]
+        if not kg then
+            kg = {}
+            known[p[1]] = kg
+        end
+        if not kg[p[2]] then
+            kg[p[2]] = true
+            self.ndefaults_known = self.ndefaults_known + 1
+        end
     end
     return true
 end
@@ -1341,15 +1340,19 @@ local function add_write(self, open, calls, b, e, ei, old_info)
     args[n + 1], args[n + 2], args[n + 3] = id, e.blob, old or ""
     args[n + 4] = not old and "a" or old_info and "b" or "f"
     -- the name entries (fields[1] is the name): none for a key under its default id
-    -- (name_index=other)
+    -- (name_index=other).  The old name's entry is left whenever the new one differs,
+    -- even for an old value under its default id: an older softcxi may have written one
+    -- (name_leave removes only an entry for this id); it is joined when the old value had
+    -- none or another.
     local new_name = not e.dflt and info.name ~= nil and attr_str(info.name) or nil
     local old_name = old_info and entry_name(self, id, old_info)
+    local old_any = old_info and old_info.name ~= nil and attr_str(old_info.name) or nil
     -- an attribute value that does not change touches no set
     if old_info then
         for i = 1, nfields do
             local f = fields[i]
             local v, nv = old_info[f], info[f]
-            if i == 1 then v, nv = old_name, new_name end
+            if i == 1 then v, nv = old_any, new_name end
             if v ~= nil and v ~= nv then
                 local set = set_of(self, g, f, v)
                 if set.leave == EMPTY then set.leave = {} end
@@ -2776,29 +2779,48 @@ local function probe_defaults(self, name, filter, cursor, count)
         if is_err(res[i]) then return nil, res[i].err, rcode(res[i].err) end
     end
     local r, held = res[1], res[2]   -- held: the name's entry (an id, or '': its set)
+    -- the candidate ids, each with the pairs that make it (two pairs can: group a and
+    -- specifier 5, group a/5 and none, for a name 5)
     local ids, want = {}, {}
     for _, m in ipairs(r[2]) do
         local g, spec = m:match("^(.*)%z(%-?%d*)$")
         if g and (fg == nil or g == fg) and (fs == nil or spec == fs) then
             local id = g .. "/" .. name
             if spec ~= "" then id = id .. "/" .. spec end
-            if not want[id] then
-                want[id] = { g, spec }
+            local w = want[id]
+            if not w then
+                w = {}
+                want[id] = w
                 ids[#ids + 1] = id
             end
+            w[#w + 1] = g
+            w[#w + 1] = spec
         end
     end
-    local out = {}
-    if #ids > 0 then
-        local got, vals, c = fetch_values(self, ids)
-        if not got then return nil, vals, c end
-        for i = 1, #got do
-            local info = key_attrs(vals[i])
-            local w = want[got[i]]
-            if info and info.name ~= nil and attr_str(info.name) == name and (info.group or "") == w[1]
-               and (info.specifier ~= nil and attr_str(info.specifier) or "") == w[2]
-               and (fa == nil or attr_str(info.algo) == fa) and got[i] ~= held then
-                out[#out + 1] = got[i]
+    local out, kbase, null = {}, self.P .. "k:", self.null
+    for first = 1, #ids, GET_CHUNK do
+        local last = math_min(#ids, first + GET_CHUNK - 1)
+        local mget = { "MGET" }
+        for i = first, last do mget[#mget + 1] = kbase .. ids[i] end
+        mget.key = mget[2]
+        local vals
+        vals, err, code = call(self, mget, RETRY)
+        if not vals then return nil, err, code end
+        for i = first, last do
+            local v, id = vals[i - first + 1], ids[i]
+            -- absent (nearly every candidate), or not a blob: not this name's key
+            local info = v ~= null and type(v) == "string" and key_attrs(v) or nil
+            if info and info.name ~= nil and attr_str(info.name) == name and id ~= held
+               and (fa == nil or attr_str(info.algo) == fa)
+               and (fg == nil or (info.group ~= nil and attr_str(info.group) == fg)) then
+                local g, spec = info.group or "", info.specifier ~= nil and attr_str(info.specifier) or ""
+                local w = want[id]
+                for k = 1, #w, 2 do
+                    if w[k] == g and w[k + 1] == spec then
+                        out[#out + 1] = id
+                        break
+                    end
+                end
             end
         end
     end
