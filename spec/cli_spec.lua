@@ -521,7 +521,17 @@ describe("softcxi command", function()
             r = json(e.base .. " --json store migrate --from " .. H.q(store) .. " --to " .. H.q(to))
             assert.are.equal(0, r.copied)
             assert.are.equal(n, r.skipped)
-            assert.are.equal(n, json(e.base .. " --json store stats " .. H.q(to)).count)
+            local st = json(e.base .. " --json store stats " .. H.q(to))
+            assert.are.equal(n, st.count)
+            if to:find("^redis:") then
+                -- a new Redis store: its recorded layout, in JSON and in text
+                assert.are.same({ name_buckets = 16, algo_index = 0, name_index = "other" }, st.layout)
+                local rc, out = H.run(e.base .. " store stats " .. H.q(to))
+                assert.are.equal(0, rc, out)
+                assert.truthy(out:find("name_buckets=16 algo_index=0 name_index=other", 1, true), out)
+            else
+                assert.is_nil(st.layout)
+            end
         end)
 
         it("upgrades a Redis store of the old layout (a set per name) that open refuses", function()

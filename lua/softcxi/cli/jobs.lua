@@ -176,6 +176,10 @@ local function run_store_stats(ctx)
     local store = ctx:store(url)
     local n = check("store " .. url .. ": count", store:count())
     local doc = { store = url, count = n }
+    if store.layout then
+        -- a Redis store's recorded layout (docs/stores.md)
+        doc.layout = check("store " .. url .. ": layout", store:layout())
+    end
     if a.scan then
         local by = { kcv = {}, algo = {}, group = {} }
         local bytes, bad, cursor = 0, 0, nil
@@ -207,6 +211,10 @@ local function run_store_stats(ctx)
     ctx:report(doc, function(say)
         say("store      %s", url)
         say("keys       %d", n)
+        if doc.layout then
+            say("layout     name_buckets=%d algo_index=%d name_index=%s", doc.layout.name_buckets,
+                doc.layout.algo_index, doc.layout.name_index)
+        end
         if a.scan then
             say("blob bytes %s (%.0f per key)", util.bytes(doc.blob_bytes),
                 n > 0 and doc.blob_bytes / math.max(n - doc.unreadable, 1) or 0)

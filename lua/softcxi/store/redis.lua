@@ -2951,6 +2951,17 @@ function _M:find(filter, cursor, limit)
     return ids, nxt
 end
 
+--- The store's layout, as recorded when it was made: { name_buckets =, algo_index = 0|1,
+-- name_index = "all"|"other" }, or nil, msg, code (softcxi store stats prints it).
+function _M:layout()
+    local fn = self.name .. ".layout"
+    if self.closed then error(fn .. ": the store is closed", 2) end
+    local ok, msg, code = ready(self, fn)
+    if not ok then return nil, msg, code end
+    return { name_buckets = self.name_buckets, algo_index = self.by_algo and 1 or 0,
+             name_index = self.probe and "other" or "all" }
+end
+
 --- Close the connections (hiredis; the resty transport holds none between calls).
 -- Closing twice is fine; any other call then raises.
 function _M:close()
