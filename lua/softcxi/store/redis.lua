@@ -222,6 +222,18 @@ return out
 -- A name taken by another id needs the name's set: its key is not passed (one argument
 -- fewer per key, for a case provisioning never meets) but made from the hash's key,
 -- <base>nx:<h> -> <base>idx:name:<name>: the same hash tag, so the same slot.
+-- The end of both fresh scripts: the ids written (t) join the m shared sets (KEYS[2] to
+-- KEYS[m + 1]), and the counter (KEYS[1]) grows by as many.
+local FRESH_END = [[
+if #t > 0 then
+  for s = 2, m + 1 do
+    for f = 1, #t, 1000 do redis.call('SADD', KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
+  end
+  local cnt = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  redis.call('SET', KEYS[1], string.format('%d', cnt + #t))
+end
+return out
+]]
 local FRESH_SCRIPT = NAME_OPS .. [[
 local m = tonumber(ARGV[1])
 local n = (#KEYS - 1 - m) / 2
@@ -241,15 +253,7 @@ for i = 1, n do
   end
   k, a = k + 2, a + 3
 end
-if #t > 0 then
-  for s = 2, m + 1 do
-    for f = 1, #t, 1000 do redis.call('SADD', KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
-  end
-  local cnt = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-  redis.call('SET', KEYS[1], string.format('%d', cnt + #t))
-end
-return out
-]]
+]] .. FRESH_END
 
 -- FRESH_SCRIPT for items without a name entry: keys without a name, or (name_index=other)
 -- stored under their default id.  KEYS: the counter, m shared index sets, then per item its
@@ -267,15 +271,7 @@ for k = m + 2, #KEYS do
   end
   a = a + 2
 end
-if #t > 0 then
-  for s = 2, m + 1 do
-    for f = 1, #t, 1000 do redis.call('SADD', KEYS[s], unpack(t, f, math.min(#t, f + 999))) end
-  end
-  local cnt = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-  redis.call('SET', KEYS[1], string.format('%d', cnt + #t))
-end
-return out
-]]
+]] .. FRESH_END
 
 -- Compare-and-set of blobs whose indexed attributes stay the same (rewrap's case): no
 -- index set and no counter changes.  KEYS: the items' blob keys (one bucket).  ARGV: per
