@@ -1080,7 +1080,6 @@ local function is_default(id, info)
     if spec ~= nil then d = d .. "/" .. attr_str(spec) end
     return d == id
 end
-_M.is_default = is_default
 
 -- The name id's entry in the name index holds for info: its name, or nil when it has none
 -- or (name_index=other) id is its default id.
